@@ -1,0 +1,260 @@
+"""Exact SelfExtend attention, computed in query blocks with a log-sum-exp merge.
+
+For a block of queries at positions ``[P0, P1]`` the keys fall into three ranges (``w`` = window)::
+
+    key position:  0 ........ P0-w | P0-w+1 .. P1-w | P1-w+1 ...... P1
+                   grouped for all | band: grouped  | neighbor for all
+                   queries         | or neighbor    | (causal near P1)
+
+    row P0:   g g g g g g g g g g g  n n n n n n n n n n n . . .
+    row P1:   g g g g g g g g g g g  g g g n n n n n n n n n n n
+              \\_ one unmasked call _/\\_ masked _/\\__ masked call __/
+
+Each range is one call of a fused softmax-attention kernel that also returns the log-sum-exp
+(``torch.ops.aten._scaled_dot_product_flash_attention_for_cpu`` on CPU; an explicit tiled matmul
+elsewhere or when logit softcapping is on). The partial results are merged with one softmax
+normalisation, so the result equals a single softmax over the merged score row
+(paper Figure 3), while memory stays O(block x keys) and compute stays about
+``1 + O(block / length)`` of plain attention: only the band is scored twice.
+
+Shapes (per batch row): q ``[Hq, Lq, D]``, k/v ``[Hkv, Lk, D]``, ``Hq = r * Hkv`` (GQA: query head
+``h`` reads key head ``h // r``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .positions import choose_group_size, grouped_positions
+from .rope import rotate, rotation
+
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+NEG_INF = float("-inf")
+KEY_TILE = 4096  # keys per tile in the explicit fallback: bounds its memory to rows x 4096
+
+
+# --------------------------------------------------------------------------------------------
+# softmax attention pieces that return their log-sum-exp, and their exact merge
+# --------------------------------------------------------------------------------------------
+
+
+def _attend_explicit(q, k, v, scale, mask, softcap):
+    """Reference-quality tiled attention. q ``[Hq, n, D]``, k/v ``[Hkv, m, D]``, mask ``[n, m]`` bool
+    (True = attend) or None. Returns out ``[Hq, n, D]``, lse ``[Hq, n]`` (float32)."""
+    hq, n, d = q.shape
+    hkv, m, _ = k.shape
+    r = hq // hkv
+    qr = q.reshape(hkv, r * n, d)
+    parts = []
+    for t0 in range(0, m, KEY_TILE):
+        t1 = min(m, t0 + KEY_TILE)
+        s = torch.matmul(qr, k[:, t0:t1].transpose(-1, -2)) * scale  # [Hkv, r*n, mt]
+        if softcap is not None:
+            s = torch.tanh(s / softcap) * softcap
+        s = s.view(hkv, r, n, t1 - t0)
+        if mask is not None:
+            s = s.masked_fill(~mask[:, t0:t1], NEG_INF)
+        lse = torch.logsumexp(s, dim=-1)  # [Hkv, r, n]
+        p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+        out = torch.matmul(p.view(hkv, r * n, t1 - t0), v[:, t0:t1])  # [Hkv, r*n, D]
+        parts.append((out.view(hq, n, -1), lse.view(hq, n)))
+    return merge(parts)
+
+
+def attend(q, k, v, scale: float, mask: torch.Tensor | None = None, softcap: float | None = None):
+    """Softmax attention of every query over every key (no causal mask of its own).
+
+    q ``[Hq, n, D]``, k/v ``[Hkv, m, D]`` (float32, m >= 1), mask ``[n, m]`` bool (True = attend) or
+    None. Returns ``(out [Hq, n, D], lse [Hq, n])``; a row with no allowed key gets lse = -inf.
+    """
+    if softcap is None and _FLASH_CPU is not None and q.device.type == "cpu":
+        bias = None
+        if mask is not None:
+            bias = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, NEG_INF)
+        out, lse = _FLASH_CPU(q[None], k[None], v[None], 0.0, False, attn_mask=bias, scale=scale)
+        out, lse = out[0], lse[0]
+        if mask is not None:
+            # the kernel reports lse = 0 (not -inf) for a row with no allowed key
+            lse = lse.masked_fill(~mask.any(dim=-1), NEG_INF)
+        return out, lse
+    return _attend_explicit(q, k, v, scale, mask, softcap)
+
+
+def merge(parts):
+    """Merge partial attentions ``[(out [H, n, D], lse [H, n]), ...]`` over disjoint key sets into
+    the attention over their union (one softmax). Rows that saw no key at all come out as zeros."""
+    if len(parts) == 1:
+        return parts[0]
+    lse = torch.logsumexp(torch.stack([p[1] for p in parts]), dim=0)  # [H, n]
+    safe = torch.where(torch.isinf(lse), 0.0, lse)
+    out = None
+    for o, part_lse in parts:
+        weight = torch.exp(part_lse - safe)[..., None]  # 0 where the part saw nothing
+        term = torch.where(weight > 0, o * weight, 0.0)
+        out = term if out is None else out + term
+    return out, lse
+
+
+# --------------------------------------------------------------------------------------------
+# SelfExtend for one batch row
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one enabled model asks of its attention layers."""
+
+    pretrained_length: int
+    window: int
+    group_size: float | None  # None = auto, per query position; math.inf for rerope
+    mode: str = "floor"
+    log_scale: bool = False
+    block_size: int = 1024
+
+    def group_size_at(self, position: int) -> float:
+        """Group size used by a query at ``position`` (0-based)."""
+        if self.mode == "rerope":
+            return math.inf
+        if self.group_size is not None:
+            return self.group_size
+        return choose_group_size(position + 1, self.pretrained_length, self.window)
+
+    def is_plain(self, last_position: int) -> bool:
+        """True when no query up to ``last_position`` has a grouped key: nothing to change."""
+        if last_position < self.window:
+            return True
+        return self.mode != "rerope" and self.group_size_at(last_position) == 1
+
+
+class GroupedKeys:
+    """Keys rotated to their grouped positions, for one layer, one group size, one batch row.
+
+    Grouped key positions never change once a key exists, so during decoding the keys are rotated
+    once and appended to (O(new keys) per step), instead of re-rotating the whole cache at every
+    step as the official implementation does. Within one call the same object serves all blocks.
+    """
+
+    def __init__(self):
+        self.buffer = None  # [Hkv, capacity, D]
+        self.count = 0  # keys rotated so far, starting at key index `first`
+        self.first = None
+        self.seen = 0  # cache length at the last call; a shorter cache means it was reset
+
+    def get(self, k, first, last, first_position, settings, group_size, inv_freq):
+        """Keys with indices ``first..last`` (inclusive) of ``k [Hkv, Lk, D]``, key ``first`` being at
+        position ``first_position``, moved to grouped positions: ``[Hkv, last - first + 1, D]``."""
+        if self.first != (first, first_position) or k.shape[1] < self.seen:
+            self.buffer, self.count, self.first = None, 0, (first, first_position)
+        self.seen = k.shape[1]
+        need = last - first + 1
+        if self.count < need:
+            new = _grouped(k[:, first + self.count : last + 1], first_position + self.count, settings, group_size, inv_freq, "key")
+            if self.buffer is None or self.buffer.shape[1] < need:
+                grown = torch.empty(k.shape[0], max(need, 2 * self.count), k.shape[2], dtype=k.dtype)
+                if self.count:
+                    grown[:, : self.count] = self.buffer[:, : self.count]
+                self.buffer = grown
+            self.buffer[:, self.count : need] = new
+            self.count = need
+        return self.buffer[:, :need]
+
+
+def _grouped(x, first_position, settings, group_size, inv_freq, which):
+    """Rotate ``x [H, n, D]`` (already at ordinary positions ``first_position ..``) to the grouped
+    query or key positions of the given group size."""
+    pos = torch.arange(first_position, first_position + x.shape[1])
+    q_pos, k_pos = grouped_positions(pos, settings.window, group_size, settings.mode)
+    target = q_pos if which == "query" else k_pos
+    cos, sin = rotation(target - pos.to(torch.float64), inv_freq)
+    return rotate(x, cos, sin)
+
+
+def _group_of(settings, position):
+    """(group size, position where it next changes or None) for a query at ``position``."""
+    L, w = settings.pretrained_length, settings.window
+    if settings.is_plain(position):
+        if position < w and (settings.mode == "rerope" or settings.group_size not in (None, 1)):
+            return 1, w
+        if settings.group_size is None:
+            return 1, L  # auto: plain while the input fits the trained length
+        return 1, None
+    g = settings.group_size_at(position)
+    if settings.group_size is None and settings.mode != "rerope":
+        return g, (L - w) * g + w  # auto: first position that needs G + 1
+    return g, None
+
+
+def _segments(settings, first_query_position, start, lq):
+    """Split rows ``start..lq-1`` into ``(row_start, row_end, group_size)`` blocks of at most
+    ``block_size`` rows that share one group size."""
+    segments, row = [], start
+    while row < lq:
+        g, change = _group_of(settings, first_query_position + row)
+        end = min(lq, row + settings.block_size)
+        if change is not None:
+            end = min(end, change - first_query_position)
+        segments.append((row, end, g))
+        row = end
+    return segments
+
+
+def selfextend_row(q, k, v, first_query_position, key_offset, settings, inv_freq, scale, softcap=None,
+                   key_cache=None):
+    """SelfExtend attention for one batch row.
+
+    q ``[Hq, Lq, D]`` at positions ``first_query_position + arange(Lq)``; k/v ``[Hkv, Lk, D]`` where
+    key index ``j`` is at position ``j - key_offset`` (negative = left padding, never attended).
+    All float32. ``key_cache`` maps group size -> GroupedKeys (pass a persistent dict while
+    decoding). Returns ``[Hq, Lq, D]``.
+    """
+    key_cache = {} if key_cache is None else key_cache
+    lq = q.shape[1]
+    first_key = max(0, key_offset)  # index of the first real key (position 0 or later)
+    positions = torch.arange(first_query_position, first_query_position + lq)
+    out = torch.zeros_like(q)
+    if settings.log_scale:
+        factor = torch.clamp(torch.log(positions.double() + 1) / math.log(settings.pretrained_length), min=1.0)
+        q = q * factor.to(q.dtype)[None, :, None]
+
+    # Rows that are left padding (negative position) stay zero; split the rest into blocks of
+    # rows that share one group size (auto mode: G grows with the query position).
+    start = max(0, -first_query_position)
+    segments = _segments(settings, first_query_position, start, lq)
+    for s, e, g in segments:
+        p0, p1 = first_query_position + s, first_query_position + e - 1
+        qb = q[:, s:e]
+        parts = []
+        idx = lambda p: p + key_offset  # key index of a position  # noqa: E731
+        if g == 1:  # ordinary causal attention
+            if idx(p0) >= first_key:
+                parts.append(attend(qb, k[:, first_key : idx(p0) + 1], v[:, first_key : idx(p0) + 1], scale, None, softcap))
+            if p1 > p0:
+                kp = torch.arange(p0 + 1, p1 + 1)
+                mask = kp[None, :] <= positions[s:e, None]
+                parts.append(attend(qb, k[:, idx(p0 + 1) : idx(p1) + 1], v[:, idx(p0 + 1) : idx(p1) + 1], scale, mask, softcap))
+        else:
+            w = settings.window
+            qg = _grouped(qb, p0, settings, g, inv_freq, "query")
+            last_grouped = idx(p1 - w)  # last key index that any row of the block groups
+            if last_grouped >= first_key:
+                cache = key_cache.setdefault(g, GroupedKeys())
+                kg = cache.get(k, first_key, last_grouped, first_key - key_offset, settings, g, inv_freq)  # [Hkv, n, D]
+                vg = v[:, first_key : last_grouped + 1]
+                bulk_end = idx(p0 - w) - first_key + 1  # keys grouped for every row of the block
+                if bulk_end > 0:
+                    parts.append(attend(qg, kg[:, :bulk_end], vg[:, :bulk_end], scale, None, softcap))
+                band_start = max(0, bulk_end)
+                if band_start < kg.shape[1]:
+                    kp = torch.arange(band_start, kg.shape[1]) + (first_key - key_offset)
+                    mask = kp[None, :] <= positions[s:e, None] - w
+                    parts.append(attend(qg, kg[:, band_start:], vg[:, band_start:], scale, mask, softcap))
+            lo = max(first_key, idx(p0 - w + 1))  # first key that is a neighbor of some row
+            kp = torch.arange(lo, idx(p1) + 1) - key_offset
+            d = positions[s:e, None] - kp[None, :]
+            mask = (d >= 0) & (d < w)
+            parts.append(attend(qb, k[:, lo : idx(p1) + 1], v[:, lo : idx(p1) + 1], scale, mask, softcap))
+        out[:, s:e] = merge(parts)[0]
+    return out

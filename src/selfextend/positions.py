@@ -1,0 +1,91 @@
+"""Position maths of SelfExtend: grouped positions, the extended length, and parameter choice.
+
+Symbols (paper, Section 3; ../DESIGN.md Section 1):
+
+    L  pretrained context length (the model's ``max_position_embeddings``)
+    w  neighbor window: pairs closer than ``w`` use ordinary positions
+    G  group size: pairs ``w`` or more apart use floor-divided positions
+
+    grouped key position    kg(j) = p_j // G
+    grouped query position  qg(i) = p_i // G + w - w // G
+
+For every causal pair the model sees either the ordinary distance ``p_i - p_j < w`` or the grouped
+distance ``qg(i) - kg(j)``, which stays below ``L`` while the sequence has at most
+``(L - w) * G + w`` tokens. Paper Figure 3 (L=7, w=4, G=2), relative distances seen::
+
+    query 9 | 6 6 5 5 4 4 3 2 1 0      <- keys 0..5 grouped, 6..9 neighbors
+            +--------------------
+              0 1 2 3 4 5 6 7 8 9  key
+
+Modes
+    "floor"   SelfExtend itself.
+    "rerope"  G -> infinity: every key ``w`` or more away sits at distance exactly ``w`` (ReRoPE).
+    "leaky"   no floor: distance ``d >= w`` becomes ``w + (d - w) / G`` (Leaky ReRoPE).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+MODES = ("floor", "rerope", "leaky")
+DEFAULT_MAX_GROUP_SIZE = 64
+
+
+def default_window(pretrained_length: int) -> int:
+    """Neighbor window used when the caller gives none: ``L // 4`` (1024 for L = 4096, as in the
+    official example; the paper finds 512..1536 all work for L = 4096)."""
+    return max(1, pretrained_length // 4)
+
+
+def max_extended_length(pretrained_length: int, window: int, group_size: float) -> float:
+    """Longest sequence whose grouped distances all stay below ``L``: ``(L - w) * G + w``.
+
+    Infinite for ``G = inf`` (ReRoPE)."""
+    if math.isinf(group_size):
+        return math.inf
+    return (pretrained_length - window) * group_size + window
+
+
+def choose_group_size(length: int, pretrained_length: int, window: int) -> int:
+    """Smallest integer ``G >= 1`` with ``(L - w) * G + w >= length`` (paper + official README).
+
+    ``G = 1`` means the input fits the trained window and nothing needs to be grouped."""
+    if length <= pretrained_length:
+        return 1
+    return max(1, math.ceil((length - window) / (pretrained_length - window)))
+
+
+def grouped_positions(
+    positions: torch.Tensor, window: int, group_size: float, mode: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grouped query and key positions for ordinary ``positions`` (any shape, integer or float).
+
+    Returns ``(query_positions, key_positions)`` as float64 tensors of the same shape, such that
+    ``query_positions[i] - key_positions[j]`` is the distance SelfExtend uses for a grouped pair.
+    """
+    p = positions.to(torch.float64)
+    if mode == "rerope" or math.isinf(group_size):
+        # every grouped key at position 0, every query at position w: distance exactly w
+        return torch.full_like(p, float(window)), torch.zeros_like(p)
+    if mode == "floor":
+        g = int(group_size)
+        return (
+            torch.div(p, g, rounding_mode="floor") + (window - window // g),
+            torch.div(p, g, rounding_mode="floor"),
+        )
+    if mode == "leaky":
+        g = float(group_size)
+        return p / g + (window - window / g), p / g
+    raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
+
+
+def relative_distance(q_pos: int, k_pos: int, window: int, group_size: float, mode: str = "floor") -> float:
+    """The relative distance SelfExtend lets the model see for one causal pair (scalar helper)."""
+    d = q_pos - k_pos
+    if d < window:
+        return float(d)
+    qg, _ = grouped_positions(torch.tensor([q_pos]), window, group_size, mode)
+    _, kg = grouped_positions(torch.tensor([k_pos]), window, group_size, mode)
+    return float(qg[0] - kg[0])

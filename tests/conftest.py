@@ -1,0 +1,148 @@
+"""Tiny random models of every supported family, and a float64 SelfExtend reference wired into
+transformers as its own attention implementation (``selfextend_reference``)."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+sys.path.insert(0, str(Path(__file__).parent))
+from reference import reference_attention  # noqa: E402
+
+L = 64  # pretrained length of every tiny model
+COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=128, max_position_embeddings=L,
+              pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+
+# family name -> (model_type, config overrides), shaped after each family's real config
+FAMILIES = {
+    "llama": ("llama", dict(rope_parameters={"rope_type": "default", "rope_theta": 100000.0})),
+    "llama3-rope": ("llama", dict(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                   "original_max_position_embeddings": 32})),
+    "mistral": ("mistral", dict(sliding_window=None)),
+    "mistral-swa": ("mistral", dict(sliding_window=24)),
+    "qwen2": ("qwen2", dict(rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    "qwen3": ("qwen3", dict(head_dim=16)),
+    "phi3": ("phi3", dict()),
+    "gemma2": ("gemma2", dict(head_dim=16, sliding_window=24, attn_logit_softcapping=50.0,
+                              final_logit_softcapping=30.0, query_pre_attn_scalar=16,
+                              layer_types=["sliding_attention", "full_attention"])),
+    "gemma3": ("gemma3_text", dict(head_dim=16, sliding_window=24, query_pre_attn_scalar=16,
+                                   layer_types=["sliding_attention", "full_attention"],
+                                   rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                                    "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}})),
+    "gpt_neox": ("gpt_neox", dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                   "partial_rotary_factor": 0.25})),
+}
+FAMILY_NAMES = list(FAMILIES)
+
+
+def tiny_model(family: str, dtype=torch.float32, seed: int = 0, **overrides):
+    model_type, extra = FAMILIES[family]
+    kwargs = {**COMMON, **extra, **overrides}
+    if model_type == "gpt_neox":
+        kwargs.pop("num_key_value_heads")
+    config = AutoConfig.for_model(model_type, **kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    # random init is tiny; make attention sharp enough that positions matter
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(s in name for s in ("q_proj", "k_proj", "query_key_value")):
+                p.mul_(4.0)
+    return model.to(dtype).eval()
+
+
+@pytest.fixture(params=FAMILY_NAMES)
+def family(request):
+    return request.param
+
+
+# ------------------------------------------------------------------------------------------------
+# the float64 reference as a transformers attention implementation
+# ------------------------------------------------------------------------------------------------
+REFERENCE = {"settings": None, "dtype": torch.float64}
+
+
+def auto_group(p: int, L: int, w: int) -> float:
+    return 1.0 if p + 1 <= L else float(math.ceil((p + 1 - w) / (L - w)))
+
+
+def _reference_mask(**kwargs):
+    return sdpa_mask(**{**kwargs, "allow_is_causal_skip": False})
+
+
+def _reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """No-cache forward only: key j is token j, at position position_ids[b, j]."""
+    s = REFERENCE["settings"]  # dict(L, w, G, mode, inv_freq: {layer_idx: tensor})
+    b_, hq, lq, d = query.shape
+    out = torch.empty(b_, hq, lq, value.shape[-1], dtype=query.dtype)
+    pos_ids = kwargs["position_ids"].expand(b_, -1)
+    sliding = kwargs.get("sliding_window") is not None  # local layers keep ordinary attention
+    for b in range(b_):
+        pos = pos_ids[b]
+        mask = attention_mask[b, 0]  # [Lq, Lk] bool, causal & padding (& sliding)
+        if sliding:
+            groups = torch.ones(lq)
+            w = 10**9
+        else:
+            w = s["w"]
+            groups = torch.tensor([s["G"] if s["G"] is not None else auto_group(int(p), s["L"], w) for p in pos],
+                                  dtype=torch.float64)
+        o = reference_attention(query[b], key[b], value[b], pos, pos, s["inv_freq"][module.layer_idx], w, groups,
+                                s["mode"] if not sliding else "floor", scaling, softcap=kwargs.get("softcap"),
+                                dtype=REFERENCE["dtype"])
+        # apply padding/sliding mask by recomputing on masked rows: reference handles causality by
+        # positions; padding keys must be excluded explicitly
+        if not bool(mask.all() or torch.equal(mask, torch.ones_like(mask).tril())):
+            o = _masked_reference(query[b], key[b], value[b], pos, s, module, w, groups, scaling, kwargs, mask,
+                                  sliding)
+        out[b] = o.to(query.dtype)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _masked_reference(q, k, v, pos, s, module, w, groups, scaling, kwargs, mask, sliding):
+    # rows: keys allowed by the boolean mask only (padding / sliding window)
+    rows = []
+    for i in range(q.shape[1]):
+        keep = mask[i]
+        if not keep.any():
+            rows.append(torch.zeros(q.shape[0], 1, v.shape[-1], dtype=torch.float64))
+            continue
+        rows.append(reference_attention(q[:, i : i + 1], k[:, keep], v[:, keep], pos[i : i + 1], pos[keep],
+                                        s["inv_freq"][module.layer_idx], w, groups[i : i + 1],
+                                        s["mode"] if not sliding else "floor", scaling,
+                                        softcap=kwargs.get("softcap"), dtype=REFERENCE["dtype"]))
+    return torch.cat(rows, dim=1)
+
+
+AttentionInterface.register("selfextend_reference", _reference_attention)
+AttentionMaskInterface.register("selfextend_reference", _reference_mask)
+
+
+def reference_logits(model, input_ids, window, group_size, mode="floor", attention_mask=None, dtype=torch.float64):
+    """Logits of ``model`` with every full-attention layer replaced by the float64 reference."""
+    from selfextend.enable import _LAYERS
+
+    import selfextend
+
+    handle = selfextend.enable(model, group_size=group_size, window=window, mode=mode)
+    inv = {m.layer_idx: f for m, (h, f) in _LAYERS.items() if h is handle}
+    handle.disable()
+    REFERENCE["settings"] = dict(L=L, w=window, G=(math.inf if mode == "rerope" else group_size), mode=mode,
+                                 inv_freq=inv)
+    REFERENCE["dtype"] = dtype
+    original = model.config._attn_implementation
+    model.set_attn_implementation("selfextend_reference")
+    try:
+        with torch.no_grad():
+            return model(input_ids, attention_mask=attention_mask).logits.float()
+    finally:
+        model.set_attn_implementation(original)
