@@ -40,9 +40,11 @@ def default_window(pretrained_length: int) -> int:
 
 
 def max_extended_length(pretrained_length: int, window: int, group_size: float) -> float:
-    """Longest sequence whose grouped distances all stay below ``L``: ``(L - w) * G + w``.
+    """The paper's extended length ``(L - w) * G + w``; infinite for ``G = inf`` (ReRoPE).
 
-    Infinite for ``G = inf`` (ReRoPE)."""
+    Exact when ``G`` divides ``w`` (largest distance ``L - 1``). Otherwise, with integer division in
+    ``qg``, the last ``w % G`` tokens of such a sequence reach distance exactly ``L`` -- one past the
+    trained range; the paper's formula is kept because users and the paper quote it."""
     if math.isinf(group_size):
         return math.inf
     return (pretrained_length - window) * group_size + window

@@ -1,0 +1,302 @@
+"""Invariants of DESIGN.md section 2 on tiny random models of every supported family, float32 and
+bfloat16: bit-identity when nothing is grouped, agreement with a float64 reference, KV-cache
+decoding, left padding, and enable/disable leaving the model untouched."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from conftest import FAMILY_NAMES, L, reference_logits, tiny_model
+from reference import reference_attention
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+
+import selfextend
+from selfextend import attention as kernel
+from selfextend.attention import Settings, selfextend_row
+
+DTYPES = [torch.float32, torch.bfloat16]
+W = 16  # window used by the tests (L = 64)
+
+
+def logits(model, ids, **kw):
+    with torch.no_grad():
+        return model(ids, **kw).logits.float()
+
+
+def ids_of(n, batch=1, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 128, (batch, n), generator=g)
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. nothing grouped -> the original attention path, bit-identical
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nothing_grouped_is_bit_identical(family, dtype):
+    model = tiny_model(family, dtype)
+    short, fits = ids_of(W), ids_of(L)
+    plain_short, plain_fits = logits(model, short), logits(model, fits)
+    with selfextend.enable(model, group_size=4, window=W):  # sequence no longer than w
+        assert torch.equal(logits(model, short), plain_short)
+    with selfextend.enable(model, group_size=1, window=W):  # G = 1
+        assert torch.equal(logits(model, fits), plain_fits)
+    with selfextend.enable(model, window=W):  # automatic G: input fits the trained length
+        assert torch.equal(logits(model, fits), plain_fits)
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. fast path vs the float64 reference (flash-attention's rule: error <= 2x the error of the
+#    naive computation in the same dtype, plus a tiny epsilon)
+# ------------------------------------------------------------------------------------------------
+def assert_close_by_rule(fast, ref64, same_dtype_ref, eps):
+    err = (fast.float() - ref64.float()).abs().max().item()
+    base = (same_dtype_ref.float() - ref64.float()).abs().max().item()
+    assert err <= 2 * base + eps, f"error {err:.3g} vs naive-in-dtype error {base:.3g}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group_size", [4, None])
+def test_model_matches_reference(family, dtype, group_size):
+    model = tiny_model(family, dtype)
+    ids = ids_of(150)  # > L: auto G reaches 3
+    ref64 = reference_logits(model, ids, W, group_size)
+    ref_dtype = reference_logits(model, ids, W, group_size, dtype=dtype)
+    with selfextend.enable(model, group_size=group_size, window=W):
+        fast = logits(model, ids)
+    assert_close_by_rule(fast, ref64, ref_dtype, eps=1e-5 if dtype == torch.float32 else 1e-2)
+    assert (fast - logits(model, ids)).abs().max() > 1e-3 or "swa" in family  # SelfExtend changed something
+
+
+@pytest.mark.parametrize("mode,group_size", [("rerope", None), ("leaky", 3), ("leaky", 2.5)])
+@pytest.mark.parametrize("fam", ["llama", "gemma3", "gpt_neox"])
+def test_modes_match_reference(fam, mode, group_size):
+    model = tiny_model(fam)
+    ids = ids_of(120)
+    ref64 = reference_logits(model, ids, W, group_size, mode=mode)
+    ref32 = reference_logits(model, ids, W, group_size, mode=mode, dtype=torch.float32)
+    with selfextend.enable(model, group_size=group_size, window=W, mode=mode):
+        fast = logits(model, ids)
+    assert_close_by_rule(fast, ref64, ref32, eps=1e-5)
+
+
+KERNEL_CASES = [  # (Lq, Lk, key_offset, mode, G, softcap, log_scale, block)
+    (300, 300, 0, "floor", 3, None, False, 64),
+    (300, 300, 0, "floor", None, None, True, 128),
+    (1, 300, 0, "floor", 5, None, False, 64),  # decode step
+    (37, 300, 0, "floor", None, 30.0, False, 16),  # chunked prefill with softcapping
+    (200, 230, 30, "leaky", 2.5, None, False, 64),  # left padding: 30 pad keys
+    (9, 260, -5, "rerope", math.inf, None, False, 4),  # positions start at 5
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: f"{c[3]}-Lq{c[0]}-Lk{c[1]}-off{c[2]}")
+def test_kernel_matches_reference(case, dtype):
+    lq, lk, off, mode, g, softcap, log_scale, block = case
+    torch.manual_seed(0)
+    hq, hkv, d, w, Lp = 6, 2, 32, 24, 96
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 24, 2).float() / 24))  # partial rotary: 24 of 32 dims
+    q = (torch.randn(hq, lq, d) * 2).to(dtype)
+    k = (torch.randn(hkv, lk, d) * 2).to(dtype)
+    v = torch.randn(hkv, lk, d).to(dtype)
+    settings = Settings(Lp, w, g, mode, log_scale, block)
+    first = (lk - 1 - off) - (lq - 1)
+    fast = selfextend_row(q.float(), k.float(), v.float(), first, off, settings, inv_freq, d**-0.5, softcap)
+    q_pos, k_pos = torch.arange(first, first + lq), torch.arange(lk) - off
+    groups = torch.tensor([1.0 if settings.is_plain(int(p)) else float(settings.group_size_at(int(p)))
+                           for p in q_pos.clamp(min=0)])
+    args = (q, k, v, q_pos, k_pos, inv_freq, w, groups, mode, d**-0.5)
+    kw = dict(softcap=softcap, key_valid=k_pos >= 0, log_scale_length=Lp if log_scale else None)
+    rows = q_pos >= 0
+    ref64 = reference_attention(*args, **kw)[:, rows]
+    ref_dtype = reference_attention(*args, **kw, dtype=dtype)[:, rows]
+    assert_close_by_rule(fast[:, rows], ref64, ref_dtype, eps=1e-6)
+    assert torch.all(fast[:, ~rows] == 0)  # left-padding queries attend to nothing
+
+
+def test_no_full_score_matrix(monkeypatch):
+    """Every attention call of a 512-token prefill sees at most block x (w + 2 * block) scores,
+    never Lq x Lk."""
+    sizes = []
+    real = kernel.attend
+
+    def spy(q, k, v, *a, **kw):
+        sizes.append(q.shape[1] * k.shape[1])
+        return real(q, k, v, *a, **kw)
+
+    monkeypatch.setattr(kernel, "attend", spy)
+    torch.manual_seed(0)
+    q, k, v = torch.randn(4, 512, 16), torch.randn(4, 512, 16), torch.randn(4, 512, 16)
+    settings = Settings(64, 16, 8, "floor", False, 32)
+    selfextend_row(q, k, v, 0, 0, settings, torch.ones(8), 0.25)
+    assert sizes and max(sizes) <= 32 * 512 and sum(sizes) < 1.3 * 512 * 513 / 2 + 512 * (16 + 64)
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. KV-cache decoding == one forward pass
+# ------------------------------------------------------------------------------------------------
+def decode_logits(model, ids, prefill, chunk=None):
+    """Logits for every position: prefill ``prefill`` tokens (in chunks), then one token at a time."""
+    cache = DynamicCache(config=model.config)
+    out, pos = [], 0
+    steps = list(range(0, prefill, chunk or prefill)) + list(range(prefill, ids.shape[1]))
+    bounds = steps + [ids.shape[1]]
+    with torch.no_grad():
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            r = model(ids[:, s:e], cache=cache, use_cache=True)
+            out.append(r.logits.float())
+            pos = e
+    assert pos == ids.shape[1]
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_matches_full_forward(family, dtype):
+    model = tiny_model(family, dtype)
+    ids = ids_of(140)
+    # how far the plain model's own cached decode drifts from its full forward, in this dtype
+    plain_drift = (decode_logits(model, ids[:, :L], 40) - logits(model, ids[:, :L])).abs().max().item()
+    for group_size in (3, None):
+        with selfextend.enable(model, group_size=group_size, window=W):
+            full = logits(model, ids)
+            for prefill, chunk in ((100, None), (90, 32)):
+                err = (decode_logits(model, ids, prefill, chunk) - full).abs().max().item()
+                tol = 1e-4 if dtype == torch.float32 else 2 * plain_drift + 0.05
+                assert err <= tol, f"G={group_size} prefill={prefill} chunk={chunk}: {err}"
+
+
+def test_generate_greedy_equals_argmax_of_full_forward(family):
+    model = tiny_model(family)
+    prompt = ids_of(120)
+    with selfextend.enable(model, window=W):
+        out = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        full = logits(model, out)
+    predicted = full[0, prompt.shape[1] - 1 : -1].argmax(-1)
+    assert torch.equal(out[0, prompt.shape[1]:], predicted)
+
+
+def test_decode_does_not_rerotate_the_cache(monkeypatch):
+    """After the first decode step, each step rotates only its own query and its one new key."""
+    model = tiny_model("llama")
+    rotated = []
+    real = kernel._grouped
+
+    def spy(x, *a, **kw):
+        rotated.append(x.shape[1])
+        return real(x, *a, **kw)
+
+    ids = ids_of(156)
+    with selfextend.enable(model, group_size=4, window=W):
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(ids[:, :150], cache=cache)
+            monkeypatch.setattr(kernel, "_grouped", spy)
+            per_step = []
+            for t in range(150, 156):
+                rotated.clear()
+                step = model(ids[:, t : t + 1], cache=cache).logits
+                per_step.append(list(rotated))
+        full = logits(model, ids)
+    layers = model.config.num_hidden_layers
+    assert len(per_step[0]) == 2 * layers and max(per_step[0]) > 100  # first step: rotate the cache once
+    for sizes in per_step[1:]:
+        assert sizes == [1, 1] * layers  # then: one query and one new key per layer
+    assert torch.allclose(step.float()[0, -1], full[0, -1], atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. left padding: each row as if alone
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_left_padding_rows_match_alone(family, dtype):
+    model = tiny_model(family, dtype)
+    long, short = ids_of(150, seed=2), ids_of(110, seed=3)
+    pad = long.shape[1] - short.shape[1]
+    batch = torch.cat([long, torch.cat([torch.zeros(1, pad, dtype=torch.long), short], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :pad] = 0
+    with selfextend.enable(model, window=W):
+        out = model.generate(batch, attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0,
+                             output_logits=True, return_dict_in_generate=True)
+        alone = [model.generate(x, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0, output_logits=True,
+                                return_dict_in_generate=True) for x in (long, short)]
+    tol = 1e-4 if dtype == torch.float32 else 0.15
+    for row in range(2):
+        batched = torch.stack([step[row].float() for step in out.logits])
+        single = torch.stack([step[0].float() for step in alone[row].logits])
+        assert (batched - single).abs().max().item() <= tol
+        if dtype == torch.float32:
+            assert torch.equal(out.sequences[row, -5:], alone[row].sequences[0, -5:])
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. enable then disable leaves the model exactly as it was
+# ------------------------------------------------------------------------------------------------
+def test_disable_restores_model(family):
+    model = tiny_model(family)
+    ids = ids_of(150)
+    before = logits(model, ids)
+    impl = model.config._attn_implementation
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    handle = selfextend.enable(model, window=W)
+    assert selfextend.is_enabled(model) and model.config._attn_implementation == "selfextend"
+    if "swa" not in family:  # all of mistral-swa's layers are sliding-window: left as they are
+        assert not torch.equal(logits(model, ids), before)
+    selfextend.disable(model)
+    assert not selfextend.is_enabled(model)
+    assert model.config._attn_implementation == impl
+    assert not model._forward_pre_hooks
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert torch.equal(logits(model, ids), before)
+    handle.disable()  # idempotent
+
+
+# ------------------------------------------------------------------------------------------------
+# settings, errors, limits
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(group_size=0), "group_size"), (dict(group_size=-2), "group_size"), (dict(group_size=2.5), "whole"),
+    (dict(group_size=True), "group_size"), (dict(group_size="4"), "group_size"),
+    (dict(window=0), "window"), (dict(window=L), "window"), (dict(window=L + 5), "window"),
+    (dict(window=8.0), "window"), (dict(mode="ntk"), "mode"), (dict(mode="rerope", group_size=4), "rerope"),
+    (dict(pretrained_length=1), "pretrained_length"), (dict(block_size=0), "block_size"),
+])
+def test_bad_settings_raise_and_change_nothing(kwargs, match):
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match=match):
+        selfextend.enable(model, **kwargs)
+    assert model.config._attn_implementation == "sdpa" and not selfextend.is_enabled(model)
+    assert not model._forward_pre_hooks
+
+
+def test_model_without_rope_is_refused():
+    config = AutoConfig.for_model("gpt2", n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=64)
+    model = AutoModelForCausalLM.from_config(config)
+    impl = model.config._attn_implementation
+    with pytest.raises(selfextend.UnsupportedModelError, match="llama.*qwen3"):
+        selfextend.enable(model)
+    assert model.config._attn_implementation == impl
+
+
+def test_limits_warn_and_check_length():
+    model = tiny_model("llama")
+    handle = selfextend.enable(model, group_size=2, window=W)
+    assert handle.max_length == (L - W) * 2 + W == 112
+    handle.check_length(112)
+    with pytest.raises(selfextend.ContextLengthError, match="112"):
+        handle.check_length(113)
+    with pytest.warns(UserWarning, match="extended limit of 112"):
+        logits(model, ids_of(130))
+    assert handle.group_size_for(1000) == 2 and "G=2" in handle.describe()
+    handle.disable()
+    auto = selfextend.enable(model, window=W)
+    assert auto.group_size is None and auto.group_size_for(L) == 1 and auto.group_size_for(L + 1) == 2
+    assert auto.max_length == (L - W) * 64 + W
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        logits(model, ids_of(200))  # auto G never exceeds its limit here
+    auto.disable()
+    assert selfextend.enable(model, mode="rerope", window=W).max_length is None
