@@ -64,22 +64,28 @@ def _attend_explicit(q, k, v, scale, mask, softcap):
     return merge(parts)
 
 
-def attend(q, k, v, scale: float, mask: torch.Tensor | None = None, softcap: float | None = None):
-    """Softmax attention of every query over every key (no causal mask of its own).
+def attend(q, k, v, scale: float, mask: torch.Tensor | None = None, softcap: float | None = None,
+           causal: bool = False):
+    """Softmax attention of q over k/v.
 
     q ``[Hq, n, D]``, k/v ``[Hkv, m, D]`` (float32, m >= 1), mask ``[n, m]`` bool (True = attend) or
-    None. Returns ``(out [Hq, n, D], lse [Hq, n])``; a row with no allowed key gets lse = -inf.
+    None; ``causal=True`` (square only, n == m) lets query i see keys 0..i. Returns
+    ``(out [Hq, n, D], lse [Hq, n])``; a row with no allowed key gets lse = -inf.
     """
+    if causal:
+        assert mask is None and q.shape[1] == k.shape[1]
     if softcap is None and _FLASH_CPU is not None and q.device.type == "cpu":
         bias = None
         if mask is not None:
             bias = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, NEG_INF)
-        out, lse = _FLASH_CPU(q[None], k[None], v[None], 0.0, False, attn_mask=bias, scale=scale)
+        out, lse = _FLASH_CPU(q[None], k[None], v[None], 0.0, causal, attn_mask=bias, scale=scale)
         out, lse = out[0], lse[0]
         if mask is not None:
             # the kernel reports lse = 0 (not -inf) for a row with no allowed key
             lse = lse.masked_fill(~mask.any(dim=-1), NEG_INF)
         return out, lse
+    if causal:
+        mask = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool, device=q.device).tril()
     return _attend_explicit(q, k, v, scale, mask, softcap)
 
 
@@ -201,6 +207,53 @@ def _segments(settings, first_query_position, start, lq):
     return segments
 
 
+def _pieces(q, k, v, rows, lo, hi, cuts, dmin, dmax, key_offset, scale, softcap):
+    """Attention of query rows (positions ``rows``, contiguous) over keys at positions ``lo..hi``,
+    restricted to distances ``dmin <= p_i - p_j <= dmax``, as pieces split after each position in
+    ``cuts``. A piece runs
+
+    * unmasked when every pair in it is allowed,
+    * with the kernel's causal flag when it is a square whose allowed pairs form the lower
+      triangle (``p_j - a <= p_i - p0``), or on the flipped square when they form the upper one,
+    * with an explicit ``[rows, keys]`` mask otherwise (only at sequence starts or tiny windows).
+
+    ``k``/``v`` are indexed by ``position + key_offset``. Returns a list of ``(out, lse)``."""
+    p0, p1 = int(rows[0]), int(rows[-1])
+    bounds = sorted({lo - 1, hi, *[c for c in cuts if lo - 1 < c < hi]})
+    plan = []  # (first key position, last key position, how)
+    for a_excl, b in zip(bounds[:-1], bounds[1:]):
+        a = a_excl + 1
+        if b < a or p1 - a < dmin or p0 - b > dmax:  # empty, or no pair allowed
+            continue
+        square = b - a == p1 - p0
+        if p0 - b >= dmin and p1 - a <= dmax:
+            how = "all"
+        elif square and dmin == p0 - a and p1 - a <= dmax:
+            how = "lower"  # lower triangle: the kernel's causal flag
+        elif square and dmax == p0 - a and p0 - b >= dmin:
+            how = "upper"  # upper triangle: causal once rows and keys are flipped
+        else:
+            how = "mask"
+        if plan and how == "all" and plan[-1][2] == "all" and plan[-1][1] == a - 1:
+            plan[-1] = (plan[-1][0], b, "all")  # one call for adjacent unmasked pieces
+        else:
+            plan.append((a, b, how))
+    parts = []
+    for a, b, how in plan:
+        ks, vs = k[:, a + key_offset : b + key_offset + 1], v[:, a + key_offset : b + key_offset + 1]
+        if how == "all":
+            parts.append(attend(q, ks, vs, scale, None, softcap))
+        elif how == "lower":
+            parts.append(attend(q, ks, vs, scale, None, softcap, causal=True))
+        elif how == "upper":
+            out, lse = attend(q.flip(1), ks.flip(1), vs.flip(1), scale, None, softcap, causal=True)
+            parts.append((out.flip(1), lse.flip(1)))
+        else:
+            d = rows[:, None] - torch.arange(a, b + 1)[None, :]
+            parts.append(attend(q, ks, vs, scale, (d >= dmin) & (d <= dmax), softcap))
+    return parts
+
+
 def selfextend_row(q, k, v, first_query_position, key_offset, settings, inv_freq, scale, softcap=None,
                    key_cache=None):
     """SelfExtend attention for one batch row.
@@ -223,38 +276,25 @@ def selfextend_row(q, k, v, first_query_position, key_offset, settings, inv_freq
     # rows that share one group size (auto mode: G grows with the query position).
     start = max(0, -first_query_position)
     segments = _segments(settings, first_query_position, start, lq)
+    first_pos = first_key - key_offset  # position of the first real key
+    w = settings.window
     for s, e, g in segments:
         p0, p1 = first_query_position + s, first_query_position + e - 1
+        rows = positions[s:e]
         qb = q[:, s:e]
         parts = []
-        idx = lambda p: p + key_offset  # key index of a position  # noqa: E731
-        if g == 1:  # ordinary causal attention
-            if idx(p0) >= first_key:
-                parts.append(attend(qb, k[:, first_key : idx(p0) + 1], v[:, first_key : idx(p0) + 1], scale, None, softcap))
-            if p1 > p0:
-                kp = torch.arange(p0 + 1, p1 + 1)
-                mask = kp[None, :] <= positions[s:e, None]
-                parts.append(attend(qb, k[:, idx(p0 + 1) : idx(p1) + 1], v[:, idx(p0 + 1) : idx(p1) + 1], scale, mask, softcap))
+        if g == 1:  # ordinary causal attention: keys [first_pos, p1], any distance >= 0
+            parts += _pieces(qb, k, v, rows, first_pos, p1, [p0 - 1], 0, math.inf, key_offset, scale, softcap)
         else:
-            w = settings.window
-            qg = _grouped(qb, p0, settings, g, inv_freq, "query")
-            last_grouped = idx(p1 - w)  # last key index that any row of the block groups
-            if last_grouped >= first_key:
+            # grouped: keys [first_pos, p1 - w] at grouped positions, distance >= w
+            if p1 - w >= first_pos:
                 cache = key_cache.setdefault(g, GroupedKeys())
-                kg = cache.get(k, first_key, last_grouped, first_key - key_offset, settings, g, inv_freq)  # [Hkv, n, D]
-                vg = v[:, first_key : last_grouped + 1]
-                bulk_end = idx(p0 - w) - first_key + 1  # keys grouped for every row of the block
-                if bulk_end > 0:
-                    parts.append(attend(qg, kg[:, :bulk_end], vg[:, :bulk_end], scale, None, softcap))
-                band_start = max(0, bulk_end)
-                if band_start < kg.shape[1]:
-                    kp = torch.arange(band_start, kg.shape[1]) + (first_key - key_offset)
-                    mask = kp[None, :] <= positions[s:e, None] - w
-                    parts.append(attend(qg, kg[:, band_start:], vg[:, band_start:], scale, mask, softcap))
-            lo = max(first_key, idx(p0 - w + 1))  # first key that is a neighbor of some row
-            kp = torch.arange(lo, idx(p1) + 1) - key_offset
-            d = positions[s:e, None] - kp[None, :]
-            mask = (d >= 0) & (d < w)
-            parts.append(attend(qb, k[:, lo : idx(p1) + 1], v[:, lo : idx(p1) + 1], scale, mask, softcap))
+                kg = cache.get(k, first_key, p1 - w + key_offset, first_pos, settings, g, inv_freq)  # [Hkv, n, D]
+                qg = _grouped(qb, p0, settings, g, inv_freq, "query")
+                vg = v[:, first_key : p1 - w + key_offset + 1]
+                parts += _pieces(qg, kg, vg, rows, first_pos, p1 - w, [p0 - w - 1], w, math.inf, -first_pos, scale, softcap)
+            # neighbors: keys (p0 - w, p1] at ordinary positions, distance 0 .. w - 1
+            lo = max(first_pos, p0 - w + 1)
+            parts += _pieces(qb, k, v, rows, lo, p1, [p1 - w + 1, p0 - 1], 0, w - 1, key_offset, scale, softcap)
         out[:, s:e] = merge(parts)[0]
     return out
