@@ -254,6 +254,26 @@ def _pieces(q, k, v, rows, lo, hi, cuts, dmin, dmax, key_offset, scale, softcap)
     return parts
 
 
+def _decode_step(q, k, v, p, key_offset, settings, inv_freq, scale, softcap, key_cache):
+    """One query at position ``p`` with grouped and neighbor keys both present: two kernel calls and
+    a two-way merge, nothing else (the common decode step). None when the general path is needed."""
+    w = settings.window
+    first_key = max(0, key_offset)
+    first_pos = first_key - key_offset
+    if p < 0 or p - w < first_pos or settings.is_plain(p):
+        return None
+    g = settings.group_size_at(p)
+    last_grouped = p - w + key_offset
+    kg = key_cache.setdefault(g, GroupedKeys()).get(k, first_key, last_grouped, first_pos, settings, g, inv_freq)
+    qg = _grouped(q, p, settings, g, inv_freq, "query")
+    o1, l1 = attend(qg, kg, v[:, first_key : last_grouped + 1], scale, None, softcap)
+    o2, l2 = attend(q, k[:, last_grouped + 1 : p + key_offset + 1], v[:, last_grouped + 1 : p + key_offset + 1],
+                    scale, None, softcap)
+    m = torch.maximum(l1, l2)
+    a, b = torch.exp(l1 - m)[..., None], torch.exp(l2 - m)[..., None]
+    return (o1 * a + o2 * b) / (a + b)
+
+
 def selfextend_row(q, k, v, first_query_position, key_offset, settings, inv_freq, scale, softcap=None,
                    key_cache=None):
     """SelfExtend attention for one batch row.
@@ -265,6 +285,10 @@ def selfextend_row(q, k, v, first_query_position, key_offset, settings, inv_freq
     """
     key_cache = {} if key_cache is None else key_cache
     lq = q.shape[1]
+    if lq == 1 and not settings.log_scale:
+        fast = _decode_step(q, k, v, first_query_position, key_offset, settings, inv_freq, scale, softcap, key_cache)
+        if fast is not None:
+            return fast
     first_key = max(0, key_offset)  # index of the first real key (position 0 or later)
     positions = torch.arange(first_query_position, first_query_position + lq)
     out = torch.zeros_like(q)
