@@ -129,7 +129,7 @@ AttentionMaskInterface.register("selfextend_reference", _reference_mask)
 
 def reference_logits(model, input_ids, window, group_size, mode="floor", attention_mask=None, dtype=torch.float64):
     """Logits of ``model`` with every full-attention layer replaced by the float64 reference."""
-    from selfextend.enable import _LAYERS
+    from selfextend.integration import _LAYERS
 
     import selfextend
 

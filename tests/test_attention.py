@@ -300,3 +300,15 @@ def test_limits_warn_and_check_length():
         logits(model, ids_of(200))  # auto G never exceeds its limit here
     auto.disable()
     assert selfextend.enable(model, mode="rerope", window=W).max_length is None
+
+
+def test_packed_sequences_and_4d_masks_are_refused():
+    model = tiny_model("llama")
+    ids = ids_of(150)
+    with selfextend.enable(model, window=W):
+        packed = torch.cat([torch.arange(50), torch.arange(100)])[None]  # last sequence beyond L
+        with pytest.raises(NotImplementedError, match="consecutive position_ids"):
+            logits(model, ids, position_ids=packed)
+        mask4d = torch.ones(1, 1, 150, 150, dtype=torch.bool).tril()
+        with pytest.raises(NotImplementedError, match="4D attention mask"):
+            logits(model, ids, attention_mask=mask4d)

@@ -10,7 +10,7 @@ positions, so no relative distance leaves the range the model saw in training.
     selfextend.disable(model)                  # back exactly as it was
 """
 
-from .enable import (
+from .integration import (
     SUPPORTED_MODEL_TYPES,
     ContextLengthError,
     SelfExtendHandle,

@@ -119,6 +119,13 @@ def selfextend_attention(module, query, key, value, attention_mask, dropout=0.0,
         return handle.original_attention(module)(
             module, query, key, value, original_mask, dropout=dropout, scaling=scaling, **kwargs
         )
+    if mask is not None and not isinstance(mask, DeferredMask):
+        raise NotImplementedError(
+            "SelfExtend received a ready-made 4D attention mask; pass a 2D padding mask (or none) instead"
+        )
+    if position_ids is not None:
+        padding = mask.kwargs.get("attention_mask") if isinstance(mask, DeferredMask) else None
+        _check_contiguous(position_ids, last_positions, lq, padding, q_offset)
     if dropout and module.training:
         raise NotImplementedError("SelfExtend is an inference method: call model.eval() (attention dropout is on)")
     handle.check_positions(max(last_positions) + 1)
@@ -135,6 +142,22 @@ def selfextend_attention(module, query, key, value, attention_mask, dropout=0.0,
             softcap=kwargs.get("softcap"), key_cache=key_cache,
         )
     return out.transpose(1, 2).to(query.dtype).contiguous(), None
+
+
+def _check_contiguous(position_ids, last_positions, lq, padding, q_offset):
+    """SelfExtend derives key positions from the last query: each row's real tokens must have
+    consecutive positions, and anything before them must be left padding (masked out)."""
+    for b, last in enumerate(last_positions):
+        m = min(lq, last + 1)
+        tail = position_ids[b if position_ids.shape[0] > 1 else 0, lq - m :]
+        consecutive = torch.equal(tail.cpu(), torch.arange(last - m + 1, last + 1))
+        if consecutive and m < lq:  # earlier rows are taken as padding: the 2D mask must say so
+            consecutive = padding is not None and not bool(padding[b, q_offset : q_offset + lq - m].any())
+        if not consecutive:
+            raise NotImplementedError(
+                "SelfExtend needs consecutive position_ids per sequence (left padding is fine); "
+                "packed sequences or custom position_ids are not supported"
+            )
 
 
 AttentionInterface.register(ATTENTION_NAME, selfextend_attention)
