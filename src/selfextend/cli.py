@@ -40,8 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(SUBCOMMANDS[name][0])
     parser = argparse.ArgumentParser(prog=f"selfextend {name}", description=SUBCOMMANDS[name][1])
     module.add_arguments(parser)
-    args = parser.parse_args(rest)
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(parser.parse_args(rest)) or 0)
+    except SystemExit as e:  # argparse errors and commands that stop early: report the status
+        return e.code if isinstance(e.code, int) else 1
 
 
 if __name__ == "__main__":

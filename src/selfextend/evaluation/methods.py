@@ -1,0 +1,112 @@
+"""The methods compared in every experiment, each applied to a loaded model for one input length.
+
+    plain       the model as trained
+    linear      position interpolation      } transformers' own RoPE scaling: the rotary embedding
+    dynamic     dynamic NTK                 } modules are rebuilt from a copy of the config with
+    yarn        YaRN                        } ``rope_parameters`` set; factor = length / L (>= 1)
+    selfextend  SelfExtend, G chosen from the length (or fixed), w = L // 4 unless given
+    rerope      SelfExtend with G = infinity (every far key at distance w)
+    leaky       SelfExtend without the floor (positions divided by G, not floored)
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+import selfextend
+
+ROPE_SCALING = {"linear": "linear", "dynamic": "dynamic", "yarn": "yarn"}
+SELFEXTEND_MODES = {"selfextend": "floor", "rerope": "rerope", "leaky": "leaky"}
+ALL_METHODS = ("plain", *ROPE_SCALING, *SELFEXTEND_MODES)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str                      # one of ALL_METHODS
+    group_size: int | None = None  # SelfExtend modes only
+    window: int | None = None
+
+    @property
+    def label(self) -> str:
+        extra = [f"G={self.group_size}"] if self.group_size else []
+        extra += [f"w={self.window}"] if self.window else []
+        return self.name + (f" ({', '.join(extra)})" if extra else "")
+
+
+def parse_methods(names: str) -> list[Method]:
+    out = []
+    for name in names.split(","):
+        name = name.strip()
+        if name not in ALL_METHODS:
+            raise ValueError(f"unknown method {name!r}; choose from {', '.join(ALL_METHODS)}")
+        out.append(Method(name))
+    return out
+
+
+def trained_length(model) -> int:
+    return model.config.get_text_config().max_position_embeddings
+
+
+def _rotary_modules(model):
+    return [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+            if type(child).__name__.endswith("RotaryEmbedding")]
+
+
+@contextmanager
+def applied(model, method: Method, length: int):
+    """Within the block, ``model`` computes with ``method`` for inputs of ``length`` tokens."""
+    if method.name == "plain":
+        yield {}
+        return
+    if method.name in SELFEXTEND_MODES:
+        handle = selfextend.enable(model, group_size=method.group_size, window=method.window,
+                                   mode=SELFEXTEND_MODES[method.name])
+        try:
+            yield {"G": handle.group_size_for(length), "w": handle.window}
+        finally:
+            handle.disable()
+        return
+    config = model.config.get_text_config()
+    L = trained_length(model)
+    factor = max(1.0, length / L)
+    scaled = copy.deepcopy(config)
+    base = dict(config.rope_parameters)
+    if "rope_type" not in base:  # per-layer-type parameters (Gemma3): not supported by this baseline
+        raise ValueError(f"{method.name}: the model has per-layer rope parameters; rope scaling baselines need one set")
+    scaled.rope_parameters = {"rope_type": ROPE_SCALING[method.name], "rope_theta": base["rope_theta"],
+                              "factor": factor, "original_max_position_embeddings": L,
+                              **({"partial_rotary_factor": base["partial_rotary_factor"]}
+                                 if "partial_rotary_factor" in base else {})}
+    originals = _rotary_modules(model)
+    try:
+        for parent, name, child in originals:
+            new = type(child)(config=scaled)
+            setattr(parent, name, new.to(child.inv_freq.device))
+        yield {"factor": round(factor, 4)}
+    finally:
+        for parent, name, child in originals:
+            setattr(parent, name, child)
+
+
+@torch.inference_mode()
+def log_likelihoods(model, ids: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """Per-token negative log-likelihood of ``ids[1:]`` given the prefix: shape [n - 1], float64.
+
+    The hidden states come from one forward pass; the vocabulary projection runs ``chunk`` rows
+    at a time so no [n, vocab] logits tensor is ever held."""
+    decoder = getattr(model, model.base_model_prefix)
+    head = model.get_output_embeddings()
+    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    hidden = decoder(input_ids=ids.reshape(1, -1), use_cache=False).last_hidden_state[0]  # [n, d]
+    targets = ids.reshape(-1)[1:]
+    out = []
+    for s in range(0, hidden.shape[0] - 1, chunk):
+        logits = head(hidden[s:s + chunk][: targets.shape[0] - s]).float()  # [c, vocab]
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        out.append(torch.nn.functional.cross_entropy(logits, targets[s:s + chunk], reduction="none").double())
+    return torch.cat(out)

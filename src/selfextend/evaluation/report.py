@@ -1,0 +1,177 @@
+"""Tables (Markdown) and plots (PNG) from ``results.jsonl``; nothing here runs a model."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .experiments import load_results  # noqa: E402
+from .methods import ALL_METHODS  # noqa: E402
+
+
+def _records(out_dir: Path) -> list[dict]:
+    return list(load_results(Path(out_dir) / "results.jsonl").values())
+
+
+def _mean(xs):
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _methods(records):
+    present = {r["trial"]["method"] for r in records}
+    return [m for m in ALL_METHODS if m in present]
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    def fmt(x):
+        return f"{x:.3g}" if isinstance(x, float) else str(x)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(x) for x in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _by(records, experiment, *fields):
+    groups = defaultdict(list)
+    for r in records:
+        t = r["trial"]
+        if t["experiment"] == experiment:
+            groups[tuple(t.get(f) for f in fields)].append(r)
+    return groups
+
+
+def passkey_section(records, out_dir: Path, L: int) -> str:
+    cells = _by(records, "passkey", "method", "length")
+    if not cells:
+        return ""
+    methods, lengths = _methods([r for g in cells.values() for r in g]), sorted({k[1] for k in cells})
+    rows = [[m] + [_mean([r["score"] for r in cells.get((m, n), [])]) for n in lengths] for m in methods]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m, row in zip(methods, rows):
+        ax.plot(lengths, row[1:], marker="o", label=m)
+    ax.axvline(L, color="gray", ls="--", lw=1, label=f"trained length {L}")
+    ax.set(xlabel="prompt length (tokens)", ylabel="passkey accuracy", ylim=(-0.05, 1.05), title="Passkey retrieval")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "passkey.png", dpi=120)
+    plt.close(fig)
+    n_trials = sum(len(g) for g in cells.values())
+    return ("## Passkey retrieval\n\nAccuracy over depths and keys (" + f"{n_trials} trials).\n\n"
+            + _table(["method"] + [str(n) for n in lengths], rows) + "\n\n![passkey](passkey.png)\n")
+
+
+def heatmap_section(records, out_dir: Path, experiment: str, title: str) -> str:
+    cells = _by(records, experiment, "method", "length", "depth")
+    if not cells:
+        return ""
+    methods = _methods([r for g in cells.values() for r in g])
+    lengths, depths = sorted({k[1] for k in cells}), sorted({k[2] for k in cells})
+    fig, axes = plt.subplots(1, len(methods), figsize=(2.2 * len(methods) + 1, 3.2), squeeze=False, sharey=True)
+    for ax, m in zip(axes[0], methods):
+        grid = [[_mean([r["score"] for r in cells.get((m, n, d), [])]) for n in lengths] for d in depths]
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
+        ax.set_title(m, fontsize=9)
+        ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" for n in lengths], fontsize=7)
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
+        ax.set_xlabel("length")
+    axes[0][0].set_ylabel("depth")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+    fig.suptitle(title)
+    fig.savefig(out_dir / f"{experiment}.png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    by_len = _by(records, experiment, "method", "length")
+    rows = [[m] + [_mean([r["score"] for r in by_len.get((m, n), [])]) for n in lengths] for m in methods]
+    return (f"## {title}\n\nMean score over depths (1 = answer found).\n\n"
+            + _table(["method"] + [str(n) for n in lengths], rows) + f"\n\n![{experiment}]({experiment}.png)\n")
+
+
+def keylength_section(records) -> str:
+    cells = _by(records, "keylength", "method", "key")
+    if not cells:
+        return ""
+    methods = _methods([r for g in cells.values() for r in g])
+    keys = sorted({k[1] for k in cells}, key=len)
+    length = next(iter(cells.values()))[0]["trial"]["length"]
+    rows = [[m] + [("yes" if cells[(m, k)][0]["score"] else "no") if (m, k) in cells else "-" for k in keys]
+            for m in methods]
+    return (f"## Passkey with longer keys (length {length}, depth 0.5)\n\n"
+            + _table(["method"] + [f"{len(k)} digits" for k in keys], rows) + "\n")
+
+
+def perplexity_section(records, out_dir: Path, L: int) -> str:
+    cells = _by(records, "perplexity", "method", "length")
+    if not cells:
+        return ""
+    methods, lengths = _methods([r for g in cells.values() for r in g]), sorted({k[1] for k in cells})
+    rows = [[m] + [_mean([r["ppl"] for r in cells.get((m, n), [])]) for n in lengths] for m in methods]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m, row in zip(methods, rows):
+        ax.plot(lengths, row[1:], marker="o", label=m)
+    ax.axvline(L, color="gray", ls="--", lw=1, label=f"trained length {L}")
+    ax.set(xlabel="sequence length (tokens)", ylabel="perplexity", yscale="log", title="Perplexity vs length (essays)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "perplexity.png", dpi=120)
+    plt.close(fig)
+    return ("## Perplexity vs length\n\nSame essay token sequences for every method (lower is better).\n\n"
+            + _table(["method"] + [str(n) for n in lengths], rows) + "\n\n![perplexity](perplexity.png)\n")
+
+
+def short_context_section(records, L: int) -> str:
+    rows = []
+    for exp, field_ in (("perplexity", "ppl"), ("passkey", "score"), ("needle", "score")):
+        cells = _by([r for r in records if r["trial"]["length"] <= L], exp, "method", "length")
+        for n in sorted({k[1] for k in cells}):
+            plain = _mean([r[field_] for r in cells.get(("plain", n), [])])
+            for m in ("selfextend", "rerope", "leaky"):
+                if (m, n) in cells:
+                    value = _mean([r[field_] for r in cells[(m, n)]])
+                    rows.append([exp, n, m, plain, value, value - plain])
+    if not rows:
+        return ""
+    return (f"## Short context (length <= trained {L})\n\nSelfExtend (G chosen from the length) must equal the plain "
+            "model here; rerope and leaky change near-window distances and need not.\n\n"
+            + _table(["experiment", "length", "method", "plain", "method value", "difference"], rows) + "\n")
+
+
+def ablation_section(records, out_dir: Path) -> str:
+    cells = _by(records, "ablation", "window", "group_size")
+    if not cells:
+        return ""
+    windows, groups = sorted({k[0] for k in cells}), sorted({k[1] for k in cells})
+    length = next(iter(cells.values()))[0]["trial"]["length"]
+    rows = [[w] + [cells[(w, g)][0]["ppl"] if (w, g) in cells else "-" for g in groups] for w in windows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for w, row in zip(windows, rows):
+        pts = [(g, v) for g, v in zip(groups, row[1:]) if v != "-"]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"w={w}")
+    ax.set(xlabel="group size G", ylabel=f"perplexity at {length} tokens", xscale="log", yscale="log",
+           title="SelfExtend: group size and window")
+    ax.set_xticks(groups, [str(g) for g in groups])
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "ablation.png", dpi=120)
+    plt.close(fig)
+    return (f"## Ablation of G and w (perplexity at {length} tokens)\n\nRows: window w; columns: group size G. "
+            "(L - w) * G + w below the length means distances beyond the trained range occur.\n\n"
+            + _table(["w \\ G"] + [str(g) for g in groups], rows) + "\n\n![ablation](ablation.png)\n")
+
+
+def write_report(out_dir: Path, L: int, header: str = "") -> Path:
+    """Write ``report.md`` (and the PNGs it shows) from ``results.jsonl``; return its path."""
+    out_dir = Path(out_dir)
+    records = _records(out_dir)
+    sections = [passkey_section(records, out_dir, L), keylength_section(records),
+                heatmap_section(records, out_dir, "needle", "Needle in a haystack (Paul Graham essays)"),
+                perplexity_section(records, out_dir, L), short_context_section(records, L),
+                ablation_section(records, out_dir)]
+    path = out_dir / "report.md"
+    path.write_text(header + "\n\n".join(s for s in sections if s))
+    (out_dir / "summary.json").write_text(json.dumps({"trials": len(records), "trained_length": L}, indent=1))
+    return path

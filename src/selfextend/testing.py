@@ -1,0 +1,48 @@
+"""A tiny Llama checkpoint on disk, for fast tests of everything that takes a model path.
+
+``make_tiny_checkpoint(folder)`` writes a random 2-layer Llama (trained length 64) and a byte-level
+BPE tokenizer trained offline on a few sentences, with a chat template, as an ordinary Hugging Face
+folder: the CLI, the server and the evaluation load it exactly as they load a real model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+TINY_LENGTH = 64
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+_CORPUS = ["The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.",
+           "The pass key is 12345. Remember it. What is the pass key? 0123456789",
+           "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."]
+
+
+def make_tiny_checkpoint(folder: str | Path, seed: int = 0, vocab_size: int = 320) -> Path:
+    """Write a tiny random Llama and its tokenizer to ``folder``; return the folder."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(_CORPUS * 4, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=TINY_LENGTH,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder)
+    return folder
