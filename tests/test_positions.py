@@ -55,3 +55,13 @@ def test_choose_group_size():
         g = choose_group_size(n, 4096, 1024)
         assert max_extended_length(4096, 1024, g) >= n > max_extended_length(4096, 1024, g - 1)
     assert default_window(8192) == 2048 and default_window(4096) == 1024
+
+
+def test_automatic_group_size_is_capped_where_the_stated_limit_says():
+    from selfextend.positions import DEFAULT_MAX_GROUP_SIZE
+
+    L, w = 64, 16
+    limit = (L - w) * DEFAULT_MAX_GROUP_SIZE + w
+    assert choose_group_size(limit, L, w) == DEFAULT_MAX_GROUP_SIZE
+    assert choose_group_size(limit + 1, L, w) == DEFAULT_MAX_GROUP_SIZE  # capped, not 65
+    assert choose_group_size(10**9, L, w) == DEFAULT_MAX_GROUP_SIZE

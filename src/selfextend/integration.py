@@ -297,7 +297,9 @@ class SelfExtendHandle:
             warnings.warn(message, stacklevel=3)
 
     def _capture_cache(self, _module, args, kwargs):
-        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        cache = kwargs.get("cache")
+        if cache is None:  # the name before transformers 5.24
+            cache = kwargs.get("past_key_values")
         self._cache_ref = weakref.ref(cache) if cache is not None else None
 
 

@@ -50,13 +50,15 @@ def max_extended_length(pretrained_length: int, window: int, group_size: float) 
     return (pretrained_length - window) * group_size + window
 
 
-def choose_group_size(length: int, pretrained_length: int, window: int) -> int:
-    """Smallest integer ``G >= 1`` with ``(L - w) * G + w >= length`` (paper + official README).
+def choose_group_size(length: int, pretrained_length: int, window: int,
+                      max_group_size: int = DEFAULT_MAX_GROUP_SIZE) -> int:
+    """Smallest integer ``G >= 1`` with ``(L - w) * G + w >= length`` (paper + official README),
+    capped at ``max_group_size``: beyond ``(L - w) * max_group_size + w`` tokens G stays there.
 
     ``G = 1`` means the input fits the trained window and nothing needs to be grouped."""
     if length <= pretrained_length:
         return 1
-    return max(1, math.ceil((length - window) / (pretrained_length - window)))
+    return min(max_group_size, max(1, math.ceil((length - window) / (pretrained_length - window))))
 
 
 def grouped_positions(

@@ -2,7 +2,7 @@
 
 ``make_tiny_checkpoint(folder)`` writes a random 2-layer Llama (trained length 64) and a byte-level
 BPE tokenizer trained offline on a few sentences, with a chat template, as an ordinary Hugging Face
-folder: the CLI, the server and the evaluation load it exactly as they load a real model.
+folder. Its weights are random but large enough that greedy text varies with the input: the CLI, the server and the evaluation load it exactly as they load a real model.
 """
 
 from __future__ import annotations
@@ -41,8 +41,15 @@ def make_tiny_checkpoint(folder: str | Path, seed: int = 0, vocab_size: int = 32
                          num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=TINY_LENGTH,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
-    torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    # Default init is so small that greedy decoding repeats the last token forever, which would make
+    # any check on generated text vacuous; redraw every matrix at a scale where text varies.
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                std = 1.0 if "embed" in name else 2.0 / p.shape[1] ** 0.5
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(folder)
     return folder

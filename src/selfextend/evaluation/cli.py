@@ -80,12 +80,12 @@ def run(args) -> int:
     model, tokenizer = load_or_exit(args.model)
     L = model.config.get_text_config().max_position_embeddings
     command = "selfextend eval " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["eval"] else ""
-    header = (f"# Evaluation: {model_name(args.model)} (trained length {L})\n\n"
-              + (f"Command: `{command}`\n\n" if command else ""))
     out.mkdir(parents=True, exist_ok=True)
-    if command:
-        (out / "command.txt").write_text(command + "\n")
+    if command:  # every command that added trials, in order: rerun them to reproduce the folder
+        with (out / "commands.txt").open("a") as f:
+            f.write(command + "\n")
     runner = Runner(model, tokenizer, out)
+    header = _header(out, model_name(args.model), L)
     for experiment in experiments:
         if not args.report_only:
             print(f"== {experiment}", file=sys.stderr, flush=True)
@@ -93,3 +93,9 @@ def run(args) -> int:
         path = write_report(out, L, header)
     print(f"report: {path}")
     return 0
+
+
+def _header(out: Path, name: str, L: int) -> str:
+    commands = (out / "commands.txt").read_text().splitlines() if (out / "commands.txt").exists() else []
+    text = f"# Evaluation: {name} (trained length {L})\n\nProduced by these commands, in order (a rerun skips finished trials):\n\n"
+    return text + "```\n" + "\n".join(commands) + "\n```\n\n"

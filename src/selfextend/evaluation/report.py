@@ -163,6 +163,20 @@ def ablation_section(records, out_dir: Path) -> str:
             + _table(["w \\ G"] + [str(g) for g in groups], rows) + "\n\n![ablation](ablation.png)\n")
 
 
+def budget_section(records) -> str:
+    """Trials and compute time per experiment, summed from the records."""
+    per = defaultdict(lambda: [0, 0.0, set()])
+    for r in records:
+        t = r["trial"]
+        per[t["experiment"]][0] += 1
+        per[t["experiment"]][1] += r.get("seconds", 0.0)
+        per[t["experiment"]][2].add(t["length"])
+    rows = [[e, n, f"{s / 60:.1f}", ", ".join(str(x) for x in sorted(lengths))] for e, (n, s, lengths) in per.items()]
+    total = sum(v[1] for v in per.values())
+    return (f"Compute: {len(records)} trials, {total / 3600:.2f} h in all (sum of trial times).\n\n"
+            + _table(["experiment", "trials", "minutes", "lengths"], rows) + "\n\n")
+
+
 def write_report(out_dir: Path, L: int, header: str = "") -> Path:
     """Write ``report.md`` (and the PNGs it shows) from ``results.jsonl``; return its path."""
     out_dir = Path(out_dir)
@@ -172,6 +186,6 @@ def write_report(out_dir: Path, L: int, header: str = "") -> Path:
                 perplexity_section(records, out_dir, L), short_context_section(records, L),
                 ablation_section(records, out_dir)]
     path = out_dir / "report.md"
-    path.write_text(header + "\n\n".join(s for s in sections if s))
+    path.write_text(header + budget_section(records) + "\n\n".join(s for s in sections if s))
     (out_dir / "summary.json").write_text(json.dumps({"trials": len(records), "trained_length": L}, indent=1))
     return path

