@@ -185,3 +185,17 @@ def test_eval_command_writes_report_and_plots(tiny, tmp_path, capsys):
     for png in ("perplexity.png", "ablation.png"):
         assert (out / png).stat().st_size > 1000
     assert main(["eval", "bogus", "--model", str(tiny), "--out", str(out)]) == 2
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("selfextend", Method("selfextend")), ("selfextend:4:1024", Method("selfextend", 4, 1024)),
+    ("leaky:-:512", Method("leaky", None, 512)), ("yarn", Method("yarn")),
+])
+def test_method_specs_round_trip(spec, expected):
+    assert parse_methods(spec) == [expected] and expected.spec == spec
+
+
+@pytest.mark.parametrize("spec", ["yarn:2:8", "selfextend:4", "selfextend:x:8"])
+def test_bad_method_specs_are_refused(spec):
+    with pytest.raises(ValueError, match="method"):
+        parse_methods(spec)

@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"which to run: {', '.join(EXPERIMENTS)} (default: all)")
     parser.add_argument("--model", default="smollm2-135m", help="built-in name, HF folder or .gguf file")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default results/eval/<model>)")
-    parser.add_argument("--methods", default=",".join(ALL_METHODS), help=f"default: {','.join(ALL_METHODS)}")
+    parser.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma-separated, default {','.join(ALL_METHODS)}; "
+                        "a SelfExtend mode takes fixed settings as name:G:w, e.g. selfextend:4:1024")
     parser.add_argument("--lengths", type=_ints, default=d.lengths, help="prompt lengths in tokens")
     parser.add_argument("--depths", type=_floats, default=d.depths, help="depths in [0, 1] (default 10 depths)")
     parser.add_argument("--keys", type=positive_int, default=d.keys, help="random passkeys per (length, depth)")
@@ -81,7 +82,7 @@ def run(args) -> int:
     L = model.config.get_text_config().max_position_embeddings
     command = "selfextend eval " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["eval"] else ""
     out.mkdir(parents=True, exist_ok=True)
-    if command:  # every command that added trials, in order: rerun them to reproduce the folder
+    if command and not args.report_only:  # the commands that added trials: rerun them to reproduce
         with (out / "commands.txt").open("a") as f:
             f.write(command + "\n")
     runner = Runner(model, tokenizer, out)

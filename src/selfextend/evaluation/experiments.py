@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .. import prompts
 from ..runtime import generate
-from .methods import Method, applied, log_likelihoods, trained_length
+from .methods import applied, log_likelihoods, parse_method, trained_length
 
 EXPERIMENTS = ("passkey", "keylength", "needle", "perplexity", "ablation")
 
@@ -49,27 +49,27 @@ def trials(experiment: str, grid: Grid) -> list[dict]:
             for depth in grid.depths:
                 for k in range(grid.keys):
                     key = prompts.random_key(rng, 5)
-                    out += [dict(experiment=experiment, method=m.name, length=length, depth=round(depth, 4),
+                    out += [dict(experiment=experiment, method=m.spec, length=length, depth=round(depth, 4),
                                  key=key) for m in grid.methods]
     elif experiment == "keylength":
         for digits in grid.key_digits:
             key = prompts.random_key(rng, digits)
-            out += [dict(experiment=experiment, method=m.name, length=grid.keylength_length, depth=0.5, key=key)
+            out += [dict(experiment=experiment, method=m.spec, length=grid.keylength_length, depth=0.5, key=key)
                     for m in grid.methods]
     elif experiment == "needle":
         for length in grid.lengths:
             for depth in grid.depths:
-                out += [dict(experiment=experiment, method=m.name, length=length, depth=round(depth, 4))
+                out += [dict(experiment=experiment, method=m.spec, length=length, depth=round(depth, 4))
                         for m in grid.methods]
     elif experiment == "perplexity":
         for length in grid.lengths:
             for seq in range(grid.ppl_sequences):
-                out += [dict(experiment=experiment, method=m.name, length=length, sequence=seq)
+                out += [dict(experiment=experiment, method=m.spec, length=length, sequence=seq)
                         for m in grid.methods]
     elif experiment == "ablation":
         for w in grid.ablation_windows:
             for g in grid.ablation_groups:
-                out.append(dict(experiment=experiment, method="selfextend", length=grid.ablation_length,
+                out.append(dict(experiment=experiment, method=f"selfextend:{g}:{w}", length=grid.ablation_length,
                                 group_size=g, window=w, sequence=0))
     else:
         raise ValueError(f"unknown experiment {experiment!r}; choose from {', '.join(EXPERIMENTS)}")
@@ -137,7 +137,7 @@ class Runner:
 
     def run_one(self, trial: dict) -> dict:
         exp, length = trial["experiment"], trial["length"]
-        method = Method(trial["method"], trial.get("group_size"), trial.get("window"))
+        method = parse_method(trial["method"])
         if exp in ("passkey", "keylength"):
             prompt = prompts.passkey_prompt(self.tokenizer, length, trial["depth"], trial["key"])
         elif exp == "needle":

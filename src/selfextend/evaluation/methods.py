@@ -27,24 +27,33 @@ ALL_METHODS = ("plain", *ROPE_SCALING, *SELFEXTEND_MODES)
 @dataclass(frozen=True)
 class Method:
     name: str                      # one of ALL_METHODS
-    group_size: int | None = None  # SelfExtend modes only
-    window: int | None = None
+    group_size: int | None = None  # SelfExtend modes only: fixed G (None = chosen from the length)
+    window: int | None = None      # SelfExtend modes only: w (None = L // 4)
 
     @property
-    def label(self) -> str:
-        extra = [f"G={self.group_size}"] if self.group_size else []
-        extra += [f"w={self.window}"] if self.window else []
-        return self.name + (f" ({', '.join(extra)})" if extra else "")
+    def spec(self) -> str:
+        """``name`` or ``name:G:w`` (``-`` for a default): how trials and tables name the method."""
+        if self.group_size is None and self.window is None:
+            return self.name
+        return f"{self.name}:{self.group_size or '-'}:{self.window or '-'}"
 
 
-def parse_methods(names: str) -> list[Method]:
-    out = []
-    for name in names.split(","):
-        name = name.strip()
-        if name not in ALL_METHODS:
-            raise ValueError(f"unknown method {name!r}; choose from {', '.join(ALL_METHODS)}")
-        out.append(Method(name))
-    return out
+def parse_method(spec: str) -> Method:
+    """``plain``, ``yarn``, ``selfextend``, ``selfextend:4:1024`` (G=4, w=1024), ``leaky:-:512`` ..."""
+    name, *params = spec.strip().split(":")
+    if name not in ALL_METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(ALL_METHODS)}")
+    if params and (name not in SELFEXTEND_MODES or len(params) != 2):
+        raise ValueError(f"method {spec!r}: only {', '.join(SELFEXTEND_MODES)} take ':G:w'")
+    try:
+        g, w = (None if x == "-" else int(x) for x in params) if params else (None, None)
+    except ValueError:
+        raise ValueError(f"method {spec!r}: G and w must be integers or '-'") from None
+    return Method(name, g, w)
+
+
+def parse_methods(specs: str) -> list[Method]:
+    return [parse_method(s) for s in specs.split(",") if s.strip()]
 
 
 def trained_length(model) -> int:

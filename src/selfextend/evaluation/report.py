@@ -24,8 +24,9 @@ def _mean(xs):
 
 
 def _methods(records):
+    """Method specs present, in the order of ALL_METHODS (a kind's fixed-G variants after it)."""
     present = {r["trial"]["method"] for r in records}
-    return [m for m in ALL_METHODS if m in present]
+    return sorted(present, key=lambda spec: (ALL_METHODS.index(spec.split(":")[0]), spec))
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -46,22 +47,37 @@ def _by(records, experiment, *fields):
     return groups
 
 
-def passkey_section(records, out_dir: Path, L: int) -> str:
-    cells = _by(records, "passkey", "method", "length")
+def _per_length(records, experiment: str, field: str):
+    """(methods, lengths, rows): the mean of ``field`` per method (row) and length (column)."""
+    cells = _by(records, experiment, "method", "length")
     if not cells:
-        return ""
+        return None
     methods, lengths = _methods([r for g in cells.values() for r in g]), sorted({k[1] for k in cells})
-    rows = [[m] + [_mean([r["score"] for r in cells.get((m, n), [])]) for n in lengths] for m in methods]
+    return methods, lengths, [[m] + [_mean([r[field] for r in cells.get((m, n), [])]) for n in lengths]
+                              for m in methods]
+
+
+def _curves(path: Path, lengths, methods, rows, L: int, **axes) -> None:
+    """One line per method (``rows[i][1:]`` over ``lengths``), the trained length marked."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for m, row in zip(methods, rows):
         ax.plot(lengths, row[1:], marker="o", label=m)
     ax.axvline(L, color="gray", ls="--", lw=1, label=f"trained length {L}")
-    ax.set(xlabel="prompt length (tokens)", ylabel="passkey accuracy", ylim=(-0.05, 1.05), title="Passkey retrieval")
+    ax.set(**axes)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_dir / "passkey.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    n_trials = sum(len(g) for g in cells.values())
+
+
+def passkey_section(records, out_dir: Path, L: int) -> str:
+    table = _per_length(records, "passkey", "score")
+    if table is None:
+        return ""
+    methods, lengths, rows = table
+    _curves(out_dir / "passkey.png", lengths, methods, rows, L, xlabel="prompt length (tokens)",
+            ylabel="passkey accuracy", ylim=(-0.05, 1.05), title="Passkey retrieval")
+    n_trials = sum(r["trial"]["experiment"] == "passkey" for r in records)
     return ("## Passkey retrieval\n\nAccuracy over depths and keys (" + f"{n_trials} trials).\n\n"
             + _table(["method"] + [str(n) for n in lengths], rows) + "\n\n![passkey](passkey.png)\n")
 
@@ -85,8 +101,7 @@ def heatmap_section(records, out_dir: Path, experiment: str, title: str) -> str:
     fig.suptitle(title)
     fig.savefig(out_dir / f"{experiment}.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
-    by_len = _by(records, experiment, "method", "length")
-    rows = [[m] + [_mean([r["score"] for r in by_len.get((m, n), [])]) for n in lengths] for m in methods]
+    _, _, rows = _per_length(records, experiment, "score")
     return (f"## {title}\n\nMean score over depths (1 = answer found).\n\n"
             + _table(["method"] + [str(n) for n in lengths], rows) + f"\n\n![{experiment}]({experiment}.png)\n")
 
@@ -105,20 +120,12 @@ def keylength_section(records) -> str:
 
 
 def perplexity_section(records, out_dir: Path, L: int) -> str:
-    cells = _by(records, "perplexity", "method", "length")
-    if not cells:
+    table = _per_length(records, "perplexity", "ppl")
+    if table is None:
         return ""
-    methods, lengths = _methods([r for g in cells.values() for r in g]), sorted({k[1] for k in cells})
-    rows = [[m] + [_mean([r["ppl"] for r in cells.get((m, n), [])]) for n in lengths] for m in methods]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for m, row in zip(methods, rows):
-        ax.plot(lengths, row[1:], marker="o", label=m)
-    ax.axvline(L, color="gray", ls="--", lw=1, label=f"trained length {L}")
-    ax.set(xlabel="sequence length (tokens)", ylabel="perplexity", yscale="log", title="Perplexity vs length (essays)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "perplexity.png", dpi=120)
-    plt.close(fig)
+    methods, lengths, rows = table
+    _curves(out_dir / "perplexity.png", lengths, methods, rows, L, xlabel="sequence length (tokens)",
+            ylabel="perplexity", yscale="log", title="Perplexity vs length (essays)")
     return ("## Perplexity vs length\n\nSame essay token sequences for every method (lower is better).\n\n"
             + _table(["method"] + [str(n) for n in lengths], rows) + "\n\n![perplexity](perplexity.png)\n")
 
@@ -129,14 +136,15 @@ def short_context_section(records, L: int) -> str:
         cells = _by([r for r in records if r["trial"]["length"] <= L], exp, "method", "length")
         for n in sorted({k[1] for k in cells}):
             plain = _mean([r[field_] for r in cells.get(("plain", n), [])])
-            for m in ("selfextend", "rerope", "leaky"):
-                if (m, n) in cells:
+            for m in _methods([r for g in cells.values() for r in g]):
+                if m != "plain" and (m, n) in cells:
                     value = _mean([r[field_] for r in cells[(m, n)]])
                     rows.append([exp, n, m, plain, value, value - plain])
     if not rows:
         return ""
-    return (f"## Short context (length <= trained {L})\n\nSelfExtend (G chosen from the length) must equal the plain "
-            "model here; rerope and leaky change near-window distances and need not.\n\n"
+    return (f"## Short context (length <= trained {L})\n\nSelfExtend with G chosen from the length, and the rope "
+            "scaling baselines (factor 1 here), must equal the plain model; a fixed G > 1, rerope and leaky regroup "
+            "distances beyond w and need not.\n\n"
             + _table(["experiment", "length", "method", "plain", "method value", "difference"], rows) + "\n")
 
 
