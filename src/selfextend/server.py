@@ -31,6 +31,7 @@ import torch
 from pydantic import BaseModel, Field, field_validator
 from transformers import DynamicCache
 
+from .commands.common import positive_int
 from .integration import ContextLengthError, SelfExtendHandle
 
 try:
@@ -551,22 +552,15 @@ def create_app(model, tokenizer, name: str, handle: SelfExtendHandle,
 # ------------------------------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="built-in name, Hugging Face folder or .gguf file")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
-    parser.add_argument("--group-size", type=int, default=None,
+    parser.add_argument("--group-size", type=positive_int, default=None,
                         help="SelfExtend group size G (default: chosen per input length)")
-    parser.add_argument("--window", type=int, default=None,
+    parser.add_argument("--window", type=positive_int, default=None,
                         help="SelfExtend neighbor window w (default: trained length // 4)")
-    parser.add_argument("--max-queue", type=_positive_int, default=DEFAULT_MAX_QUEUE,
+    parser.add_argument("--max-queue", type=positive_int, default=DEFAULT_MAX_QUEUE,
                         help="requests that may wait for the model; more are answered 503 (default: %(default)s)")
     parser.add_argument("--served-name", default=None,
                         help="model id clients send in requests (default: the model's short name)")
@@ -575,14 +569,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .assets import AssetError, load_model, model_name
+    from .assets import model_name
+    from .commands.common import load_or_exit
     from .integration import enable
 
-    try:
-        model, tokenizer = load_model(args.model)
-    except AssetError as err:
-        print(err, file=sys.stderr)
-        return 2
+    model, tokenizer = load_or_exit(args.model)
     try:
         handle = enable(model, group_size=args.group_size, window=args.window)
     except ValueError as err:  # bad --group-size / --window, or a model without RoPE
