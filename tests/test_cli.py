@@ -199,3 +199,15 @@ def test_method_specs_round_trip(spec, expected):
 def test_bad_method_specs_are_refused(spec):
     with pytest.raises(ValueError, match="method"):
         parse_methods(spec)
+
+
+def test_bench_command_writes_ratios_against_plain(tiny, tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", str(tiny), "--lengths", "96", "--methods", "plain,selfextend",
+                 "--decode-tokens", "2", "--out", str(out)]) == 0
+    rows = json.loads((out / "bench.json").read_text())["rows"]
+    assert [(r["method"], r["length"]) for r in rows] == [("plain", 96), ("selfextend", 96)]
+    assert all(r["prefill_s"] > 0 and r["decode_s_per_token"] > 0 for r in rows)
+    assert rows[1]["group_size"] == 2  # (64 - 16) * 2 + 16 >= 96
+    assert "| 96 | selfextend | 2 |" in (out / "bench.md").read_text()
+    assert (out / "bench.png").stat().st_size > 1000

@@ -139,6 +139,17 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype=None):
     return model, tokenizer
 
 
+def load_config(spec: str | os.PathLike = DEFAULT_MODEL):
+    """The model's config only (no weights): for callers that need its shape, not the model."""
+    from transformers import AutoConfig
+
+    folder, gguf = resolve_model(spec)
+    try:
+        return AutoConfig.from_pretrained(folder, **({"gguf_file": gguf} if gguf else {}))
+    except (OSError, ValueError, KeyError) as e:
+        raise AssetError(f"could not read a model config from {folder / (gguf or '')}: {e}") from e
+
+
 def _missing(module: str) -> bool:
     import importlib.util
 

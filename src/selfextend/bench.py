@@ -101,7 +101,6 @@ def run_cell(model_spec: str, method: str, length: int, decode_tokens: int, seed
     from .assets import load_model
 
     model, _ = load_model(model_spec)
-    model.eval()
     vocab = model.config.get_text_config().vocab_size
     ids = torch.randint(100, vocab - 1, (1, length + decode_tokens), generator=torch.Generator().manual_seed(seed))
     if method != "plain":
@@ -159,11 +158,10 @@ def run(args) -> int:
     if unknown:
         print(f"unknown method(s) {sorted(unknown)}; choose from {METHODS}", file=sys.stderr)
         return 2
-    from .assets import load_model
+    from .assets import load_config
 
-    model, _ = load_model(args.model)  # resolve/download once, and read the head count
-    heads = model.config.get_text_config().num_attention_heads
-    del model
+    # resolve (and download) the model once, before the cells; only its head count is needed here
+    heads = load_config(args.model).get_text_config().num_attention_heads
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
