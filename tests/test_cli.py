@@ -142,6 +142,15 @@ def test_methods_are_exact_within_trained_length_and_change_beyond(loaded):
     assert not selfextend.is_enabled(model)
 
 
+@pytest.mark.parametrize("name", ["plain", "linear", "dynamic", "yarn", "selfextend", "rerope", "leaky"])
+def test_method_settings_are_strict_json(loaded, name):
+    # results.jsonl must load in any JSON reader: no Infinity/NaN tokens (rerope's G is infinite)
+    model, _ = loaded
+    with applied(model, Method(name), 200) as settings:
+        json.loads(json.dumps(settings, allow_nan=False))
+    assert not selfextend.is_enabled(model)
+
+
 def test_log_likelihoods_match_the_model_loss(loaded):
     model, tok = loaded
     ids = torch.randint(3, len(tok), (50,), generator=torch.Generator().manual_seed(1))

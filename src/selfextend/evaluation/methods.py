@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -75,7 +76,8 @@ def applied(model, method: Method, length: int):
         handle = selfextend.enable(model, group_size=method.group_size, window=method.window,
                                    mode=SELFEXTEND_MODES[method.name])
         try:
-            yield {"G": handle.group_size_for(length), "w": handle.window}
+            g = handle.group_size_for(length)  # rerope: infinity, written "inf" so the JSON stays strict
+            yield {"G": g if math.isfinite(g) else "inf", "w": handle.window}
         finally:
             handle.disable()
         return
