@@ -21,7 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="selfextend", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="selfextend", description=__doc__.splitlines()[0], allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in SUBCOMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     module = importlib.import_module(SUBCOMMANDS[name][0])
-    parser = argparse.ArgumentParser(prog=f"selfextend {name}", description=SUBCOMMANDS[name][1])
+    parser = argparse.ArgumentParser(prog=f"selfextend {name}", description=SUBCOMMANDS[name][1],
+                                     allow_abbrev=False)  # no "--mode" taken as "--model"
     module.add_arguments(parser)
     try:
         return int(module.run(parser.parse_args(rest)) or 0)

@@ -18,15 +18,25 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"local Hugging Face folder, .gguf file, or built-in name (default {DEFAULT_MODEL})")
+
+
+def add_selfextend_arguments(parser: argparse.ArgumentParser) -> None:
+    """SelfExtend's settings, the same on every command: -G/--group-size, -w/--window, --mode."""
     parser.add_argument("--group-size", "-G", type=positive_int, default=None,
                         help="SelfExtend group size G (default: the smallest G that covers the input)")
     parser.add_argument("--window", "-w", type=positive_int, default=None,
                         help="neighbor window w (default: trained length // 4)")
     parser.add_argument("--mode", choices=("floor", "rerope", "leaky"), default="floor",
                         help="floor = SelfExtend (default); rerope = G infinite; leaky = no floor")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model, SelfExtend's settings and --chunk-size: what commands that run one input take."""
+    add_model_argument(parser)
+    add_selfextend_arguments(parser)
     parser.add_argument("--chunk-size", type=positive_int, default=None,
                         help="prefill in chunks of this many tokens (default: one pass)")
 
