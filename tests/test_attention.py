@@ -281,14 +281,14 @@ def test_model_without_rope_is_refused():
     assert model.config._attn_implementation == impl
 
 
-def test_limits_warn_and_check_length():
+def test_limits_warn_and_raise_if_too_long():
     model = tiny_model("llama")
     handle = selfextend.enable(model, group_size=2, window=W)
     assert handle.max_length == (L - W) * 2 + W == 112
-    handle.check_length(112)
+    handle.raise_if_too_long(112)
     with pytest.raises(selfextend.ContextLengthError, match="112"):
-        handle.check_length(113)
-    with pytest.warns(UserWarning, match="extended limit of 112"):
+        handle.raise_if_too_long(113)
+    with pytest.warns(UserWarning, match="extended limit is 112"):
         logits(model, ids_of(130))
     assert handle.group_size_for(1000) == 2 and "G=2" in handle.describe()
     handle.disable()

@@ -21,6 +21,7 @@ from .integration import (
     is_enabled,
 )
 from .positions import choose_group_size, default_window, grouped_positions, max_extended_length
+from .settings import Settings
 
 __version__ = "0.1.0"
 
@@ -30,6 +31,7 @@ __all__ = [
     "is_enabled",
     "get_handle",
     "SelfExtendHandle",
+    "Settings",
     "ContextLengthError",
     "UnsupportedModelError",
     "SUPPORTED_MODEL_TYPES",

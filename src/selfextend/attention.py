@@ -24,12 +24,11 @@ Shapes (per batch row): q ``[Hq, Lq, D]``, k/v ``[Hkv, Lk, D]``, ``Hq = r * Hkv`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 
-from .positions import choose_group_size, grouped_positions
+from .positions import grouped_positions
 from .rope import rotate, rotation
+from .settings import Settings
 
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 NEG_INF = float("-inf")
@@ -107,32 +106,6 @@ def merge(parts):
 # --------------------------------------------------------------------------------------------
 # SelfExtend for one batch row
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What one enabled model asks of its attention layers."""
-
-    pretrained_length: int
-    window: int
-    group_size: float | None  # None = auto, per query position; math.inf for rerope
-    mode: str = "floor"
-    log_scale: bool = False
-    block_size: int = 1024
-
-    def group_size_at(self, position: int) -> float:
-        """Group size used by a query at ``position`` (0-based)."""
-        if self.mode == "rerope":
-            return math.inf
-        if self.group_size is not None:
-            return self.group_size
-        return choose_group_size(position + 1, self.pretrained_length, self.window)
-
-    def is_plain(self, last_position: int) -> bool:
-        """True when no query up to ``last_position`` has a grouped key: nothing to change."""
-        if last_position < self.window:
-            return True
-        return self.mode != "rerope" and self.group_size_at(last_position) == 1
 
 
 class GroupedKeys:

@@ -19,7 +19,6 @@ import sys
 import threading
 import warnings
 import weakref
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -27,8 +26,8 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .attention import Settings, selfextend_row
-from .positions import DEFAULT_MAX_GROUP_SIZE, MODES, choose_group_size, default_window, max_extended_length
+from .attention import selfextend_row
+from .settings import ContextLengthError, Settings
 from .rope import inv_freq_for_layer
 
 ATTENTION_NAME = "selfextend"  # must not contain "sdpa" or "flash": transformers keys behaviour off them
@@ -50,10 +49,6 @@ SUPPORTED_MODEL_TYPES = {
 
 class UnsupportedModelError(ValueError):
     """The model has no rotary position embedding (or cannot use transformers' attention hooks)."""
-
-
-class ContextLengthError(ValueError):
-    """The input is longer than the extended limit ``(L - w) * G + w``."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -128,7 +123,7 @@ def selfextend_attention(module, query, key, value, attention_mask, dropout=0.0,
         _check_contiguous(position_ids, last_positions, lq, padding, q_offset)
     if dropout and module.training:
         raise NotImplementedError("SelfExtend is an inference method: call model.eval() (attention dropout is on)")
-    handle.check_positions(max(last_positions) + 1)
+    handle.warn_if_too_long(max(last_positions) + 1)
 
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     q32, k32, v32 = query.float(), key.float(), value.float()
@@ -173,14 +168,6 @@ _HANDLES: "weakref.WeakKeyDictionary[nn.Module, SelfExtendHandle]" = weakref.Wea
 # ------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Validated:
-    pretrained_length: int
-    window: int
-    group_size: float | None
-    mode: str
-
-
 class SelfExtendHandle:
     """SelfExtend switched on for one model. Also a context manager that switches it off."""
 
@@ -206,6 +193,7 @@ class SelfExtendHandle:
 
     @property
     def group_size(self) -> int | None:
+        """The fixed G, or None when G is chosen per input length (and for rerope)."""
         g = self.settings.group_size
         return None if g is None or math.isinf(g) else g
 
@@ -218,36 +206,25 @@ class SelfExtendHandle:
         """Longest input whose distances stay inside the trained range; None = unbounded (rerope).
 
         With ``group_size=None`` this is the limit at the largest automatic group size (64)."""
-        if self.mode == "rerope":
-            return None
-        g = self.settings.group_size if self.settings.group_size is not None else DEFAULT_MAX_GROUP_SIZE
-        return int(max_extended_length(self.pretrained_length, self.window, g))
+        return self.settings.max_length
 
     def group_size_for(self, length: int) -> float:
         """The group size SelfExtend uses for (the last token of) an input of ``length`` tokens."""
-        if self.mode == "rerope":
-            return math.inf
-        if self.settings.group_size is not None:
-            return self.settings.group_size
-        return choose_group_size(length, self.pretrained_length, self.window)
+        return self.settings.group_size_for(length)
 
-    def check_length(self, length: int) -> None:
+    def raise_if_too_long(self, length: int) -> None:
         """Raise :class:`ContextLengthError` if ``length`` tokens exceed the extended limit."""
-        limit = self.max_length
-        if limit is not None and length > limit:
-            g = self.settings.group_size if self.settings.group_size is not None else DEFAULT_MAX_GROUP_SIZE
-            raise ContextLengthError(
-                f"input has {length} tokens but SelfExtend's extended limit is {limit} tokens "
-                f"((L - w) * G + w with L={self.pretrained_length}, w={self.window}, G={g}); "
-                "use a larger group size, a smaller window, or a shorter input"
-            )
+        self.settings.raise_if_too_long(length)
+
+    def warn_if_too_long(self, length: int) -> None:
+        """Warn (once per handle), stating the limit, if ``length`` tokens exceed the extended limit."""
+        try:
+            self.settings.raise_if_too_long(length)
+        except ContextLengthError as err:
+            self.warn_once("limit", f"{err}; distances beyond the trained range will occur")
 
     def describe(self, length: int | None = None) -> str:
-        g = self.group_size_for(length) if length is not None else self.settings.group_size
-        g_text = "auto" if g is None else ("inf" if math.isinf(g) else f"{g:g}")
-        limit = self.max_length
-        return (f"SelfExtend {self.mode} L={self.pretrained_length} w={self.window} G={g_text} "
-                f"(limit {'none' if limit is None else limit})")
+        return self.settings.describe(length)
 
     def __repr__(self):
         return f"<{self.describe()}>"
@@ -285,12 +262,6 @@ class SelfExtendHandle:
             per_cache = self._key_caches.setdefault(cache, {})
             return per_cache.setdefault((id(module), row), {})
 
-    def check_positions(self, length: int) -> None:
-        limit = self.max_length
-        if limit is not None and length > limit:
-            self.warn_once("limit", f"input of {length} tokens exceeds SelfExtend's extended limit of {limit} "
-                           f"tokens ({self.describe()}); distances beyond the trained range will occur")
-
     def warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
@@ -308,39 +279,8 @@ class SelfExtendHandle:
 # ------------------------------------------------------------------------------------------------
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _validate(config, group_size, window, pretrained_length, mode) -> _Validated:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if pretrained_length is None:
-        pretrained_length = getattr(config, "max_position_embeddings", None)
-        if not _is_int(pretrained_length):
-            raise ValueError("the model config has no max_position_embeddings; pass pretrained_length=")
-    elif not _is_int(pretrained_length) or pretrained_length < 2:
-        raise ValueError(f"pretrained_length must be an integer >= 2, got {pretrained_length!r}")
-    if window is None:
-        window = default_window(pretrained_length)
-    elif not _is_int(window) or not 1 <= window < pretrained_length:
-        raise ValueError(
-            f"window must be an integer with 1 <= window < pretrained length ({pretrained_length}), got {window!r}"
-        )
-    if mode == "rerope":
-        if group_size is not None:
-            raise ValueError("mode='rerope' uses an infinite group size; leave group_size=None")
-    elif group_size is not None:
-        if mode == "floor" and not _is_int(group_size):
-            raise ValueError(f"group_size must be a whole number >= 1 (or None for automatic), got {group_size!r}")
-        if isinstance(group_size, bool) or not isinstance(group_size, (int, float)) or not group_size >= 1 \
-                or math.isinf(group_size):
-            raise ValueError(f"group_size must be a finite number >= 1 (or None for automatic), got {group_size!r}")
-    return _Validated(pretrained_length, window, math.inf if mode == "rerope" else group_size, mode)
-
-
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if _is_int(getattr(m, "layer_idx", None)) and hasattr(m, "config")
+    return [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "config")
             and "attention" in type(m).__name__.lower()]
 
 
@@ -369,16 +309,14 @@ def enable(model: nn.Module, group_size: int | None = None, window: int | None =
         block_size: queries per block of the exact merge (default ``clamp(w, 128, 1024)``).
 
     An input longer than ``(L - w) * G + w`` gets a warning that states the limit (use
-    ``handle.check_length(n)`` to refuse it up front instead). Bad settings raise ValueError before
+    ``handle.raise_if_too_long(n)`` to refuse it up front instead). Bad settings raise ValueError before
     anything changes.
     """
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "set_attn_implementation"):
         raise _unsupported(model, "is not a transformers PreTrainedModel")
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    v = _validate(text_config, group_size, window, pretrained_length, mode)
-    if block_size is not None and (not _is_int(block_size) or block_size < 1):
-        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    settings = Settings.from_config(text_config, group_size, window, pretrained_length, mode, log_scale, block_size)
     modules = _attention_modules(model)
     if not modules:
         raise _unsupported(model, "has no attention layers that transformers' attention interface drives")
@@ -404,8 +342,6 @@ def enable(model: nn.Module, group_size: int | None = None, window: int | None =
         model.set_attn_implementation(original_impl)
         raise _unsupported(model, f"cannot use a custom attention implementation ({err})") from err
 
-    settings = Settings(v.pretrained_length, v.window, v.group_size, v.mode, bool(log_scale),
-                        block_size or min(1024, max(128, v.window)))
     handle = SelfExtendHandle(model, settings, original_impl, hook=None)
     handle._hook = model.register_forward_pre_hook(handle._capture_cache, with_kwargs=True)
     for m in modules:

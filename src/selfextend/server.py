@@ -476,7 +476,7 @@ def create_app(model, tokenizer, name: str, handle: SelfExtendHandle,
         if not prompt_ids:
             raise APIError(400, "the prompt is empty", param=param)
         try:
-            handle.check_length(len(prompt_ids))
+            handle.raise_if_too_long(len(prompt_ids))
         except ContextLengthError as err:
             raise APIError(400, str(err), param=param, code="context_length_exceeded") from None
         sampling = Sampling(

@@ -46,7 +46,7 @@ def run(args) -> int:
     else:
         handle = enable_from_args(model, args)
         try:
-            handle.check_length(n)
+            handle.raise_if_too_long(n)
         except ContextLengthError as e:
             if args.limit == "refuse":
                 print(f"selfextend: error: {e}", file=sys.stderr)

@@ -54,7 +54,7 @@ def run(args) -> int:
         rows.append(("plain", "-", result))
         print(f"  plain      -> {result.text.strip()!r}", flush=True)
     handle = enable_from_args(model, args)
-    handle.check_positions(n)
+    handle.warn_if_too_long(n)
     label = handle.describe(n)
     result = generate(model, tokenizer, prompt.input_ids, args.max_new_tokens, desc="SelfExtend",
                       chunk_size=args.chunk_size)
