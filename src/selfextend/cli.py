@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
 import sys
 
 # subcommand -> (module, one-line help)
@@ -20,15 +21,36 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line (no usage block) and exits with status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="selfextend", description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser = OneLineErrorParser(prog="selfextend", description=__doc__.splitlines()[0], allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in SUBCOMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
+def command_parser(name: str) -> argparse.ArgumentParser:
+    """The argument parser of one subcommand (imports that subcommand's module)."""
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    parser = OneLineErrorParser(prog=f"selfextend {name}", description=SUBCOMMANDS[name][1],
+                                allow_abbrev=False)  # no "--mode" taken as "--model"
+    module.add_arguments(parser)
+    parser.set_defaults(run=module.run)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. Bad input (a CommandError or AssetError) is one line on stderr and status 2."""
+    from .assets import AssetError
+    from .commands.common import CommandError
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
         parser = build_parser()
@@ -37,12 +59,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     name, rest = argv[0], argv[1:]
-    module = importlib.import_module(SUBCOMMANDS[name][0])
-    parser = argparse.ArgumentParser(prog=f"selfextend {name}", description=SUBCOMMANDS[name][1],
-                                     allow_abbrev=False)  # no "--mode" taken as "--model"
-    module.add_arguments(parser)
     try:
-        return int(module.run(parser.parse_args(rest)) or 0)
+        args = command_parser(name).parse_args(rest)
+        args.command_line = shlex.join(["selfextend", name, *rest])  # as typed: recorded next to results
+        return int(args.run(args) or 0)
+    except (CommandError, AssetError) as e:
+        print(f"selfextend {name}: error: {e}", file=sys.stderr)
+        return 2
     except SystemExit as e:  # argparse errors and commands that stop early: report the status
         return e.code if isinstance(e.code, int) else 1
 

