@@ -12,7 +12,7 @@ import torch
 import selfextend
 from selfextend import assets, prompts
 from selfextend.cli import main
-from selfextend.evaluation.experiments import Grid, Runner, load_results, trials
+from selfextend.evaluation.experiments import Grid, Inputs, Runner, load_results, trials
 from selfextend.evaluation.methods import Method, applied, log_likelihoods, parse_methods
 from selfextend.testing import TINY_LENGTH, make_essays_wheel, make_tiny_checkpoint
 
@@ -188,13 +188,12 @@ def test_eval_runner_writes_one_line_per_trial_and_resumes(loaded, tmp_path):
     grid = Grid(methods=parse_methods("plain,selfextend"), lengths=[200], depths=[0.5], keys=1, ppl_sequences=1)
     todo = trials("passkey", grid) + trials("perplexity", grid)
     assert len(todo) == 4 and {t["method"] for t in todo} == {"plain", "selfextend"}
-    runner = Runner(model, tok, tmp_path, max_new_tokens=2)
-    runner._haystack = list(torch.randint(3, len(tok), (500,), generator=torch.Generator().manual_seed(2)).tolist())
-    runner.run(todo[:3])
+    haystack = torch.randint(3, len(tok), (500,), generator=torch.Generator().manual_seed(2)).tolist()
+    Runner(model, tok, tmp_path, max_new_tokens=2, inputs=Inputs(tok, haystack)).run(todo[:3])
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 3
     with open(tmp_path / "results.jsonl", "a") as f:
         f.write('{"trial": {"torn')  # an interrupted write
-    runner.run(todo)  # only the missing trial runs
+    Runner(model, tok, tmp_path, max_new_tokens=2, inputs=Inputs(tok, haystack)).run(todo)  # only the missing trial runs
     done = load_results(tmp_path / "results.jsonl")
     assert len(done) == 4
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 4  # the torn line is gone
@@ -328,3 +327,48 @@ def test_bench_refuses_bad_input_before_any_cell(tiny, tmp_path, capsys, argv, m
     err = _error_lines(capsys.readouterr().err)
     assert len(err) == 1 and message in err[0], err
     assert not out.exists()
+
+
+# -- issue 11, case 10: a bad line in results.jsonl is skipped with a warning, never silently ----------
+BAD_LINES = ['{"x": 1}', "[1, 2]", '{"trial": {"torn', '{"trial": {"experiment": "perplexity", "method": "plain"}}']
+EVAL_PPL = ["eval", "perplexity", "--methods", "plain,selfextend", "--lengths", "32,128"]
+
+
+@pytest.mark.parametrize("bad", BAD_LINES)
+def test_eval_skips_a_bad_middle_line_with_a_warning_and_keeps_the_file(tiny, tmp_path, capsys, essays, bad):
+    out = tmp_path / "eval"
+    argv = [*EVAL_PPL, "--model", str(tiny), "--out", str(out)]
+    assert main(argv) == 0
+    path = out / "results.jsonl"
+    lines = path.read_text().splitlines()
+    lost = json.loads(lines[1])["trial"]
+    lines[1] = bad  # the record of the second trial is damaged
+    path.write_text("\n".join(lines) + "\n")
+    damaged = path.read_bytes()
+    capsys.readouterr()
+
+    assert main([*argv, "--report-only"]) == 0
+    err = capsys.readouterr().err
+    assert "results.jsonl line 2" in err and "skipped" in err
+    assert path.read_bytes() == damaged  # the report leaves the file as it is
+
+    assert main(argv) == 0  # a run says which line it skipped, and that the trial recorded there runs again
+    err = capsys.readouterr().err
+    assert err.count("results.jsonl line 2") == 1 and "runs again" in err
+    after = path.read_text().splitlines()
+    assert after[:4] == damaged.decode().splitlines()  # nothing rewritten
+    assert len(after) == 5 and json.loads(after[4])["trial"] == lost
+
+
+def test_eval_records_a_resumed_command_once(tiny, tmp_path, essays):
+    out = tmp_path / "eval"
+    argv = [*EVAL_PPL, "--model", str(tiny), "--out", str(out)]
+    for _ in range(2):
+        assert main(argv) == 0
+    assert main(["eval", "perplexity", "--methods", "plain", "--lengths", "64", "--model", str(tiny),
+                 "--out", str(out)]) == 0
+    commands = (out / "commands.txt").read_text().splitlines()
+    assert commands == [f"selfextend eval perplexity --methods plain,selfextend --lengths 32,128 --model {tiny} --out {out}",
+                        f"selfextend eval perplexity --methods plain --lengths 64 --model {tiny} --out {out}"]
+    report = (out / "report.md").read_text()
+    assert all(command in report for command in commands)

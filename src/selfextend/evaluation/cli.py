@@ -86,18 +86,24 @@ def run(args) -> int:
 
     model, _ = load_model(args.model, tokenizer=tokenizer)
     out.mkdir(parents=True, exist_ok=True)
-    command = getattr(args, "command_line", None)
-    if command:  # the commands that added trials: rerun them to reproduce
-        with (out / "commands.txt").open("a") as f:
-            f.write(command + "\n")
+    _record_command(out, getattr(args, "command_line", None))
     runner = Runner(model, tokenizer, out, inputs=inputs)
     header = _header(out, model_name(args.model), L)
     for experiment in experiments:
         print(f"== {experiment}", file=sys.stderr, flush=True)
         runner.run(todo[experiment])
-        path = write_report(out, L, header)
+        path = write_report(out, L, header, runner.records)
     print(f"report: {path}")
     return 0
+
+
+def _record_command(out: Path, command: str | None) -> None:
+    """Add ``command`` to ``commands.txt`` (the commands that produced the results, in order) unless
+    it is already there: a resumed run is the same command."""
+    path = out / "commands.txt"
+    if command and command not in (path.read_text().splitlines() if path.exists() else []):
+        with path.open("a") as f:
+            f.write(command + "\n")
 
 
 def _header(out: Path, name: str, L: int) -> str:

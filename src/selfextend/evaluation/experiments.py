@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,29 +77,84 @@ def trials(experiment: str, grid: Grid) -> list[dict]:
     return out
 
 
+# what a record of each experiment holds: its trial's fields, and the number the report reads
+TRIAL_FIELDS = {"passkey": ("method", "length", "depth", "key"), "keylength": ("method", "length", "depth", "key"),
+                "needle": ("method", "length", "depth"), "perplexity": ("method", "length", "sequence"),
+                "ablation": ("method", "length", "group_size", "window", "sequence")}
+RESULT_FIELD = {"passkey": "score", "keylength": "score", "needle": "score", "perplexity": "ppl", "ablation": "ppl"}
+
+
 def trial_key(trial: dict) -> str:
     return json.dumps(trial, sort_keys=True)
 
 
+def record_problem(record) -> str | None:
+    """Why ``record`` (one parsed line of results.jsonl) is not a finished trial, or None if it is."""
+    if not isinstance(record, dict):
+        return f"expected a JSON object, got {type(record).__name__}"
+    trial = record.get("trial")
+    if not isinstance(trial, dict):
+        return 'no "trial" object'
+    experiment = trial.get("experiment")
+    if experiment not in EXPERIMENTS:
+        return f"unknown experiment {experiment!r}"
+    missing = [f for f in TRIAL_FIELDS[experiment] if f not in trial]
+    if missing:
+        return f"the trial has no {', '.join(missing)}"
+    result = record.get(RESULT_FIELD[experiment])
+    if isinstance(result, bool) or not isinstance(result, (int, float)):
+        return f"no number {RESULT_FIELD[experiment]!r}"
+    try:
+        parse_method(str(trial["method"]))
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _warn(message: str) -> None:
+    tqdm.write(f"selfextend: warning: {message}", file=sys.stderr)
+
+
 def load_results(path: Path) -> dict[str, dict]:
-    """key -> record of every finished trial in the JSONL file (a torn last line is ignored)."""
+    """key -> record of every finished trial in the JSONL file, in file order (a later record of the
+    same trial wins). A line that is not a finished trial is skipped with a warning naming its line
+    number; the file is never changed here."""
     done = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            done[trial_key(record["trial"])] = record
+    if not path.exists():
+        return done
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            problem = record_problem(record)
+        except json.JSONDecodeError as e:
+            problem = f"not valid JSON ({e.msg} at column {e.colno})"
+        if problem:
+            _warn(f"{path} line {number} skipped: {problem}. The line stays in the file; a trial recorded "
+                  "only there counts as not done, so a run of it runs again and appends a new record")
+            continue
+        done[trial_key(record["trial"])] = record
     return done
 
 
-def _drop_torn_line(path: Path) -> None:
-    """Cut a last line left half-written by an interrupted run, so appends start on a fresh line."""
-    if path.exists():
-        data = path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            path.write_bytes(data[: data.rfind(b"\n") + 1])
+def _end_last_line(path: Path) -> None:
+    """Before appending: a last line without its newline is either a complete record (the newline is
+    added) or a record cut short by an interrupted write (it is dropped, with a warning)."""
+    data = path.read_bytes() if path.exists() else b""
+    if not data or data.endswith(b"\n"):
+        return
+    start = data.rfind(b"\n") + 1
+    try:
+        complete = record_problem(json.loads(data[start:])) is None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        complete = False
+    if complete:
+        path.write_bytes(data + b"\n")
+    else:
+        number = data[:start].count(b"\n") + 1
+        _warn(f"{path} line {number} dropped: a record cut short by an interrupted write")
+        path.write_bytes(data[:start])
 
 
 PPL_STRIDE = 40_000  # perplexity sequence i starts at token i * PPL_STRIDE of the essays
@@ -159,11 +215,15 @@ class Runner:
         self.path = Path(out_dir) / "results.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_new_tokens = max_new_tokens
+        _end_last_line(self.path)
+        self.done = load_results(self.path)  # key -> record; kept up to date as trials finish
+
+    @property
+    def records(self) -> list[dict]:
+        return list(self.done.values())
 
     def run(self, todo: list[dict]) -> None:
-        _drop_torn_line(self.path)
-        done = load_results(self.path)
-        remaining = [t for t in todo if trial_key(t) not in done]
+        remaining = [t for t in todo if trial_key(t) not in self.done]
         if len(remaining) < len(todo):
             tqdm.write(f"{len(todo) - len(remaining)} of {len(todo)} trials already in {self.path}; skipping them")
         with tqdm(remaining, desc="trials", unit="trial") as bar:
@@ -174,6 +234,7 @@ class Runner:
                 record = {"trial": trial, **result, "seconds": round(time.perf_counter() - t0, 2)}
                 with self.path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
+                self.done[trial_key(trial)] = record
 
     def run_one(self, trial: dict) -> dict:
         inputs = self.inputs.build(trial)

@@ -15,10 +15,6 @@ from .experiments import load_results  # noqa: E402
 from .methods import ALL_METHODS  # noqa: E402
 
 
-def _records(out_dir: Path) -> list[dict]:
-    return list(load_results(Path(out_dir) / "results.jsonl").values())
-
-
 def _mean(xs):
     return sum(xs) / len(xs) if xs else float("nan")
 
@@ -185,10 +181,12 @@ def budget_section(records) -> str:
             + _table(["experiment", "trials", "minutes", "lengths"], rows) + "\n\n")
 
 
-def write_report(out_dir: Path, L: int, header: str = "") -> Path:
-    """Write ``report.md`` (and the PNGs it shows) from ``results.jsonl``; return its path."""
+def write_report(out_dir: Path, L: int, header: str = "", records: list[dict] | None = None) -> Path:
+    """Write ``report.md`` (and the PNGs it shows) from ``records`` (default: read ``results.jsonl``);
+    return its path."""
     out_dir = Path(out_dir)
-    records = _records(out_dir)
+    if records is None:
+        records = list(load_results(out_dir / "results.jsonl").values())
     sections = [passkey_section(records, out_dir, L), keylength_section(records),
                 heatmap_section(records, out_dir, "needle", "Needle in a haystack (Paul Graham essays)"),
                 perplexity_section(records, out_dir, L), short_context_section(records, L),
