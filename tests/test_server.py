@@ -6,207 +6,18 @@ copy of the same checkpoint with the same SelfExtend settings.
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
-from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
-import torch
-import uvicorn
 
-import selfextend
 from selfextend import cli
-from selfextend.assets import load_model
-from selfextend.server import TextStream, create_app
-from selfextend.testing import TINY_LENGTH, make_tiny_checkpoint
-
-NAME = "tiny"
-GROUP_SIZE = 2
-WINDOW = TINY_LENGTH // 4  # the default window
-LIMIT = (TINY_LENGTH - WINDOW) * GROUP_SIZE + WINDOW  # 112 tokens
-SENTENCES = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-LONG_PROMPT = SENTENCES * 2  # longer than the trained 64 tokens: SelfExtend groups positions
-PROMPTS = [LONG_PROMPT, "The pass key is 12345. Remember it.", "Dolores Park on a sunny day", SENTENCES]
-CHAT = [{"role": "system", "content": SENTENCES + "The pass key is 12345. Remember it."},
-        {"role": "user", "content": "What is the pass key?"}]  # 93 tokens with the template
-
-
-# ------------------------------------------------------------------------------------------------
-# fixtures
-# ------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models run faster on one thread (and leave the other core alone)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory) -> Path:
-    """The tiny checkpoint (random weights at a scale where greedy text varies)."""
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-server"))
-
-
-def load_extended(folder: Path):
-    model, tokenizer = load_model(folder)
-    handle = selfextend.enable(model, group_size=GROUP_SIZE)
-    return model, tokenizer, handle
-
-
-@pytest.fixture(scope="module")
-def reference(checkpoint):
-    """Our own copy of the model: expected outputs come from ``model.generate`` on it."""
-    model, tokenizer, _ = load_extended(checkpoint)
-    return model, tokenizer
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.005)
-
-
-@contextmanager
-def serving(app) -> Iterator[str]:
-    """Run ``app`` on uvicorn in a background thread, on a free port; yield its base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        wait_until(lambda: server.started)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
-
-
-@pytest.fixture(scope="module")
-def url(checkpoint) -> Iterator[str]:
-    model, tokenizer, handle = load_extended(checkpoint)
-    with serving(create_app(model, tokenizer, NAME, handle, max_queue=16)) as base:
-        yield base
-
-
-@pytest.fixture(scope="module")
-def client(url) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def http(url) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=url, timeout=30) as c:
-        yield c
-
-
-class Gate:
-    """A forward pre-hook that can hold the server's worker inside a forward pass, or fail it."""
-
-    def __init__(self, model):
-        self.forwards = 0
-        self._hold_at = self._fail_at = None
-        self.holding, self.release = threading.Event(), threading.Event()
-        model.register_forward_pre_hook(self._hook)
-
-    def hold(self, nth: int) -> None:
-        """The ``nth`` forward pass from now waits for :meth:`open`."""
-        self.holding.clear()
-        self.release.clear()
-        self._hold_at = self.forwards + nth
-
-    def fail(self, nth: int) -> None:
-        """The ``nth`` forward pass from now raises."""
-        self._fail_at = self.forwards + nth
-
-    def open(self) -> None:
-        self.release.set()
-
-    def _hook(self, _module, _args):
-        self.forwards += 1
-        if self.forwards == self._fail_at:
-            raise RuntimeError("injected failure")
-        if self.forwards == self._hold_at:
-            self.holding.set()
-            assert self.release.wait(30), "the test never opened the gate"
-
-
-@pytest.fixture(scope="module")
-def gated_server(checkpoint):
-    model, tokenizer, handle = load_extended(checkpoint)
-    gate = Gate(model)
-    app = create_app(model, tokenizer, NAME, handle, max_queue=1)
-    with serving(app) as base:
-        yield base, app, gate
-
-
-@pytest.fixture
-def gated(gated_server):
-    """A second server (queue of one) whose worker the test can hold: (url, app, gate)."""
-    yield gated_server
-    gated_server[2].open()  # never leave the worker held, even when the test failed
-
-
-# ------------------------------------------------------------------------------------------------
-# helpers
-# ------------------------------------------------------------------------------------------------
-
-
-def greedy(reference, prompt_ids: list[int], max_tokens: int) -> tuple[str, str, int]:
-    """(text, finish_reason, completion_tokens) of ``model.generate`` with greedy decoding."""
-    model, tokenizer = reference
-    out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-                         max_new_tokens=max_tokens, do_sample=False)
-    new = out[0, len(prompt_ids):].tolist()
-    finish = "stop" if new[-1] == tokenizer.eos_token_id else "length"
-    return tokenizer.decode(new, skip_special_tokens=True), finish, len(new)
-
-
-def prompt_ids(reference, prompt: str) -> list[int]:
-    return reference[1](prompt).input_ids
-
-
-def chat_ids(reference, messages) -> list[int]:
-    tokenizer = reference[1]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False).input_ids
-
-
-def stream_text(stream) -> tuple[str, str, list[str]]:
-    """(text, finish_reason, deltas) of an openai client stream (completion or chat)."""
-    deltas, finish = [], None
-    for chunk in stream:
-        for choice in chunk.choices:
-            text = choice.text if hasattr(choice, "text") else choice.delta.content
-            if text:
-                deltas.append(text)
-            finish = choice.finish_reason or finish
-    return "".join(deltas), finish, deltas
-
-
-def sse_events(response: httpx.Response) -> list[str]:
-    return [line.removeprefix("data: ") for line in response.iter_lines() if line]
-
-
-def completion_body(prompt=LONG_PROMPT, **extra) -> dict:
-    return {"model": NAME, "prompt": prompt, "max_tokens": 8, "temperature": 0, **extra}
-
-
-# ------------------------------------------------------------------------------------------------
-# tests
-# ------------------------------------------------------------------------------------------------
+from selfextend.server import TextStream
+from test_server_support import (  # noqa: F401  (fixtures)
+    CHAT, GROUP_SIZE, LIMIT, LONG_PROMPT, NAME, PROMPTS, SENTENCES, TINY_LENGTH, WINDOW, Gate, chat_ids, checkpoint,
+    client, completion_body, gated, gated_server, greedy, http, one_torch_thread, prompt_ids, reference, sse_events,
+    stream_text, url, wait_until)
 
 
 def test_text_stream_holds_back_partial_stops_and_characters():
@@ -368,13 +179,104 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(http, clien
     assert len(prompt_ids(reference, too_long)) > LIMIT
     assert str(LIMIT) in check(http.post("/v1/completions", json=completion_body(too_long)), 400, "prompt")
     long_chat = [{"role": "user", "content": too_long}]
-    with pytest.raises(openai.BadRequestError, match=f"limit is {LIMIT} tokens"):
+    with pytest.raises(openai.BadRequestError, match=f"accepts at most {LIMIT} input tokens"):
         client.chat.completions.create(model=NAME, messages=long_chat, max_tokens=4)
 
     assert http.get("/health").json()["status"] == "ok"
     r = http.post("/v1/completions", json=completion_body())
     assert r.status_code == 200
     assert r.json()["choices"][0]["text"] == greedy(reference, prompt_ids(reference, LONG_PROMPT), 8)[0]
+
+
+def check_error(r: httpx.Response, status: int, param=None) -> str:
+    """``r`` is an OpenAI-format error with ``status`` and ``param``; return its message."""
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json"
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param
+    return error["message"]
+
+
+STRICT_TYPES = [  # (field, value): a wrong JSON type is refused, never converted
+    ("max_tokens", True), ("max_tokens", "5"), ("max_tokens", 5.0), ("temperature", "0"), ("top_p", True),
+    ("n", True), ("seed", "7"), ("seed", 1.5), ("stream", "yes"), ("stream", 1), ("logprobs", True),
+    ("logprobs", "2"), ("stop", 5), ("stop", [5]), ("model", 5),
+]
+
+
+@pytest.mark.parametrize("field, value", STRICT_TYPES)
+def test_request_types_are_strict(http, field, value):
+    assert field in check_error(http.post("/v1/completions", json=completion_body(**{field: value})), 400, field)
+
+
+@pytest.mark.parametrize("seed", [10**30, 2**64, -(2**63) - 1])
+def test_seed_out_of_range_is_a_400_not_a_500(http, seed):
+    assert "seed" in check_error(http.post("/v1/completions", json=completion_body(seed=seed)), 400, "seed")
+
+
+def test_seeds_that_fit_64_bits_work(http):
+    for seed in (-(2**63), 2**64 - 1):
+        assert http.post("/v1/completions", json=completion_body(seed=seed, temperature=1)).status_code == 200
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", b'{"model": "tiny", "prompt": "abc \\ud800 def"}', "prompt"),
+    ("/v1/chat/completions", b'{"model": "tiny", "messages": [{"role": "user", "content": "\\udfff"}]}', "messages"),
+    ("/v1/chat/completions",
+     b'{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": "a\\ud800"}]}]}',
+     "messages"),
+    ("/v1/completions", b'{"model": "tiny", "prompt": "ok", "stop": ["\\ud800"]}', "stop"),
+])
+def test_lone_surrogates_get_a_clear_400(http, path, body, param):
+    message = check_error(http.post(path, content=body, headers={"content-type": "application/json"}), 400, param)
+    assert "lone surrogate" in message
+
+
+UNSUPPORTED = [  # (path, field, value): OpenAI fields this server does not implement
+    ("/v1/completions", "echo", True), ("/v1/completions", "best_of", 2), ("/v1/completions", "suffix", "end"),
+    ("/v1/completions", "presence_penalty", 0.5), ("/v1/completions", "frequency_penalty", -1),
+    ("/v1/completions", "logit_bias", {"5": 10}), ("/v1/completions", "top_k", 5),
+    ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("/v1/chat/completions", "tool_choice", "required"), ("/v1/chat/completions", "presence_penalty", 1),
+    ("/v1/chat/completions", "response_format", {"type": "json_object"}),
+    ("/v1/chat/completions", "echo", False),  # not a chat field at all
+]
+NO_EFFECT = [  # (path, field, value): accepted because they leave the result unchanged
+    ("/v1/completions", "echo", False), ("/v1/completions", "best_of", 1), ("/v1/completions", "suffix", None),
+    ("/v1/completions", "presence_penalty", 0.0), ("/v1/completions", "logit_bias", {}),
+    ("/v1/completions", "user", "someone"), ("/v1/chat/completions", "tools", []),
+    ("/v1/chat/completions", "response_format", {"type": "text"}), ("/v1/chat/completions", "frequency_penalty", 0),
+]
+
+
+def request_with(path: str, field: str, value) -> dict:
+    if path == "/v1/completions":
+        return completion_body(max_tokens=2, **{field: value})
+    return {"model": NAME, "messages": CHAT, "max_tokens": 2, "temperature": 0, field: value}
+
+
+@pytest.mark.parametrize("path, field, value", UNSUPPORTED)
+def test_unsupported_fields_are_refused(http, path, field, value):
+    message = check_error(http.post(path, json=request_with(path, field, value)), 400, field)
+    assert field in message and ("not supported" in message or "unrecognized" in message)
+
+
+@pytest.mark.parametrize("path, field, value", NO_EFFECT)
+def test_fields_without_effect_are_accepted(http, path, field, value):
+    assert http.post(path, json=request_with(path, field, value)).status_code == 200
+
+
+def test_an_unexpected_error_is_a_json_500(gated, monkeypatch):
+    base, app, _ = gated
+
+    def broken(_text):
+        raise RuntimeError("tokenizer exploded")
+
+    monkeypatch.setattr(app.state.engine, "encode", broken)
+    r = httpx.post(f"{base}/v1/completions", json=completion_body(), timeout=30)
+    assert "tokenizer exploded" in check_error(r, 500)
+    assert r.json()["error"]["type"] == "server_error"
 
 
 def test_failing_generation_does_not_stop_the_worker(gated, reference):

@@ -1,0 +1,62 @@
+"""`selfextend serve` on the command line: the same --model / -G / -w / --mode as every command, and
+bad options refused with exit status 2 and a one-line reason, before any weights load."""
+
+from __future__ import annotations
+
+import pytest
+
+import selfextend.commands.common
+import selfextend.server
+from selfextend import cli
+from test_server_support import checkpoint  # noqa: F401  (fixture)
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fail the test if the command loads weights."""
+    def load_model(spec, dtype=None):
+        raise AssertionError(f"the model {spec} was loaded")
+
+    monkeypatch.setattr(selfextend.commands.common, "load_model", load_model)
+
+
+@pytest.fixture
+def served(monkeypatch) -> list:
+    """Capture the app `selfextend serve` would run, instead of running it."""
+    apps = []
+    monkeypatch.setattr(selfextend.server, "serve", lambda app, host, port: apps.append((app, host, port)))
+    return apps
+
+
+@pytest.mark.parametrize("port", ["99999", "0", "-1", "80.5", "http"])
+def test_bad_port_exits_2(checkpoint, no_loading, capsys, port):
+    assert cli.main(["serve", "--model", str(checkpoint), "--port", port]) == 2
+    err = capsys.readouterr().err
+    assert "argument --port: expected a port number (1-65535)" in err and port in err
+
+
+@pytest.mark.parametrize("options, message", [
+    (["-w", "64"], "window must be an integer with 1 <= window < pretrained length (64), got 64"),
+    (["-G", "2", "--max-input-tokens", "113"], "--max-input-tokens 113 is above SelfExtend's extended limit of 112"),
+    (["--mode", "rerope", "-G", "2"], "mode='rerope' uses an infinite group size"),
+])
+def test_bad_settings_exit_2_with_one_line_before_loading(checkpoint, no_loading, capsys, options, message):
+    assert cli.main(["serve", "--model", str(checkpoint), *options]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("selfextend: error: ") and err.count("\n") == 1  # one line
+    assert message in err
+
+
+def test_serve_takes_the_shared_model_and_selfextend_options(checkpoint, served):
+    argv = ["serve", "--model", str(checkpoint), "-G", "3", "-w", "8", "--mode", "leaky", "--max-input-tokens", "50",
+            "--port", "8123", "--served-name", "mine"]
+    assert cli.main(argv) == 0
+    (app, host, port), = served
+    settings = app.state.handle.settings
+    assert (settings.group_size, settings.window, settings.mode) == (3, 8, "leaky")
+    assert (app.state.max_input_tokens, host, port) == (50, "127.0.0.1", 8123)
+
+
+def test_default_max_input_tokens_from_the_command(checkpoint, served):
+    assert cli.main(["serve", "--model", str(checkpoint), "--group-size", "2"]) == 0
+    assert served[0][0].state.max_input_tokens == 112  # 4 x 64 = 256 is above the extended limit (112)

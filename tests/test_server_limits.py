@@ -1,0 +1,117 @@
+"""Size limits of `selfextend serve`: the request body (413 before the body is read) and the prompt
+(``max_input_tokens``, 400 before any generation), and the default prompt limit."""
+
+from __future__ import annotations
+
+import socket
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+import selfextend
+from selfextend.server import create_app, default_max_input_tokens
+from test_server import check_error
+from test_server_support import (  # noqa: F401  (fixtures)
+    LIMIT, LONG_PROMPT, NAME, SENTENCES, TINY_LENGTH, checkpoint, completion_body, http, load_extended,
+    one_torch_thread, reference, serving, url)
+
+MAX_INPUT = 80  # tokens, below the extended limit of 112
+
+
+@pytest.mark.parametrize("group_size, mode, expected", [
+    (None, "floor", 4 * 8192),  # automatic G: the extended limit (395264) is far above 4 x L
+    (2, "floor", (8192 - 2048) * 2 + 2048),  # a fixed G whose limit (14336) is below 4 x L
+    (None, "rerope", 4 * 8192),  # no extended limit at all
+])
+def test_default_max_input_tokens_is_4x_trained_length_within_the_limit(group_size, mode, expected):
+    settings = selfextend.Settings(pretrained_length=8192, window=2048, group_size=group_size, mode=mode)
+    assert default_max_input_tokens(settings) == expected
+
+
+def test_max_input_tokens_above_the_extended_limit_is_refused(checkpoint):
+    model, tokenizer, handle = load_extended(checkpoint)
+    with pytest.raises(ValueError, match=f"above SelfExtend's extended limit of {LIMIT} tokens"):
+        create_app(model, tokenizer, NAME, handle, max_input_tokens=LIMIT + 1)
+
+
+@pytest.fixture(scope="module")
+def limited(checkpoint):
+    """A server that accepts at most MAX_INPUT prompt tokens: TestClient on the app."""
+    model, tokenizer, handle = load_extended(checkpoint)
+    with TestClient(create_app(model, tokenizer, NAME, handle, max_input_tokens=MAX_INPUT)) as client:
+        yield client
+
+
+def test_prompts_over_max_input_tokens_get_a_400_stating_the_limit(limited, reference):
+    ids = reference[1](SENTENCES * 2).input_ids
+    assert len(ids) > MAX_INPUT
+    for path, body, param in [
+        ("/v1/completions", completion_body(ids[: MAX_INPUT + 1]), "prompt"),
+        ("/v1/completions", completion_body(list(range(5_000))), "prompt"),  # counted before the ids are checked
+        ("/v1/completions", completion_body(SENTENCES * 2), "prompt"),
+        ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": SENTENCES * 2}]},
+         "messages"),
+    ]:
+        r = limited.post(path, json=body)
+        assert f"accepts at most {MAX_INPUT} input tokens" in check_error(r, 400, param)
+        assert r.json()["error"]["code"] == "context_length_exceeded"
+    assert limited.post("/v1/completions", json=completion_body(ids[:MAX_INPUT], max_tokens=2)).status_code == 200
+    assert limited.get("/v1/models").json()["data"][0]["max_input_tokens"] == MAX_INPUT
+
+
+def test_default_limit_refuses_what_automatic_g_would_accept(checkpoint):
+    """Automatic G extends the tiny model to 3088 tokens; by default the server takes 4 x 64 = 256."""
+    model, tokenizer, _ = load_extended(checkpoint)
+    selfextend.disable(model)
+    handle = selfextend.enable(model)
+    assert handle.max_length > 4 * TINY_LENGTH
+    with TestClient(create_app(model, tokenizer, NAME, handle)) as client:
+        r = client.post("/v1/completions", json=completion_body([5] * (4 * TINY_LENGTH + 1), max_tokens=1))
+        assert f"accepts at most {4 * TINY_LENGTH} input tokens" in check_error(r, 400, "prompt")
+        assert str(handle.max_length) in r.json()["error"]["message"]
+
+
+def raw_request(base: str, head: bytes, body: bytes = b"") -> bytes:
+    """Send ``head`` (and ``body``) on a fresh connection; return everything the server answers."""
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head + body)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_an_oversized_body_is_refused_before_it_is_sent(url):
+    """5 million token ids (10 MB) announced: 413 at once, without waiting for (or parsing) the body."""
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 10000029\r\nConnection: close\r\n\r\n")
+    answer = raw_request(url, head)  # the body is never sent
+    status, _, body = answer.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 413")
+    assert b"larger than this server's limit of 1048576 bytes" in body
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+
+
+def test_a_chunked_body_over_the_limit_is_refused(url):
+    limit = 1 << 20
+
+    start = b'{"model": "tiny", "prompt": "'
+
+    def chunks():  # no Content-Length: the server counts the bytes as they come
+        yield start
+        yield b"a" * (limit + 1 - len(start))  # one byte over the limit in all
+
+    r = httpx.post(f"{url}/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert "larger than this server's limit" in check_error(r, 413)
+    assert r.json()["error"]["code"] == "request_too_large"
+    assert httpx.post(f"{url}/v1/completions", json=completion_body(max_tokens=2)).status_code == 200
+
+
+def test_health_answers_while_a_big_body_is_being_uploaded(url):
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as upload:
+        upload.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: 1000000\r\n\r\n" + b'{"model": "tiny", "prompt": "' + b"a" * 500_000)
+        assert httpx.get(f"{url}/health", timeout=30).json()["status"] == "ok"  # half the body is still to come
