@@ -33,6 +33,7 @@ def test_bad_port_exits_2(checkpoint, no_loading, capsys, port):
     assert cli.main(["serve", "--model", str(checkpoint), "--port", port]) == 2
     err = capsys.readouterr().err
     assert "argument --port: expected a port number (1-65535)" in err and port in err
+    assert err.count("\n") == 1  # one line
 
 
 @pytest.mark.parametrize("options, message", [
@@ -43,7 +44,7 @@ def test_bad_port_exits_2(checkpoint, no_loading, capsys, port):
 def test_bad_settings_exit_2_with_one_line_before_loading(checkpoint, no_loading, capsys, options, message):
     assert cli.main(["serve", "--model", str(checkpoint), *options]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("selfextend: error: ") and err.count("\n") == 1  # one line
+    assert err.startswith("selfextend serve: error: ") and err.count("\n") == 1  # one line
     assert message in err
 
 

@@ -927,19 +927,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model id clients send in requests (default: the model's short name)")
 
 
-def _settings_or_exit(args: argparse.Namespace) -> Settings:
-    """SelfExtend's settings from the model's config alone, checked before any weights load; a bad
-    setting (or --max-input-tokens above the extended limit) exits with status 2 and one line."""
-    from .assets import AssetError, load_config
+def check_settings(args: argparse.Namespace) -> Settings:
+    """SelfExtend's settings from the model's config alone, checked before any weights load: a bad
+    setting or a --max-input-tokens above the extended limit is a CommandError (one line, status 2)."""
+    from .assets import load_config
+    from .commands.common import bad_input, settings_from_args
 
-    try:
-        settings = Settings.from_config(load_config(args.model), group_size=args.group_size, window=args.window,
-                                        mode=args.mode)
-        if args.max_input_tokens is not None:
+    settings = settings_from_args(args, load_config(args.model))
+    if args.max_input_tokens is not None:
+        with bad_input():
             check_max_input_tokens(settings, args.max_input_tokens)
-    except (AssetError, ValueError) as err:
-        print(f"selfextend: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
     return settings
 
 
@@ -965,7 +962,7 @@ def run(args: argparse.Namespace) -> int:
     from .assets import model_name
     from .commands.common import enable_from_args, load_or_exit
 
-    _settings_or_exit(args)
+    check_settings(args)
     model, tokenizer = load_or_exit(args.model)
     handle = enable_from_args(model, args)
     name = args.served_name or model_name(args.model)
