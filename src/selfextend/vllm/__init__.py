@@ -1,0 +1,79 @@
+"""SelfExtend inside vLLM, as a plugin of stock vLLM (no fork).
+
+    from vllm import LLM
+    from selfextend.vllm import engine_args
+
+    llm = LLM(**engine_args("path/to/model", group_size=4, window=1024, max_model_len=29696))
+
+``engine_args`` returns the keyword arguments for ``vllm.LLM`` (or ``EngineArgs``): the settings in
+``hf_overrides`` (they reach every worker process), the RoPE table sized for ``max_model_len``, and
+``max_model_len`` itself capped at SelfExtend's limit ``(L - w) * G + w``. It also switches the
+plugin on for this process and the processes it starts (``SELFEXTEND_VLLM=1``). From the command
+line: ``selfextend vllm-serve``, or ``vllm serve`` with the flags it prints.
+
+Modules: ``config`` (settings, checks), ``plan`` / ``paged`` (the per-step geometry and the torch
+attention), ``cpu_backend`` / ``cuda_backend`` (vLLM backends), ``plugin`` (registration),
+``models`` (GGUF to a Hugging Face folder), ``serve`` (the CLI wrapper).
+"""
+
+from __future__ import annotations
+
+import os
+
+from .config import (
+    SETTINGS_KEY,
+    EngineSettings,
+    UnsupportedConfigError,
+    check_engine_options,
+    check_model_config,
+    choose_settings,
+    hf_overrides_for,
+)
+from .plugin import SWITCH_ENV, register, switch_on
+
+__all__ = ["engine_args", "EngineSettings", "UnsupportedConfigError", "register", "SETTINGS_KEY", "SWITCH_ENV"]
+
+
+def engine_args(model: str | os.PathLike, *, group_size: int | None = None, window: int | None = None,
+                max_model_len: int | None = None, pretrained_length: int | None = None, **other) -> dict:
+    """Keyword arguments for ``vllm.LLM(...)`` / ``EngineArgs(...)`` that run SelfExtend.
+
+    model              a local Hugging Face folder, a .gguf file or a built-in name (GGUF files are
+                       dequantised once to a cached folder, see ``selfextend.vllm.models``)
+    group_size         G, fixed for the engine; default: the smallest G whose limit covers max_model_len
+    window             w, default L // 4
+    max_model_len      longest request (prompt + output); default and maximum: (L - w) * G + w
+    pretrained_length  L, default the model's max_position_embeddings
+    **other            any other vLLM engine argument, passed through (hf_overrides are merged)
+
+    Raises ValueError (``UnsupportedConfigError`` for unsupported models or options) naming what to
+    change; nothing is switched on then."""
+    from .models import hf_folder
+
+    folder = hf_folder(model)
+    config = _text_config(folder, other)
+    check_model_config(config)
+    check_engine_options(other)
+    L = pretrained_length if pretrained_length is not None else getattr(config, "max_position_embeddings", None)
+    if not isinstance(L, int):
+        raise ValueError("the model config has no max_position_embeddings; pass pretrained_length=")
+    settings, max_model_len = choose_settings(L, group_size, window, max_model_len)
+    overrides = hf_overrides_for(settings, max_model_len, other.pop("hf_overrides", None))
+    if _on_cuda():
+        other.setdefault("attention_backend", "FLASH_ATTN")  # the backend SelfExtend replaces there
+    switch_on()
+    return {"model": str(folder), **other, "max_model_len": max_model_len, "hf_overrides": overrides}
+
+
+def _text_config(folder, other: dict):
+    """The model's (text) config, as transformers reads it."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=bool(other.get("trust_remote_code", False)))
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _on_cuda() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cuda()
