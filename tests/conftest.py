@@ -129,12 +129,10 @@ AttentionMaskInterface.register("selfextend_reference", _reference_mask)
 
 def reference_logits(model, input_ids, window, group_size, mode="floor", attention_mask=None, dtype=torch.float64):
     """Logits of ``model`` with every full-attention layer replaced by the float64 reference."""
-    from selfextend.integration import _LAYERS
-
     import selfextend
 
     handle = selfextend.enable(model, group_size=group_size, window=window, mode=mode)
-    inv = {m.layer_idx: f for m, (h, f) in _LAYERS.items() if h is handle}
+    inv = {m.layer_idx: m._selfextend.inv_freq for m in model.modules() if "_selfextend" in m.__dict__ and m is not model}
     handle.disable()
     REFERENCE["settings"] = dict(L=L, w=window, G=(math.inf if mode == "rerope" else group_size), mode=mode,
                                  inv_freq=inv)

@@ -24,6 +24,8 @@ Shapes (per batch row): q ``[Hq, Lq, D]``, k/v ``[Hkv, Lk, D]``, ``Hq = r * Hkv`
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
+
 import torch
 
 from .positions import grouped_positions
@@ -109,50 +111,83 @@ def merge(parts):
 
 
 class GroupedKeys:
-    """Keys rotated to their grouped positions, for one layer, one group size, one batch row.
+    """Keys of one layer and batch row rotated to their grouped positions for one group size.
 
     Grouped key positions never change once a key exists, so during decoding the keys are rotated
     once and appended to (O(new keys) per step), instead of re-rotating the whole cache at every
     step as the official implementation does. Within one call the same object serves all blocks.
+    Key index ``first`` is at position ``first_position``; the model rotated every key at its
+    position ``+ shift`` (``shift != 0`` when ``position_ids`` do not start at the first real token).
+    Whoever keeps it between calls must :meth:`truncate` it when the keys it was built from change.
     """
 
-    def __init__(self):
+    def __init__(self, first: int, first_position: int, shift: int, group_size: float):
+        self.first, self.first_position, self.shift, self.group_size = first, first_position, shift, group_size
         self.buffer = None  # [Hkv, capacity, D]
-        self.count = 0  # keys rotated so far, starting at key index `first`
-        self.first = None
-        self.seen = 0  # cache length at the last call; a shorter cache means it was reset
+        self.count = 0  # keys held, starting at key index `first`
+        self.rotated = 0  # keys rotated in this object's life (a statistic: decoding adds one per step)
 
-    def get(self, k, first, last, first_position, settings, group_size, inv_freq):
-        """Keys with indices ``first..last`` (inclusive) of ``k [Hkv, Lk, D]``, key ``first`` being at
-        position ``first_position``, moved to grouped positions: ``[Hkv, last - first + 1, D]``."""
-        if self.first != (first, first_position) or k.shape[1] < self.seen:
-            self.buffer, self.count, self.first = None, 0, (first, first_position)
-        self.seen = k.shape[1]
-        need = last - first + 1
+    def serves(self, first: int, first_position: int, shift: int) -> bool:
+        return (self.first, self.first_position, self.shift) == (first, first_position, shift)
+
+    def truncate(self, valid_keys: int) -> None:
+        """Forget rotated keys with index ``>= valid_keys`` (the cache was cropped or rewritten there)."""
+        self.count = max(0, min(self.count, valid_keys - self.first))
+
+    def get(self, k: torch.Tensor, last: int, settings: Settings, inv_freq: torch.Tensor) -> torch.Tensor:
+        """Keys ``first..last`` (inclusive) of ``k [Hkv, Lk, D]`` at grouped positions: ``[Hkv, last - first + 1, D]``."""
+        need = last - self.first + 1
         if self.count < need:
-            new = _grouped(k[:, first + self.count : last + 1], first_position + self.count, settings, group_size, inv_freq, "key")
+            start = self.first + self.count
+            new = _keys_to_grouped(k[:, start : last + 1], self.first_position + self.count, self.shift, settings,
+                                   self.group_size, inv_freq)  # [Hkv, need - count, D]
             if self.buffer is None or self.buffer.shape[1] < need:
-                grown = torch.empty(k.shape[0], max(need, 2 * self.count), k.shape[2], dtype=k.dtype)
+                grown = torch.empty(k.shape[0], max(need, 2 * self.count), k.shape[2], dtype=k.dtype, device=k.device)
                 if self.count:
                     grown[:, : self.count] = self.buffer[:, : self.count]
                 self.buffer = grown
             self.buffer[:, self.count : need] = new
+            self.rotated += need - self.count
             self.count = need
         return self.buffer[:, :need]
 
 
-def _grouped(x, first_position, settings, group_size, inv_freq, which):
-    """Rotate ``x [H, n, D]`` (already at ordinary positions ``first_position ..``) to the grouped
-    query or key positions of the given group size."""
-    pos = torch.arange(first_position, first_position + x.shape[1])
-    q_pos, k_pos = grouped_positions(pos, settings.window, group_size, settings.mode)
-    target = q_pos if which == "query" else k_pos
-    cos, sin = rotation(target - pos.to(torch.float64), inv_freq)
-    return rotate(x, cos, sin)
+def grouped_keys(key_cache: dict, group_size: float, first: int, first_position: int, shift: int) -> GroupedKeys:
+    """The :class:`GroupedKeys` of ``key_cache`` (group size -> GroupedKeys) for this row layout, made
+    anew if the layout changed. Smaller group sizes are dropped: positions only grow, so an automatic
+    G never returns to a smaller value (unless the cache is cut back, and then they are rebuilt)."""
+    keys = key_cache.get(group_size)
+    if keys is None or not keys.serves(first, first_position, shift):
+        keys = key_cache[group_size] = GroupedKeys(first, first_position, shift, group_size)
+        for g in [g for g in key_cache if g < group_size]:
+            del key_cache[g]
+    return keys
+
+
+def _positions(first_position: int, n: int) -> torch.Tensor:
+    return torch.arange(first_position, first_position + n)
+
+
+def _keys_to_grouped(k, first_position, shift, settings, group_size, inv_freq):
+    """Keys ``k [H, n, D]`` at positions ``first_position ..`` (rotated at ``position + shift``) moved to
+    their grouped positions ``p // G``."""
+    pos = _positions(first_position, k.shape[1])
+    _, target = grouped_positions(pos, settings.window, group_size, settings.mode)
+    cos, sin = rotation(target - (pos + shift).to(torch.float64), inv_freq)
+    return rotate(k, cos, sin)
+
+
+def _queries_to_grouped(q, first_position, shift, settings, group_size, inv_freq):
+    """Queries ``q [H, n, D]`` at positions ``first_position ..`` (rotated at ``position + shift``)
+    moved to their grouped positions ``p // G + w - w // G``."""
+    pos = _positions(first_position, q.shape[1])
+    target, _ = grouped_positions(pos, settings.window, group_size, settings.mode)
+    cos, sin = rotation(target - (pos + shift).to(torch.float64), inv_freq)
+    return rotate(q, cos, sin)
 
 
 def _group_of(settings, position):
-    """(group size, position where it next changes or None) for a query at ``position``."""
+    """(group size, first later position where it changes, or None) for a query at ``position``."""
     L, w = settings.pretrained_length, settings.window
     if settings.is_plain(position):
         if position < w and (settings.mode == "rerope" or settings.group_size not in (None, 1)):
@@ -161,9 +196,9 @@ def _group_of(settings, position):
             return 1, L  # auto: plain while the input fits the trained length
         return 1, None
     g = settings.group_size_at(position)
-    if settings.group_size is None and settings.mode != "rerope":
+    if settings.group_size is None and g < settings.limit_group_size:
         return g, (L - w) * g + w  # auto: first position that needs G + 1
-    return g, None
+    return g, None  # fixed G, rerope, or the automatic G at its cap: it stays
 
 
 def _segments(settings, first_query_position, start, lq):
@@ -175,22 +210,33 @@ def _segments(settings, first_query_position, start, lq):
         end = min(lq, row + settings.block_size)
         if change is not None:
             end = min(end, change - first_query_position)
+        assert end > row, "segments must advance"
         segments.append((row, end, g))
         row = end
     return segments
 
 
-def _pieces(q, k, v, rows, lo, hi, cuts, dmin, dmax, key_offset, scale, softcap):
-    """Attention of query rows (positions ``rows``, contiguous) over keys at positions ``lo..hi``,
-    restricted to distances ``dmin <= p_i - p_j <= dmax``, as pieces split after each position in
-    ``cuts``. A piece runs
+class Span(NamedTuple):
+    """An inclusive range ``lo..hi`` of positions or of distances ``p_i - p_j``."""
+
+    lo: float
+    hi: float
+
+
+def _pieces(q, k, v, rows, keys: Span, cuts, allowed: Span, key_offset, scale, softcap):
+    """Attention of query rows ``q [Hq, n, D]`` (positions ``rows [n]``, contiguous) over the keys at
+    positions ``keys.lo..keys.hi`` of ``k``/``v [Hkv, Lk, D]`` (key at position ``p`` has index
+    ``p + key_offset``), restricted to the distances ``allowed.lo <= p_i - p_j <= allowed.hi``, as
+    pieces split after each position in ``cuts``. A piece runs
 
     * unmasked when every pair in it is allowed,
     * with the kernel's causal flag when it is a square whose allowed pairs form the lower
       triangle (``p_j - a <= p_i - p0``), or on the flipped square when they form the upper one,
     * with an explicit ``[rows, keys]`` mask otherwise (only at sequence starts or tiny windows).
 
-    ``k``/``v`` are indexed by ``position + key_offset``. Returns a list of ``(out, lse)``."""
+    Returns a list of ``(out [Hq, n, D], lse [Hq, n])``, one per piece that has an allowed pair."""
+    lo, hi = keys
+    dmin, dmax = allowed
     p0, p1 = int(rows[0]), int(rows[-1])
     bounds = sorted({lo - 1, hi, *[c for c in cuts if lo - 1 < c < hi]})
     plan = []  # (first key position, last key position, how)
@@ -227,43 +273,43 @@ def _pieces(q, k, v, rows, lo, hi, cuts, dmin, dmax, key_offset, scale, softcap)
     return parts
 
 
-def _decode_step(q, k, v, p, key_offset, settings, inv_freq, scale, softcap, key_cache):
-    """One query at position ``p`` with grouped and neighbor keys both present: two kernel calls and
-    a two-way merge, nothing else (the common decode step). None when the general path is needed."""
+def _decode_step(q, k, v, p, key_offset, shift, settings, inv_freq, scale, softcap, key_cache):
+    """One query ``q [Hq, 1, D]`` at position ``p`` with grouped and neighbor keys both present: two
+    kernel calls and one merge (the common decode step). Returns ``[Hq, 1, D]``, or None when the
+    general path is needed (a query near the start, or nothing grouped)."""
     w = settings.window
     first_key = max(0, key_offset)
     first_pos = first_key - key_offset
     if p < 0 or p - w < first_pos or settings.is_plain(p):
         return None
     g = settings.group_size_at(p)
-    last_grouped = p - w + key_offset
-    kg = key_cache.setdefault(g, GroupedKeys()).get(k, first_key, last_grouped, first_pos, settings, g, inv_freq)
-    qg = _grouped(q, p, settings, g, inv_freq, "query")
-    o1, l1 = attend(qg, kg, v[:, first_key : last_grouped + 1], scale, None, softcap)
-    o2, l2 = attend(q, k[:, last_grouped + 1 : p + key_offset + 1], v[:, last_grouped + 1 : p + key_offset + 1],
-                    scale, None, softcap)
-    m = torch.maximum(l1, l2)
-    a, b = torch.exp(l1 - m)[..., None], torch.exp(l2 - m)[..., None]
-    return (o1 * a + o2 * b) / (a + b)
+    last_grouped = p - w + key_offset  # index of the last key at distance >= w
+    kg = grouped_keys(key_cache, g, first_key, first_pos, shift).get(k, last_grouped, settings, inv_freq)
+    qg = _queries_to_grouped(q, p, shift, settings, g, inv_freq)
+    far = attend(qg, kg, v[:, first_key : last_grouped + 1], scale, None, softcap)
+    near = attend(q, k[:, last_grouped + 1 : p + key_offset + 1], v[:, last_grouped + 1 : p + key_offset + 1],
+                  scale, None, softcap)
+    return merge([far, near])[0]
 
 
 def selfextend_row(q, k, v, first_query_position, key_offset, settings, inv_freq, scale, softcap=None,
-                   key_cache=None):
+                   key_cache=None, shift=0):
     """SelfExtend attention for one batch row.
 
     q ``[Hq, Lq, D]`` at positions ``first_query_position + arange(Lq)``; k/v ``[Hkv, Lk, D]`` where
     key index ``j`` is at position ``j - key_offset`` (negative = left padding, never attended).
-    All float32. ``key_cache`` maps group size -> GroupedKeys (pass a persistent dict while
-    decoding). Returns ``[Hq, Lq, D]``.
+    The model rotated q and k at ``position + shift``. All float32. ``key_cache`` maps group size
+    -> GroupedKeys (pass a persistent dict while decoding). Returns ``[Hq, Lq, D]``.
     """
     key_cache = {} if key_cache is None else key_cache
     lq = q.shape[1]
     if lq == 1 and not settings.log_scale:
-        fast = _decode_step(q, k, v, first_query_position, key_offset, settings, inv_freq, scale, softcap, key_cache)
+        fast = _decode_step(q, k, v, first_query_position, key_offset, shift, settings, inv_freq, scale, softcap,
+                            key_cache)
         if fast is not None:
             return fast
     first_key = max(0, key_offset)  # index of the first real key (position 0 or later)
-    positions = torch.arange(first_query_position, first_query_position + lq)
+    positions = _positions(first_query_position, lq)
     out = torch.zeros_like(q)
     if settings.log_scale:
         factor = torch.clamp(torch.log(positions.double() + 1) / math.log(settings.pretrained_length), min=1.0)
@@ -272,26 +318,27 @@ def selfextend_row(q, k, v, first_query_position, key_offset, settings, inv_freq
     # Rows that are left padding (negative position) stay zero; split the rest into blocks of
     # rows that share one group size (auto mode: G grows with the query position).
     start = max(0, -first_query_position)
-    segments = _segments(settings, first_query_position, start, lq)
     first_pos = first_key - key_offset  # position of the first real key
     w = settings.window
-    for s, e, g in segments:
+    near, far, anything = Span(0, w - 1), Span(w, math.inf), Span(0, math.inf)
+    for s, e, g in _segments(settings, first_query_position, start, lq):
         p0, p1 = first_query_position + s, first_query_position + e - 1
         rows = positions[s:e]
         qb = q[:, s:e]
         parts = []
         if g == 1:  # ordinary causal attention: keys [first_pos, p1], any distance >= 0
-            parts += _pieces(qb, k, v, rows, first_pos, p1, [p0 - 1], 0, math.inf, key_offset, scale, softcap)
+            parts += _pieces(qb, k, v, rows, Span(first_pos, p1), [p0 - 1], anything, key_offset, scale, softcap)
         else:
-            # grouped: keys [first_pos, p1 - w] at grouped positions, distance >= w
+            # far keys [first_pos, p1 - w] at grouped positions (distance >= w)
             if p1 - w >= first_pos:
-                cache = key_cache.setdefault(g, GroupedKeys())
-                kg = cache.get(k, first_key, p1 - w + key_offset, first_pos, settings, g, inv_freq)  # [Hkv, n, D]
-                qg = _grouped(qb, p0, settings, g, inv_freq, "query")
-                vg = v[:, first_key : p1 - w + key_offset + 1]
-                parts += _pieces(qg, kg, vg, rows, first_pos, p1 - w, [p0 - w - 1], w, math.inf, -first_pos, scale, softcap)
-            # neighbors: keys (p0 - w, p1] at ordinary positions, distance 0 .. w - 1
-            lo = max(first_pos, p0 - w + 1)
-            parts += _pieces(qb, k, v, rows, lo, p1, [p1 - w + 1, p0 - 1], 0, w - 1, key_offset, scale, softcap)
+                last = p1 - w + key_offset
+                kg = grouped_keys(key_cache, g, first_key, first_pos, shift).get(k, last, settings, inv_freq)
+                qg = _queries_to_grouped(qb, p0, shift, settings, g, inv_freq)
+                vg = v[:, first_key : last + 1]  # kg/vg index 0 is position first_pos
+                parts += _pieces(qg, kg, vg, rows, Span(first_pos, p1 - w), [p0 - w - 1], far, -first_pos, scale,
+                                 softcap)
+            # near keys (p0 - w, p1] at ordinary positions (distance 0 .. w - 1)
+            keys = Span(max(first_pos, p0 - w + 1), p1)
+            parts += _pieces(qb, k, v, rows, keys, [p1 - w + 1, p0 - 1], near, key_offset, scale, softcap)
         out[:, s:e] = merge(parts)[0]
     return out

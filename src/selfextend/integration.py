@@ -8,17 +8,31 @@ Integration uses transformers' public hooks only (no forward is replaced, no cla
   small :class:`DeferredMask` instead of an L x L tensor; the original mask is built from it only
   when a layer takes the original attention path (sliding-window layers, inputs that fit);
 * ``model.set_attn_implementation("selfextend")`` selects both; ``disable`` restores the original
-  implementation. A forward pre-hook records which KV cache a forward uses, so grouped keys can be
-  kept between decode steps.
+  implementation.
+
+Importing this module registers the name ``"selfextend"`` with transformers, process-wide (it changes
+nothing for models that do not select it).
+
+Where the state lives, so that copies, threads and caches behave:
+
+* the settings of an enabled model live on the model: ``model._selfextend`` (a :class:`ModelSetup`)
+  and one :class:`LayerSetup` per attention module (``module._selfextend``). ``copy.deepcopy``,
+  ``pickle`` and ``torch.save`` of an enabled model therefore give an enabled copy;
+* the state of one forward call (the cache it uses, positions per row) lives in the call: a forward
+  pre-hook on each attention module hands the call's KV cache to the attention function through a
+  thread-local slot, and the :class:`DeferredMask` (one per forward call) holds the positions;
+* grouped keys kept between decode steps live with the KV cache they belong to
+  (:mod:`selfextend.cache_state`), checked against it at every call.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 import threading
+import uuid
 import warnings
 import weakref
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -26,9 +40,10 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from . import cache_state
 from .attention import selfextend_row
-from .settings import ContextLengthError, Settings
 from .rope import inv_freq_for_layer
+from .settings import ContextLengthError, Settings
 
 ATTENTION_NAME = "selfextend"  # must not contain "sdpa" or "flash": transformers keys behaviour off them
 DECODE_ROWS = 64  # calls with at most this many queries keep their grouped keys for the next call
@@ -52,26 +67,69 @@ class UnsupportedModelError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------
-# the mask and attention functions registered with transformers
+# what enable() leaves on the model (plain, picklable data)
 # ------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class ModelSetup:
+    """``model._selfextend``: what ``disable`` needs to put the model back."""
+
+    settings: Settings
+    original_impl: str  # attn_implementation before enable
+    owner: str  # unique per enable() call: state kept for an earlier call is not trusted
+    records_keys_layer: int  # the deepest SelfExtend layer: decoding state is checked against its keys
+    warned: set = field(default_factory=set)
+
+
+@dataclass
+class LayerSetup:
+    """``module._selfextend`` on each attention module of an enabled model."""
+
+    model: ModelSetup
+    inv_freq: torch.Tensor  # [rotary_dim // 2] float32: the rotary frequencies this layer uses
+
+
+# ------------------------------------------------------------------------------------------------
+# one forward call: its mask arguments, its KV cache, the positions of each batch row
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Where one batch row's sequence sits in the key tensor."""
+
+    first_key: int  # index of the row's first real key: its position 0 (= left-padding keys before it)
+    shift: int  # the model rotated q/k at ``position + shift`` (position_ids need not start at 0)
+    last_position: int  # position of this call's last query
+
+
 class DeferredMask:
-    """The arguments of transformers' mask factory, kept instead of an ``[B, 1, Lq, Lk]`` tensor."""
+    """The arguments of transformers' mask factory, kept instead of the ``[B, 1, Lq, Lk]`` tensor it
+    would build, plus what SelfExtend derives from them once per forward call.
 
-    __slots__ = ("kwargs", "_built")
+    With a compileable cache (``StaticCache``) ``generate`` builds the mask itself and passes it back
+    into the model, which calls the mask factory again with it as ``attention_mask``; ``ndim`` and
+    ``shape`` describe the mask this object stands for, so transformers passes it through untouched.
+    """
 
-    def __init__(self, kwargs):
+    ndim = 4
+
+    def __init__(self, kwargs: dict):
+        padding = kwargs.get("attention_mask")
+        if isinstance(padding, DeferredMask):
+            padding = padding.padding
+        kwargs = {**kwargs, "attention_mask": padding}
+        for name in ("q_offset", "kv_offset"):  # StaticCache passes tensors that its update() increments
+            if isinstance(kwargs.get(name), torch.Tensor):
+                kwargs[name] = int(kwargs[name])
         self.kwargs = kwargs
+        self.padding: torch.Tensor | None = padding  # [B, >= kv_length] bool, True = real token
+        self.q_offset: int = int(kwargs.get("q_offset") or 0)  # keys already in the cache
+        self.local_size: int | None = kwargs.get("local_size")  # sliding window of this mask, if any
+        self.shape = (kwargs.get("batch_size"), 1, kwargs.get("q_length"), kwargs.get("kv_length"))
         self._built = {}
-
-    @property
-    def local_size(self):
-        return self.kwargs.get("local_size")
-
-    @property
-    def q_offset(self) -> int:
-        return int(self.kwargs.get("q_offset") or 0)
+        self._layouts = None  # (position_ids, lq, layouts) of the first layer that asked
 
     def build(self, implementation: str):
         """The mask the original attention implementation would have received."""
@@ -79,110 +137,189 @@ class DeferredMask:
             self._built[implementation] = ALL_MASK_ATTENTION_FUNCTIONS[implementation](**self.kwargs)
         return self._built[implementation]
 
+    def layouts(self, position_ids: torch.Tensor | None, batch: int, lq: int) -> list[RowLayout]:
+        """Per batch row: where the sequence starts and how it was rotated (computed once per call)."""
+        if self._layouts is None or self._layouts[0] is not position_ids or self._layouts[1] != lq:
+            self._layouts = (position_ids, lq, row_layouts(self.padding, position_ids, self.q_offset, batch, lq))
+        return self._layouts[2]
+
+
+def row_layouts(padding, position_ids, q_offset: int, batch: int, lq: int) -> list[RowLayout]:
+    """Positions of each row of a call with ``lq`` queries after ``q_offset`` cached keys.
+
+    A row's first real token is its position 0: left padding (``padding`` False before the first
+    True) is skipped, as ``generate`` does. Trailing padding (right padding) is allowed; a gap inside
+    a sequence is refused. ``position_ids [B or 1, lq]`` (default ``q_offset + arange(lq)``) are the
+    positions the model rotated q and k at; they must be consecutive over the row's real queries,
+    and any constant offset from the real positions is handled as ``shift``."""
+    total = q_offset + lq
+    if padding is None:
+        starts = [0] * batch
+    else:
+        real = padding[:, :total].to("cpu", torch.bool)  # [B, total]
+        starts = []
+        for b in range(batch):
+            where = real[b].nonzero().flatten()
+            if len(where) and not bool(real[b, int(where[0]) : int(where[-1]) + 1].all()):
+                raise NotImplementedError(
+                    "SelfExtend needs each sequence's tokens to be contiguous in the attention mask (left or "
+                    "right padding is fine); this mask has a gap inside a sequence")
+            starts.append(int(where[0]) if len(where) else total)
+    if position_ids is None:
+        rotated = torch.arange(q_offset, total)[None].expand(batch, lq)
+    else:
+        rotated = position_ids.to("cpu").expand(batch, lq)
+    layouts = []
+    for b, first_key in enumerate(starts):
+        first_row = max(0, first_key - q_offset)  # this call's first query that is a real token
+        own = rotated[b, first_row:]
+        if len(own) and not torch.equal(own - own[0], torch.arange(len(own))):
+            raise NotImplementedError(
+                "SelfExtend needs consecutive position_ids within each sequence (left padding is fine); "
+                "packed sequences or custom position_ids are not supported")
+        last_position = total - 1 - first_key
+        shift = int(rotated[b, -1]) - last_position if len(own) else 0
+        layouts.append(RowLayout(first_key, shift, last_position))
+    return layouts
+
 
 def selfextend_mask(**kwargs) -> DeferredMask:
     return DeferredMask(kwargs)
 
 
+_CALL = threading.local()  # the KV cache of the attention module call running in this thread
+
+
+def _hand_over_cache(module, args, kwargs):
+    """Forward pre-hook on each attention module: the call's KV cache, for selfextend_attention."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))  # "past_key_values" before transformers 5.24
+    _CALL.module, _CALL.cache = module, (weakref.ref(cache) if cache is not None else None)
+
+
+def _call_cache(module):
+    if getattr(_CALL, "module", None) is not module or _CALL.cache is None:
+        return None
+    return _CALL.cache()
+
+
 def selfextend_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers attention function. query ``[B, Hq, Lq, D]``, key/value ``[B, Hkv, Lk, D]``
     (rotated at ordinary positions, cache included). Returns ``([B, Lq, Hq, D], None)``."""
-    entry = _LAYERS.get(module)
-    if entry is None:
+    setup: LayerSetup | None = getattr(module, "_selfextend", None)
+    if setup is None:
         raise RuntimeError(
             f"{type(module).__name__} runs with attn_implementation={ATTENTION_NAME!r} but was not set up "
             "by selfextend.enable(model); call selfextend.enable on the model that owns it"
         )
-    handle, inv_freq = entry
-    settings = handle.settings
+    settings = setup.model.settings
     mask = attention_mask
-    batch, _, lq, _ = query.shape
-    q_offset = mask.q_offset if isinstance(mask, DeferredMask) else key.shape[2] - lq
-    position_ids = kwargs.get("position_ids")
-    if position_ids is None:
-        last_positions = [q_offset + lq - 1] * batch
-    else:
-        last_positions = position_ids[:, -1].expand(batch).tolist()
-
-    sliding = isinstance(mask, DeferredMask) and mask.local_size is not None
-    if sliding and mask.local_size > settings.pretrained_length:
-        handle.warn_once("sliding", f"sliding window {mask.local_size} exceeds the pretrained length "
-                         f"{settings.pretrained_length}; this layer keeps its original attention")
-    if sliding or all(settings.is_plain(p) for p in last_positions):
-        # Nothing is grouped: take the original path, bit-identical to the plain model.
-        original_mask = mask.build(handle.original_mask_impl) if isinstance(mask, DeferredMask) else mask
-        return handle.original_attention(module)(
-            module, query, key, value, original_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
     if mask is not None and not isinstance(mask, DeferredMask):
         raise NotImplementedError(
-            "SelfExtend received a ready-made 4D attention mask; pass a 2D padding mask (or none) instead"
-        )
-    if position_ids is not None:
-        padding = mask.kwargs.get("attention_mask") if isinstance(mask, DeferredMask) else None
-        _check_contiguous(position_ids, last_positions, lq, padding, q_offset)
-    if dropout and module.training:
-        raise NotImplementedError("SelfExtend is an inference method: call model.eval() (attention dropout is on)")
-    handle.warn_if_too_long(max(last_positions) + 1)
+            "SelfExtend received a ready-made 4D attention mask; pass a 2D padding mask (or none) instead")
+    batch, _, lq, _ = query.shape
+    sliding = mask is not None and mask.local_size is not None
+    if sliding and mask.local_size > settings.pretrained_length:
+        _warn_once(setup.model, "sliding", f"sliding window {mask.local_size} exceeds the pretrained length "
+                   f"{settings.pretrained_length}; this layer keeps its original attention")
+    q_offset = mask.q_offset if mask is not None else key.shape[2] - lq
+    position_ids = kwargs.get("position_ids")
+    layouts = (mask.layouts(position_ids, batch, lq) if mask is not None
+               else row_layouts(None, position_ids, q_offset, batch, lq))
+    state = None if sliding else _decode_state(module, setup, mask, q_offset, batch, lq)
 
+    if sliding or all(settings.is_plain(row.last_position) for row in layouts):
+        # Nothing is grouped: take the original path, bit-identical to the plain model.
+        original_mask = mask.build(_mask_impl(setup.model.original_impl)) if mask is not None else None
+        out = _original_attention(module, setup.model.original_impl)(
+            module, query, key, value, original_mask, dropout=dropout, scaling=scaling, **kwargs)
+    else:
+        if dropout and module.training:
+            raise NotImplementedError("SelfExtend is an inference method: call model.eval() (attention dropout is on)")
+        limit_error = _limit_error(settings, max(row.last_position for row in layouts) + 1)
+        if limit_error:
+            _warn_once(setup.model, "limit", limit_error)
+        out = _selfextend_rows(module, setup, query, key, value, layouts, lq, scaling, kwargs.get("softcap"), state)
+    if state is not None and module.layer_idx == setup.model.records_keys_layer:
+        state.end_call(key, q_offset + lq)
+    return out
+
+
+def _selfextend_rows(module, setup, query, key, value, layouts, lq, scaling, softcap, state):
+    """SelfExtend for every batch row (float32 inside). Returns ``([B, Lq, Hq, D], None)``."""
+    settings = setup.model.settings
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     q32, k32, v32 = query.float(), key.float(), value.float()
-    out = torch.empty(batch, query.shape[1], lq, value.shape[-1], dtype=torch.float32, device=query.device)
-    last_index = q_offset + lq - 1  # index of the last query inside the key tensor
-    for b in range(batch):
-        key_offset = last_index - last_positions[b]
-        key_cache = handle.key_cache(module, b) if lq <= DECODE_ROWS else {}
+    out = torch.empty(query.shape[0], query.shape[1], lq, value.shape[-1], dtype=torch.float32, device=query.device)
+    for b, row in enumerate(layouts):
+        key_cache = state.key_cache(module.layer_idx, b) if state is not None and lq <= DECODE_ROWS else {}
         out[b] = selfextend_row(
-            q32[b], k32[b], v32[b], last_positions[b] - (lq - 1), key_offset, settings, inv_freq, scale,
-            softcap=kwargs.get("softcap"), key_cache=key_cache,
-        )
+            q32[b], k32[b], v32[b], row.last_position - (lq - 1), row.first_key, settings, setup.inv_freq, scale,
+            softcap=softcap, key_cache=key_cache, shift=row.shift)
     return out.transpose(1, 2).to(query.dtype).contiguous(), None
 
 
-def _check_contiguous(position_ids, last_positions, lq, padding, q_offset):
-    """SelfExtend derives key positions from the last query: each row's real tokens must have
-    consecutive positions, and anything before them must be left padding (masked out)."""
-    for b, last in enumerate(last_positions):
-        m = min(lq, last + 1)
-        tail = position_ids[b if position_ids.shape[0] > 1 else 0, lq - m :]
-        consecutive = torch.equal(tail.cpu(), torch.arange(last - m + 1, last + 1))
-        if consecutive and m < lq:  # earlier rows are taken as padding: the 2D mask must say so
-            consecutive = padding is not None and not bool(padding[b, q_offset : q_offset + lq - m].any())
-        if not consecutive:
-            raise NotImplementedError(
-                "SelfExtend needs consecutive position_ids per sequence (left padding is fine); "
-                "packed sequences or custom position_ids are not supported"
-            )
+def _decode_state(module, setup, mask, q_offset, batch, lq):
+    """The grouped-key state kept with this call's KV cache, checked against the cache (or None)."""
+    cache = _call_cache(module)
+    if cache is None or mask is None or not cache_state.keepable(cache, module.layer_idx):
+        return None
+    state = cache_state.state_for(cache, setup.model.owner, batch, create=lq <= DECODE_ROWS)
+    if state is not None:
+        state.begin_call(mask, cache, setup.model.records_keys_layer, q_offset, batch)
+    return state
+
+
+def _limit_error(settings: Settings, length: int) -> str | None:
+    try:
+        settings.raise_if_too_long(length)
+    except ContextLengthError as err:
+        return f"{err}; distances beyond the trained range will occur"
+    return None
+
+
+def _warn_once(setup: ModelSetup, key: str, message: str) -> None:
+    if key not in setup.warned:
+        setup.warned.add(key)
+        warnings.warn(message, stacklevel=4)
+
+
+def _mask_impl(original_impl: str) -> str:
+    return original_impl if original_impl in ALL_MASK_ATTENTION_FUNCTIONS else "sdpa"
+
+
+def _original_attention(module, original_impl: str):
+    fn = ALL_ATTENTION_FUNCTIONS.get(original_impl)
+    if fn is None:  # "eager": the model file's own eager function (softcapping etc.)
+        fn = sys.modules[type(module).__module__].eager_attention_forward
+    return fn
 
 
 AttentionInterface.register(ATTENTION_NAME, selfextend_attention)
 AttentionMaskInterface.register(ATTENTION_NAME, selfextend_mask)
 
-# attention module -> (handle, inv_freq); weak so a deleted model leaves nothing behind
-_LAYERS: "weakref.WeakKeyDictionary[nn.Module, tuple[SelfExtendHandle, torch.Tensor]]" = weakref.WeakKeyDictionary()
-_HANDLES: "weakref.WeakKeyDictionary[nn.Module, SelfExtendHandle]" = weakref.WeakKeyDictionary()
-
 
 # ------------------------------------------------------------------------------------------------
-# the public handle
+# the public handle: a view of what enable() left on the model
 # ------------------------------------------------------------------------------------------------
 
 
 class SelfExtendHandle:
     """SelfExtend switched on for one model. Also a context manager that switches it off."""
 
-    def __init__(self, model, settings: Settings, original_impl: str, hook):
+    def __init__(self, model: nn.Module):
         self.model = model
-        self.settings = settings
-        self.original_impl = original_impl
-        self.original_mask_impl = original_impl if original_impl in ALL_MASK_ATTENTION_FUNCTIONS else "sdpa"
-        self._hook = hook
-        self._cache_ref = None
-        self._key_caches = weakref.WeakKeyDictionary()  # KV cache object -> {(layer, row): {G: GroupedKeys}}
-        self._warned = set()
-        self._lock = threading.Lock()
 
-    # -- what users read ------------------------------------------------------------------------
+    @property
+    def _setup(self) -> ModelSetup:
+        setup = getattr(self.model, "_selfextend", None)
+        if setup is None:
+            raise RuntimeError("SelfExtend is not enabled on this model (it was disabled)")
+        return setup
+
+    @property
+    def settings(self) -> Settings:
+        return self._setup.settings
+
     @property
     def pretrained_length(self) -> int:
         return self.settings.pretrained_length
@@ -194,8 +331,7 @@ class SelfExtendHandle:
     @property
     def group_size(self) -> int | None:
         """The fixed G, or None when G is chosen per input length (and for rerope)."""
-        g = self.settings.group_size
-        return None if g is None or math.isinf(g) else g
+        return self.settings.group_size if self.settings.mode != "rerope" else None
 
     @property
     def mode(self) -> str:
@@ -217,28 +353,20 @@ class SelfExtendHandle:
         self.settings.raise_if_too_long(length)
 
     def warn_if_too_long(self, length: int) -> None:
-        """Warn (once per handle), stating the limit, if ``length`` tokens exceed the extended limit."""
-        try:
-            self.settings.raise_if_too_long(length)
-        except ContextLengthError as err:
-            self.warn_once("limit", f"{err}; distances beyond the trained range will occur")
+        """Warn (once per enable), stating the limit, if ``length`` tokens exceed the extended limit."""
+        message = _limit_error(self.settings, length)
+        if message:
+            _warn_once(self._setup, "limit", message)
 
     def describe(self, length: int | None = None) -> str:
         return self.settings.describe(length)
 
     def __repr__(self):
-        return f"<{self.describe()}>"
+        setup = getattr(self.model, "_selfextend", None)
+        return f"<{setup.settings.describe() if setup else 'SelfExtend (disabled)'}>"
 
-    # -- switching off --------------------------------------------------------------------------
     def disable(self) -> None:
-        if _HANDLES.get(self.model) is not self:
-            return
-        for module in [m for m, (h, _) in list(_LAYERS.items()) if h is self]:
-            del _LAYERS[module]
-        self._hook.remove()
-        self.model.set_attn_implementation(self.original_impl)
-        del _HANDLES[self.model]
-        self._key_caches = weakref.WeakKeyDictionary()
+        disable(self.model)
 
     def __enter__(self):
         return self
@@ -246,32 +374,6 @@ class SelfExtendHandle:
     def __exit__(self, *exc):
         self.disable()
         return False
-
-    # -- used by the attention function ---------------------------------------------------------
-    def original_attention(self, module):
-        fn = ALL_ATTENTION_FUNCTIONS.get(self.original_impl)
-        if fn is None:  # "eager": the model file's own eager function (softcapping etc.)
-            fn = sys.modules[type(module).__module__].eager_attention_forward
-        return fn
-
-    def key_cache(self, module, row: int) -> dict:
-        cache = self._cache_ref() if self._cache_ref is not None else None
-        if cache is None:
-            return {}
-        with self._lock:
-            per_cache = self._key_caches.setdefault(cache, {})
-            return per_cache.setdefault((id(module), row), {})
-
-    def warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(message, stacklevel=3)
-
-    def _capture_cache(self, _module, args, kwargs):
-        cache = kwargs.get("cache")
-        if cache is None:  # the name before transformers 5.24
-            cache = kwargs.get("past_key_values")
-        self._cache_ref = weakref.ref(cache) if cache is not None else None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -309,8 +411,9 @@ def enable(model: nn.Module, group_size: int | None = None, window: int | None =
         block_size: queries per block of the exact merge (default ``clamp(w, 128, 1024)``).
 
     An input longer than ``(L - w) * G + w`` gets a warning that states the limit (use
-    ``handle.raise_if_too_long(n)`` to refuse it up front instead). Bad settings raise ValueError before
-    anything changes.
+    ``handle.raise_if_too_long(n)`` to refuse it up front instead). Bad settings raise ValueError
+    before anything changes. The settings live on the model: a ``copy.deepcopy``, ``pickle`` or
+    ``torch.save`` of an enabled model is enabled too.
     """
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "set_attn_implementation"):
@@ -321,20 +424,22 @@ def enable(model: nn.Module, group_size: int | None = None, window: int | None =
     if not modules:
         raise _unsupported(model, "has no attention layers that transformers' attention interface drives")
     layer_types = getattr(text_config, "layer_types", None)
-    freqs = {}
+    freqs, global_layers = {}, []
     for m in modules:
         layer_type = layer_types[m.layer_idx] if layer_types and m.layer_idx < len(layer_types) else None
         inv_freq = inv_freq_for_layer(model, text_config, layer_type)
         if inv_freq is None:
             raise _unsupported(model, "has no rotary position embedding")
         freqs[m] = inv_freq
+        if layer_type != "sliding_attention":
+            global_layers.append(m.layer_idx)
     model_type = getattr(text_config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         warnings.warn(f"model_type {model_type!r} has RoPE but is not among the tested families "
                       f"({', '.join(SUPPORTED_MODEL_TYPES)}); check its outputs", stacklevel=2)
 
-    if model in _HANDLES:  # re-enable with new settings
-        _HANDLES[model].disable()
+    if is_enabled(model):  # re-enable with new settings
+        disable(model)
     original_impl = config._attn_implementation or "sdpa"
     try:
         model.set_attn_implementation(ATTENTION_NAME)
@@ -342,24 +447,33 @@ def enable(model: nn.Module, group_size: int | None = None, window: int | None =
         model.set_attn_implementation(original_impl)
         raise _unsupported(model, f"cannot use a custom attention implementation ({err})") from err
 
-    handle = SelfExtendHandle(model, settings, original_impl, hook=None)
-    handle._hook = model.register_forward_pre_hook(handle._capture_cache, with_kwargs=True)
+    setup = ModelSetup(settings, original_impl, owner=uuid.uuid4().hex, records_keys_layer=max(global_layers, default=-1))
+    model._selfextend = setup
     for m in modules:
-        _LAYERS[m] = (handle, freqs[m])
-    _HANDLES[model] = handle
-    return handle
+        m._selfextend = LayerSetup(setup, freqs[m])
+        m.register_forward_pre_hook(_hand_over_cache, with_kwargs=True)
+    return SelfExtendHandle(model)
 
 
 def disable(model: nn.Module) -> None:
     """Switch SelfExtend off: the model computes exactly as it did before ``enable``."""
-    handle = _HANDLES.get(model)
-    if handle is not None:
-        handle.disable()
+    setup = getattr(model, "_selfextend", None)
+    if setup is None:
+        return
+    for m in model.modules():
+        if "_selfextend" in m.__dict__ and m is not model:
+            del m._selfextend
+        for hook_id, hook in list(m._forward_pre_hooks.items()):
+            if hook is _hand_over_cache:
+                del m._forward_pre_hooks[hook_id]
+                m._forward_pre_hooks_with_kwargs.pop(hook_id, None)
+    model.set_attn_implementation(setup.original_impl)
+    del model._selfextend
 
 
 def is_enabled(model: nn.Module) -> bool:
-    return model in _HANDLES
+    return getattr(model, "_selfextend", None) is not None
 
 
 def get_handle(model: nn.Module) -> SelfExtendHandle | None:
-    return _HANDLES.get(model)
+    return SelfExtendHandle(model) if is_enabled(model) else None
