@@ -13,11 +13,11 @@ import openai
 import pytest
 
 from selfextend import cli
-from selfextend.server import TextStream
+from selfextend.serve.engine import TextStream
 from test_server_support import (  # noqa: F401  (fixtures)
-    CHAT, GROUP_SIZE, LIMIT, LONG_PROMPT, NAME, PROMPTS, SENTENCES, TINY_LENGTH, WINDOW, Gate, chat_ids, checkpoint,
-    client, completion_body, gated, gated_server, greedy, http, one_torch_thread, prompt_ids, reference, sse_events,
-    stream_text, url, wait_until)
+    CHAT, GROUP_SIZE, LIMIT, LONG_PROMPT, NAME, PROMPTS, SENTENCES, TINY_LENGTH, WINDOW, Gate, chat_ids, check_error,
+    checkpoint, client, completion_body, gated, gated_server, greedy, http, one_torch_thread, prompt_ids, reference,
+    sse_events, stream_text, url, wait_until)
 
 
 def test_text_stream_holds_back_partial_stops_and_characters():
@@ -160,24 +160,17 @@ BAD_REQUESTS = [  # (path, body, expected param)
 
 
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(http, client, reference):
-    def check(r: httpx.Response, status: int, param=None) -> str:
-        assert r.status_code == status, r.text
-        error = r.json()["error"]
-        assert set(error) == {"message", "type", "param", "code"} and error["message"]
-        assert error["param"] == param
-        return error["message"]
-
     malformed = http.post("/v1/completions", content=b'{"model": "tiny", "prompt": ',
                           headers={"content-type": "application/json"})
-    assert "JSON" in check(malformed, 400)
+    assert "JSON" in check_error(malformed, 400)
     for path, body, param in BAD_REQUESTS:
-        check(http.post(path, json=body), 400, param)
-    check(http.post("/v1/completions", json=completion_body(model="gpt-4")), 404, "model")
-    check(http.get("/v1/nothing"), 404)
+        check_error(http.post(path, json=body), 400, param)
+    check_error(http.post("/v1/completions", json=completion_body(model="gpt-4")), 404, "model")
+    check_error(http.get("/v1/nothing"), 404)
 
     too_long = SENTENCES * 3
     assert len(prompt_ids(reference, too_long)) > LIMIT
-    assert str(LIMIT) in check(http.post("/v1/completions", json=completion_body(too_long)), 400, "prompt")
+    assert str(LIMIT) in check_error(http.post("/v1/completions", json=completion_body(too_long)), 400, "prompt")
     long_chat = [{"role": "user", "content": too_long}]
     with pytest.raises(openai.BadRequestError, match=f"accepts at most {LIMIT} input tokens"):
         client.chat.completions.create(model=NAME, messages=long_chat, max_tokens=4)
@@ -186,16 +179,6 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(http, clien
     r = http.post("/v1/completions", json=completion_body())
     assert r.status_code == 200
     assert r.json()["choices"][0]["text"] == greedy(reference, prompt_ids(reference, LONG_PROMPT), 8)[0]
-
-
-def check_error(r: httpx.Response, status: int, param=None) -> str:
-    """``r`` is an OpenAI-format error with ``status`` and ``param``; return its message."""
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"] == "application/json"
-    error = r.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    assert error["param"] == param
-    return error["message"]
 
 
 STRICT_TYPES = [  # (field, value): a wrong JSON type is refused, never converted
@@ -273,7 +256,7 @@ def test_an_unexpected_error_is_a_json_500(gated, monkeypatch):
     def broken(_text):
         raise RuntimeError("tokenizer exploded")
 
-    monkeypatch.setattr(app.state.engine, "encode", broken)
+    monkeypatch.setattr(app.state.service.engine, "encode", broken)
     r = httpx.post(f"{base}/v1/completions", json=completion_body(), timeout=30)
     assert "tokenizer exploded" in check_error(r, 500)
     assert r.json()["error"]["type"] == "server_error"
@@ -335,7 +318,7 @@ def test_client_disconnect_cancels_generation(gated, reference, abandon, held_fo
     before = gate.forwards
     gate.hold(held_forward)
     abandon(base, gate)
-    job = app.state.engine.running  # the worker is held inside this job's forward pass
+    job = app.state.service.engine.running  # the worker is held inside this job's forward pass
     assert job.cancelled.wait(10)
     gate.open()
     r = httpx.post(f"{base}/v1/completions", json=completion_body(), timeout=30)

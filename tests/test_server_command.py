@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import selfextend.commands.common
-import selfextend.server
+import selfextend.serve.app
 from selfextend import cli
 from test_server_support import checkpoint  # noqa: F401  (fixture)
 
@@ -24,7 +24,7 @@ def no_loading(monkeypatch):
 def served(monkeypatch) -> list:
     """Capture the app `selfextend serve` would run, instead of running it."""
     apps = []
-    monkeypatch.setattr(selfextend.server, "serve", lambda app, host, port: apps.append((app, host, port)))
+    monkeypatch.setattr(selfextend.serve.app, "serve", lambda app, host, port: apps.append((app, host, port)))
     return apps
 
 
@@ -53,11 +53,11 @@ def test_serve_takes_the_shared_model_and_selfextend_options(checkpoint, served)
             "--port", "8123", "--served-name", "mine"]
     assert cli.main(argv) == 0
     (app, host, port), = served
-    settings = app.state.handle.settings
+    settings = app.state.service.handle.settings
     assert (settings.group_size, settings.window, settings.mode) == (3, 8, "leaky")
-    assert (app.state.max_input_tokens, host, port) == (50, "127.0.0.1", 8123)
+    assert (app.state.service.max_input_tokens, host, port) == (50, "127.0.0.1", 8123)
 
 
 def test_default_max_input_tokens_from_the_command(checkpoint, served):
     assert cli.main(["serve", "--model", str(checkpoint), "--group-size", "2"]) == 0
-    assert served[0][0].state.max_input_tokens == 112  # 4 x 64 = 256 is above the extended limit (112)
+    assert served[0][0].state.service.max_input_tokens == 112  # 4 x 64 = 256 is above the extended limit (112)

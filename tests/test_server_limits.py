@@ -10,11 +10,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 import selfextend
-from selfextend.server import create_app, default_max_input_tokens
-from test_server import check_error
+from selfextend.serve.app import create_app, default_max_input_tokens
 from test_server_support import (  # noqa: F401  (fixtures)
-    LIMIT, LONG_PROMPT, NAME, SENTENCES, TINY_LENGTH, checkpoint, completion_body, http, load_extended,
-    one_torch_thread, reference, serving, url)
+    LIMIT, NAME, SENTENCES, TINY_LENGTH, check_error, checkpoint, completion_body, load_extended, one_torch_thread,
+    reference, url)
 
 MAX_INPUT = 80  # tokens, below the extended limit of 112
 

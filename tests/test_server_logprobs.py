@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from selfextend.server import token_text
+from selfextend.serve.protocol import token_text
 from test_server_support import (  # noqa: F401  (fixtures)
     CHAT, LONG_PROMPT, NAME, chat_ids, checkpoint, client, http, one_torch_thread, prompt_ids, reference, url)
 

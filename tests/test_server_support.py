@@ -19,7 +19,7 @@ import uvicorn
 
 import selfextend
 from selfextend.assets import load_model
-from selfextend.server import create_app
+from selfextend.serve import create_app
 from selfextend.testing import TINY_LENGTH, make_tiny_checkpoint
 
 NAME = "tiny"
@@ -198,3 +198,13 @@ def sse_events(response: httpx.Response) -> list[str]:
 
 def completion_body(prompt=LONG_PROMPT, **extra) -> dict:
     return {"model": NAME, "prompt": prompt, "max_tokens": 8, "temperature": 0, **extra}
+
+
+def check_error(r: httpx.Response, status: int, param=None) -> str:
+    """``r`` is an OpenAI-format error with ``status`` and ``param``; return its message."""
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json"
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param
+    return error["message"]

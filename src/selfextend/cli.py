@@ -17,7 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("selfextend.commands.generate", "answer a prompt about a long document"),
     "bench": ("selfextend.bench", "time and memory of SelfExtend vs plain attention"),
     "eval": ("selfextend.evaluation.cli", "the paper's evaluations with baselines side by side"),
-    "serve": ("selfextend.server", "OpenAI-compatible HTTP server with SelfExtend"),
+    "serve": ("selfextend.serve", "OpenAI-compatible HTTP server with SelfExtend"),
 }
 
 
@@ -52,19 +52,19 @@ def main(argv: list[str] | None = None) -> int:
     from .commands.common import CommandError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
-        parser = build_parser()
-        if argv and argv[0] not in ("-h", "--help"):
-            parser.error(f"unknown command {argv[0]!r}; choose from {', '.join(SUBCOMMANDS)}")
-        parser.print_help()
+    if not argv or argv[0] in ("-h", "--help"):
+        build_parser().print_help()
         return 0
     name, rest = argv[0], argv[1:]
+    prog = f"selfextend {name}" if name in SUBCOMMANDS else "selfextend"
     try:
+        if name not in SUBCOMMANDS:
+            raise CommandError(f"unknown command {name!r}; choose from {', '.join(SUBCOMMANDS)}")
         args = command_parser(name).parse_args(rest)
         args.command_line = shlex.join(["selfextend", name, *rest])  # as typed: recorded next to results
         return int(args.run(args) or 0)
     except (CommandError, AssetError) as e:
-        print(f"selfextend {name}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except SystemExit as e:  # argparse errors and commands that stop early: report the status
         return e.code if isinstance(e.code, int) else 1

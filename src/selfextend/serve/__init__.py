@@ -1,0 +1,21 @@
+"""`selfextend serve`: an OpenAI-compatible HTTP server for a model with SelfExtend switched on.
+
+Endpoints: ``GET /health``, ``GET /v1/models`` (each model also reports its trained and extended
+context length), ``POST /v1/completions`` and ``POST /v1/chat/completions`` (streaming or not, with
+``logprobs``). Errors use OpenAI's format ``{"error": {"message", "type", "param", "code"}}``.
+
+    protocol.py  OpenAI's wire format: request models, the error type, response and chunk builders
+    engine.py    the generation loop (generate_tokens), jobs, the queue and the one worker thread,
+                 tokens -> text deltas with their logprobs
+    app.py       the FastAPI routes, size limits and error handlers; the `selfextend serve` command
+"""
+
+try:
+    import fastapi  # noqa: F401
+    import uvicorn  # noqa: F401
+except ImportError as err:  # optional dependencies
+    raise ImportError("`selfextend serve` needs fastapi and uvicorn: pip install 'selfextend[serve]'") from err
+
+from .app import add_arguments, create_app, run
+
+__all__ = ["add_arguments", "create_app", "run"]
