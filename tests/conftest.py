@@ -40,6 +40,8 @@ FAMILIES = {
                                                     "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}})),
     "gpt_neox": ("gpt_neox", dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                    "partial_rotary_factor": 0.25})),
+    "phi": ("phi", dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                         "partial_rotary_factor": 0.5})),
 }
 FAMILY_NAMES = list(FAMILIES)
 
@@ -55,7 +57,7 @@ def tiny_model(family: str, dtype=torch.float32, seed: int = 0, **overrides):
     # random init is tiny; make attention sharp enough that positions matter
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if any(s in name for s in ("q_proj", "k_proj", "query_key_value")):
+            if any(s in name for s in ("q_proj", "k_proj", "query_key_value", "qkv_proj")):
                 p.mul_(4.0)
     return model.to(dtype).eval()
 

@@ -1,6 +1,6 @@
 """Position maths of SelfExtend: grouped positions, the extended length, and parameter choice.
 
-Symbols (paper, Section 3; ../DESIGN.md Section 1):
+Symbols (paper, Section 3; ARCHITECTURE.md):
 
     L  pretrained context length (the model's ``max_position_embeddings``)
     w  neighbor window: pairs closer than ``w`` use ordinary positions
