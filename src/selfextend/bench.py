@@ -28,45 +28,12 @@ import time
 from pathlib import Path
 
 from .commands.common import add_model_argument, add_selfextend_arguments, bad_input, positive_int, positive_ints
+from .evaluation import render
 from .evaluation.methods import Method, parse_method
 
 METHODS = ("plain", "selfextend", "rerope", "leaky", "naive")  # method names --methods takes
 DEFAULT_METHODS = "plain,selfextend,naive"
 NAIVE_MEMORY_LIMIT = 12e9  # bytes of score matrices the naive merge may allocate before we skip it
-
-
-# ------------------------------------------------------------------------------------------------
-# the official implementation's merge, as an attention function (benchmark reference only)
-# ------------------------------------------------------------------------------------------------
-def naive_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Two full ``[B, H, L, L]`` score matrices (neighbor and grouped), merged by distance."""
-    import torch
-
-    from .integration import _LAYERS
-    from .positions import grouped_positions
-    from .rope import rotate, rotation
-
-    handle, inv_freq = _LAYERS[module]
-    s = handle.settings
-    b, hq, lq, d = query.shape
-    lk = key.shape[2]
-    r = hq // key.shape[1]
-    k = key.repeat_interleave(r, 1)
-    v = value.repeat_interleave(r, 1)
-    pos = torch.arange(lk)
-    g = handle.group_size_for(lk)
-    qg_pos, kg_pos = grouped_positions(pos, s.window, g, s.mode)
-    qpos = pos[lk - lq:]
-    cq, sq = rotation(qg_pos[lk - lq:] - qpos.double(), inv_freq)
-    ck, sk = rotation(kg_pos - pos.double(), inv_freq)
-    scale = scaling or d**-0.5
-    neighbor = torch.matmul(query, k.transpose(-1, -2)) * scale  # [B, H, Lq, Lk]
-    grouped = torch.matmul(rotate(query, cq, sq), rotate(k, ck, sk).transpose(-1, -2)) * scale
-    dist = qpos[:, None] - pos[None, :]
-    scores = torch.where(dist < s.window, neighbor, grouped).masked_fill(dist < 0, float("-inf"))
-    del neighbor, grouped
-    out = torch.matmul(torch.softmax(scores, dim=-1), v)
-    return out.transpose(1, 2).contiguous(), None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -99,29 +66,32 @@ class PeakRSS:
         self.peak = max(self.peak, _rss())
 
 
-def run_cell(model_spec: str, method_spec: str, length: int, decode_tokens: int, selfextend: Method,
-             seed: int = 0) -> dict:
+@contextlib.contextmanager
+def naive_applied(model, selfextend: Method, length: int):
+    """Within the block, ``model`` runs the naive merge (selfextend.naive) with the settings of the
+    SelfExtend method ``selfextend``; yields G and w as ``evaluation.methods.applied`` does."""
+    from .evaluation.methods import selfextend_settings, settings_record
+    from .naive import use_naive_attention
+
+    settings = selfextend_settings(selfextend, model.config)
+    with use_naive_attention(model, settings):
+        yield settings_record(settings, length)
+
+
+def run_cell(model_spec: str, method_spec: str, length: int, decode_tokens: int,
+             selfextend: Method = Method("selfextend"), seed: int = 0) -> dict:
     """Time and memory of one (method, length) cell; ``selfextend`` gives the naive merge's settings."""
     import torch
-    from transformers import AttentionInterface, DynamicCache
-
-    import selfextend as se
+    from transformers import DynamicCache
 
     from .assets import load_model, trained_length
-    from .evaluation.methods import SELFEXTEND_MODES, applied
+    from .evaluation.methods import applied
 
     model, _ = load_model(model_spec)
     vocab = model.config.get_text_config().vocab_size
     ids = torch.randint(100, vocab - 1, (1, length + decode_tokens), generator=torch.Generator().manual_seed(seed))
     method = parse_method(method_spec, METHODS)
-    if method.name == "naive":
-        handle = se.enable(model, group_size=selfextend.group_size, window=selfextend.window,
-                           mode=SELFEXTEND_MODES[selfextend.name])
-        AttentionInterface.register("selfextend", naive_attention)  # this subprocess only
-        settings = {"G": handle.group_size_for(length), "w": handle.window}
-        context = contextlib.nullcontext(settings)
-    else:
-        context = applied(model, method, length)
+    context = naive_applied(model, selfextend, length) if method.name == "naive" else applied(model, method, length)
     with context as settings:
         cache = DynamicCache(config=model.config)
         gc_before = _rss()
@@ -175,8 +145,9 @@ def _selfextend_options(args) -> list[str]:
 
 
 def run(args) -> int:
-    from .assets import load_config
-    from .evaluation.methods import check_method, resolve_methods, selfextend_method
+    from tqdm import tqdm
+
+    from .evaluation.methods import selfextend_method
 
     selfextend = selfextend_method(args.group_size, args.window, args.mode)
     if args.cell:
@@ -184,100 +155,105 @@ def run(args) -> int:
         row = run_cell(args.model, method, int(length), args.decode_tokens, selfextend)
         print("CELL " + json.dumps(row), flush=True)
         return 0
-    # every check before the first cell: method names and settings against the model's config
-    config = load_config(args.model)  # resolves (and downloads) the model once; no weights
+    methods, heads = _check(args, selfextend)
+    rows = []
+    for n in tqdm(args.lengths, desc="bench", unit="length"):
+        for method in methods:
+            rows.append(_measure(args, method.spec, n, heads))
+            r = rows[-1]
+            if "prefill_s" in r:
+                tqdm.write(f"{r['method']:>10} {n:>6}: prefill {r['prefill_s']:.2f}s  peak "
+                           f"+{r['peak_mem_bytes'] / 2**20:.0f} MiB  decode {1000 * r['decode_s_per_token']:.1f} ms/token")
+            else:
+                tqdm.write(f"{r['method']:>10} {n:>6}: " + (r.get("skipped") or "failed:\n" + r["error"]))
+    print(_write(Path(args.out), args, rows))
+    return 0
+
+
+def _check(args, selfextend: Method) -> tuple[list[Method], int]:
+    """(methods, attention heads): every method and its settings checked against the model's config
+    (read once, no weights) before the first cell; a bad one is a CommandError."""
+    from .assets import load_config
+    from .evaluation.methods import check_method, resolve_methods
+
+    config = load_config(args.model)
     with bad_input():
         methods = resolve_methods(args.methods, selfextend, METHODS)
         for method in methods:
             check_method(selfextend if method.name == "naive" else method, config)
-    heads = config.get_text_config().num_attention_heads
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    from tqdm import tqdm
+    return methods, config.get_text_config().num_attention_heads
 
-    cells = [(m.spec, n) for n in args.lengths for m in methods]
-    for method, length in tqdm(cells, desc="bench", unit="cell"):
-        if method == "naive" and _naive_bytes(length, heads) > NAIVE_MEMORY_LIMIT:
-            rows.append({"method": method, "length": length, "skipped":
-                         f"needs ~{_naive_bytes(length, heads) / 1e9:.0f} GB of score matrices per layer"})
-            continue
-        cmd = [sys.executable, "-m", "selfextend.cli", "bench", "--model", args.model, "--cell",
-               f"{method}:{length}", "--decode-tokens", str(args.decode_tokens), *_selfextend_options(args)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("CELL ")]
-        if proc.returncode != 0 or not lines:
-            rows.append({"method": method, "length": length, "error": (proc.stderr or proc.stdout)[-400:]})
-            tqdm.write(f"{method} {length}: failed\n{rows[-1]['error']}")
-            continue
-        rows.append(json.loads(lines[-1][5:]))
-        r = rows[-1]
-        tqdm.write(f"{method:>10} {length:>6}: prefill {r['prefill_s']:.2f}s  peak +{r['peak_mem_bytes'] / 2**20:.0f} MiB"
-                   f"  decode {1000 * (r['decode_s_per_token'] or 0):.1f} ms/token")
-    command = getattr(args, "command_line", None) or "selfextend bench " + " ".join(sys.argv[2:])
-    report = {"command": command, "model": args.model,
+
+def _measure(args, method: str, length: int, heads: int) -> dict:
+    """One cell's row, measured in a fresh subprocess (or why it was skipped or failed)."""
+    if method == "naive" and _naive_bytes(length, heads) > NAIVE_MEMORY_LIMIT:
+        return {"method": method, "length": length,
+                "skipped": f"needs ~{_naive_bytes(length, heads) / 1e9:.0f} GB of score matrices per layer"}
+    cmd = [sys.executable, "-m", "selfextend.cli", "bench", "--model", args.model, "--cell", f"{method}:{length}",
+           "--decode-tokens", str(args.decode_tokens), *_selfextend_options(args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("CELL ")]
+    if proc.returncode != 0 or not lines:
+        return {"method": method, "length": length, "error": (proc.stderr or proc.stdout)[-400:]}
+    return json.loads(lines[-1][len("CELL "):])
+
+
+def _write(out_dir: Path, args, rows: list[dict]) -> str:
+    """Write bench.json, bench.md and bench.png under ``out_dir``; return the Markdown table."""
+    import torch
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = {"command": getattr(args, "command_line", "selfextend bench"), "model": args.model,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                          "torch_threads": __import__("torch").get_num_threads()},
+                          "torch_threads": torch.get_num_threads()},
               "rows": rows}
     (out_dir / "bench.json").write_text(json.dumps(report, indent=1))
     table = markdown_table(rows)
     (out_dir / "bench.md").write_text(f"Command: `{report['command']}`\n\n{table}\n")
     plot(rows, out_dir / "bench.png")
-    print(table)
-    return 0
+    return table
 
 
-def _by(rows, method, length):
+def _plain_row(rows, length):
     for r in rows:
-        if r["method"] == method and r["length"] == length and "prefill_s" in r:
+        if r["method"] == "plain" and r["length"] == length and "prefill_s" in r:
             return r
     return None
 
 
 def markdown_table(rows) -> str:
-    lengths = sorted({r["length"] for r in rows})
-    lines = ["| length | method | G | prefill s | x plain | peak MiB | x plain | decode ms/token | x plain |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for n in lengths:
-        base = _by(rows, "plain", n)
+    """One line per cell: prefill seconds, peak MiB and decode ms/token, each with its ratio to plain."""
+    table = []
+    for n in sorted({r["length"] for r in rows}):
+        base = _plain_row(rows, n)
         for r in [r for r in rows if r["length"] == n]:
             if "prefill_s" not in r:
-                lines.append(f"| {n} | {r['method']} | | {r.get('skipped') or 'failed'} | | | | | |")
+                table.append([n, r["method"], "", r.get("skipped") or "failed", "", "", "", "", ""])
                 continue
 
             def ratio(key):
                 return f"{r[key] / base[key]:.2f}" if base and base.get(key) else ""
 
             g = "" if r.get("group_size") is None else r["group_size"]
-            lines.append(f"| {n} | {r['method']} | {g} | {r['prefill_s']:.2f} | {ratio('prefill_s')} | "
-                         f"{r['peak_mem_bytes'] / 2**20:.0f} | {ratio('peak_mem_bytes')} | "
-                         f"{1000 * r['decode_s_per_token']:.1f} | {ratio('decode_s_per_token')} |")
-    return "\n".join(lines)
+            table.append([n, r["method"], g, f"{r['prefill_s']:.2f}", ratio("prefill_s"),
+                          f"{r['peak_mem_bytes'] / 2**20:.0f}", ratio("peak_mem_bytes"),
+                          f"{1000 * r['decode_s_per_token']:.1f}", ratio("decode_s_per_token")])
+    header = ["length", "method", "G", "prefill s", "x plain", "peak MiB", "x plain", "decode ms/token", "x plain"]
+    return render.markdown_table(header, table, align="rlrrrrrrr")
 
 
 def plot(rows, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    for method, style in zip(methods, ("o-", "s-", "^--", "v-", "d-", "x-", "*-") * 3):
-        pts = sorted((r["length"], r) for r in rows if r["method"] == method and "prefill_s" in r)
-        if not pts:
-            continue
-        xs = [n for n, _ in pts]
-        axes[0].plot(xs, [r["prefill_s"] for _, r in pts], style, label=method)
-        axes[1].plot(xs, [r["peak_mem_bytes"] / 2**20 for _, r in pts], style, label=method)
-        axes[2].plot(xs, [1000 * r["decode_s_per_token"] for _, r in pts], style, label=method)
-    for ax, title in zip(axes, ("prefill time (s)", "prefill peak memory increase (MiB)", "decode (ms/token)")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("input tokens")
-        ax.set_title(title)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    """Prefill time, peak memory and decode time against length, a line per method (log-log)."""
+    done = [r for r in rows if "prefill_s" in r]
+    lengths = sorted({r["length"] for r in rows})
+    panels = []
+    for title, value in (("prefill time (s)", lambda r: r["prefill_s"]),
+                         ("prefill peak memory increase (MiB)", lambda r: r["peak_mem_bytes"] / 2**20),
+                         ("decode (ms/token)", lambda r: 1000 * r["decode_s_per_token"])):
+        lines = {}
+        for method in dict.fromkeys(r["method"] for r in done):
+            points = sorted((r["length"], value(r)) for r in done if r["method"] == method)
+            lines[method] = ([n for n, _ in points], [v for _, v in points])
+        panels.append(render.Panel(lines, dict(title=title, xlabel="input tokens", xscale="log", yscale="log"),
+                                   xticks=lengths, grid=True))
+    render.save_line_plots(path, panels, panel_size=(5, 4.2), dpi=110)

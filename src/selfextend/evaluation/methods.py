@@ -93,12 +93,24 @@ def check_method(method: Method, config) -> None:
     """Raise ValueError (naming the method) if ``method`` cannot run on a model with ``config``."""
     try:
         if method.name in SELFEXTEND_MODES:
-            Settings.from_config(config, group_size=method.group_size, window=method.window,
-                                 mode=SELFEXTEND_MODES[method.name])
+            selfextend_settings(method, config)
         elif method.name in ROPE_SCALING:
             _single_rope_parameters(config.get_text_config())
     except ValueError as e:
         raise ValueError(f"method {method.spec!r}: {e}") from None
+
+
+def selfextend_settings(method: Method, config) -> Settings:
+    """The Settings of a SelfExtend method (selfextend, rerope, leaky) on a model with ``config``."""
+    return Settings.from_config(config, group_size=method.group_size, window=method.window,
+                                mode=SELFEXTEND_MODES[method.name])
+
+
+def settings_record(settings: Settings, length: int) -> dict:
+    """G and w used for an input of ``length`` tokens, as results record them (rerope's infinite G is
+    written "inf", so the JSON stays strict)."""
+    g = settings.group_size_for(length)
+    return {"G": g if math.isfinite(g) else "inf", "w": settings.window}
 
 
 def _single_rope_parameters(config) -> dict:
@@ -121,13 +133,9 @@ def applied(model, method: Method, length: int):
         yield {}
         return
     if method.name in SELFEXTEND_MODES:
-        handle = selfextend.enable(model, group_size=method.group_size, window=method.window,
-                                   mode=SELFEXTEND_MODES[method.name])
-        try:
-            g = handle.group_size_for(length)  # rerope: infinity, written "inf" so the JSON stays strict
-            yield {"G": g if math.isfinite(g) else "inf", "w": handle.window}
-        finally:
-            handle.disable()
+        with selfextend.enable(model, group_size=method.group_size, window=method.window,
+                               mode=SELFEXTEND_MODES[method.name]) as handle:
+            yield settings_record(handle.settings, length)
         return
     config = model.config.get_text_config()
     L = trained_length(model)

@@ -6,13 +6,9 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from .experiments import load_results  # noqa: E402
-from .methods import ALL_METHODS  # noqa: E402
+from .experiments import load_results
+from .methods import ALL_METHODS
+from .render import Panel, markdown_table, new_figure, save_line_plots
 
 
 def _mean(xs):
@@ -23,15 +19,6 @@ def _methods(records):
     """Method specs present, in the order of ALL_METHODS (a kind's fixed-G variants after it)."""
     present = {r["trial"]["method"] for r in records}
     return sorted(present, key=lambda spec: (ALL_METHODS.index(spec.split(":")[0]), spec))
-
-
-def _table(header: list[str], rows: list[list]) -> str:
-    def fmt(x):
-        return f"{x:.3g}" if isinstance(x, float) else str(x)
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(fmt(x) for x in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def _by(records, experiment, *fields):
@@ -55,15 +42,8 @@ def _per_length(records, experiment: str, field: str):
 
 def _curves(path: Path, lengths, methods, rows, L: int, **axes) -> None:
     """One line per method (``rows[i][1:]`` over ``lengths``), the trained length marked."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for m, row in zip(methods, rows):
-        ax.plot(lengths, row[1:], marker="o", label=m)
-    ax.axvline(L, color="gray", ls="--", lw=1, label=f"trained length {L}")
-    ax.set(**axes)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    lines = {m: (lengths, row[1:]) for m, row in zip(methods, rows)}
+    save_line_plots(path, [Panel(lines, axes, mark_x=(L, f"trained length {L}"))])
 
 
 def passkey_section(records, out_dir: Path, L: int) -> str:
@@ -75,7 +55,7 @@ def passkey_section(records, out_dir: Path, L: int) -> str:
             ylabel="passkey accuracy", ylim=(-0.05, 1.05), title="Passkey retrieval")
     n_trials = sum(r["trial"]["experiment"] == "passkey" for r in records)
     return ("## Passkey retrieval\n\nAccuracy over depths and keys (" + f"{n_trials} trials).\n\n"
-            + _table(["method"] + [str(n) for n in lengths], rows) + "\n\n![passkey](passkey.png)\n")
+            + markdown_table(["method"] + [str(n) for n in lengths], rows) + "\n\n![passkey](passkey.png)\n")
 
 
 def heatmap_section(records, out_dir: Path, experiment: str, title: str) -> str:
@@ -84,7 +64,8 @@ def heatmap_section(records, out_dir: Path, experiment: str, title: str) -> str:
         return ""
     methods = _methods([r for g in cells.values() for r in g])
     lengths, depths = sorted({k[1] for k in cells}), sorted({k[2] for k in cells})
-    fig, axes = plt.subplots(1, len(methods), figsize=(2.2 * len(methods) + 1, 3.2), squeeze=False, sharey=True)
+    fig = new_figure(2.2 * len(methods) + 1, 3.2)
+    axes = fig.subplots(1, len(methods), squeeze=False, sharey=True)
     for ax, m in zip(axes[0], methods):
         grid = [[_mean([r["score"] for r in cells.get((m, n, d), [])]) for n in lengths] for d in depths]
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
@@ -96,10 +77,9 @@ def heatmap_section(records, out_dir: Path, experiment: str, title: str) -> str:
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
     fig.suptitle(title)
     fig.savefig(out_dir / f"{experiment}.png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
     _, _, rows = _per_length(records, experiment, "score")
     return (f"## {title}\n\nMean score over depths (1 = answer found).\n\n"
-            + _table(["method"] + [str(n) for n in lengths], rows) + f"\n\n![{experiment}]({experiment}.png)\n")
+            + markdown_table(["method"] + [str(n) for n in lengths], rows) + f"\n\n![{experiment}]({experiment}.png)\n")
 
 
 def keylength_section(records) -> str:
@@ -112,7 +92,7 @@ def keylength_section(records) -> str:
     rows = [[m] + [("yes" if cells[(m, k)][0]["score"] else "no") if (m, k) in cells else "-" for k in keys]
             for m in methods]
     return (f"## Passkey with longer keys (length {length}, depth 0.5)\n\n"
-            + _table(["method"] + [f"{len(k)} digits" for k in keys], rows) + "\n")
+            + markdown_table(["method"] + [f"{len(k)} digits" for k in keys], rows) + "\n")
 
 
 def perplexity_section(records, out_dir: Path, L: int) -> str:
@@ -123,7 +103,7 @@ def perplexity_section(records, out_dir: Path, L: int) -> str:
     _curves(out_dir / "perplexity.png", lengths, methods, rows, L, xlabel="sequence length (tokens)",
             ylabel="perplexity", yscale="log", title="Perplexity vs length (essays)")
     return ("## Perplexity vs length\n\nSame essay token sequences for every method (lower is better).\n\n"
-            + _table(["method"] + [str(n) for n in lengths], rows) + "\n\n![perplexity](perplexity.png)\n")
+            + markdown_table(["method"] + [str(n) for n in lengths], rows) + "\n\n![perplexity](perplexity.png)\n")
 
 
 def short_context_section(records, L: int) -> str:
@@ -141,7 +121,7 @@ def short_context_section(records, L: int) -> str:
     return (f"## Short context (length <= trained {L})\n\nSelfExtend with G chosen from the length, and the rope "
             "scaling baselines (factor 1 here), must equal the plain model; a fixed G > 1, rerope and leaky regroup "
             "distances beyond w and need not.\n\n"
-            + _table(["experiment", "length", "method", "plain", "method value", "difference"], rows) + "\n")
+            + markdown_table(["experiment", "length", "method", "plain", "method value", "difference"], rows) + "\n")
 
 
 def ablation_section(records, out_dir: Path) -> str:
@@ -151,20 +131,13 @@ def ablation_section(records, out_dir: Path) -> str:
     windows, groups = sorted({k[0] for k in cells}), sorted({k[1] for k in cells})
     length = next(iter(cells.values()))[0]["trial"]["length"]
     rows = [[w] + [cells[(w, g)][0]["ppl"] if (w, g) in cells else "-" for g in groups] for w in windows]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for w, row in zip(windows, rows):
-        pts = [(g, v) for g, v in zip(groups, row[1:]) if v != "-"]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"w={w}")
-    ax.set(xlabel="group size G", ylabel=f"perplexity at {length} tokens", xscale="log", yscale="log",
-           title="SelfExtend: group size and window")
-    ax.set_xticks(groups, [str(g) for g in groups])
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "ablation.png", dpi=120)
-    plt.close(fig)
+    lines = {f"w={w}": (groups, [None if v == "-" else v for v in row[1:]]) for w, row in zip(windows, rows)}
+    save_line_plots(out_dir / "ablation.png", [Panel(lines, dict(
+        xlabel="group size G", ylabel=f"perplexity at {length} tokens", xscale="log", yscale="log",
+        title="SelfExtend: group size and window"), xticks=groups)])
     return (f"## Ablation of G and w (perplexity at {length} tokens)\n\nRows: window w; columns: group size G. "
             "(L - w) * G + w below the length means distances beyond the trained range occur.\n\n"
-            + _table(["w \\ G"] + [str(g) for g in groups], rows) + "\n\n![ablation](ablation.png)\n")
+            + markdown_table(["w \\ G"] + [str(g) for g in groups], rows) + "\n\n![ablation](ablation.png)\n")
 
 
 def budget_section(records) -> str:
@@ -178,7 +151,7 @@ def budget_section(records) -> str:
     rows = [[e, n, f"{s / 60:.1f}", ", ".join(str(x) for x in sorted(lengths))] for e, (n, s, lengths) in per.items()]
     total = sum(v[1] for v in per.values())
     return (f"Compute: {len(records)} trials, {total / 3600:.2f} h in all (sum of trial times).\n\n"
-            + _table(["experiment", "trials", "minutes", "lengths"], rows) + "\n\n")
+            + markdown_table(["experiment", "trials", "minutes", "lengths"], rows) + "\n\n")
 
 
 def write_report(out_dir: Path, L: int, header: str = "", records: list[dict] | None = None) -> Path:

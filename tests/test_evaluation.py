@@ -1,0 +1,176 @@
+"""selfextend.evaluation: the methods, the resumable runner and results.jsonl, the `eval` command and
+its report, on the tiny checkpoint and a small local essay corpus."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import selfextend
+from selfextend.cli import main
+from selfextend.evaluation.experiments import Grid, Inputs, Runner, load_results, trials
+from selfextend.evaluation.methods import Method, applied, log_likelihoods, parse_methods
+from selfextend.testing import TINY_LENGTH
+from tiny_fixtures import error_lines, essay_cache, essays, loaded, tiny  # noqa: F401  (fixtures)
+
+
+def test_methods_are_exact_within_trained_length_and_change_beyond(loaded):
+    model, tok = loaded
+    ids = torch.randint(3, len(tok), (200,), generator=torch.Generator().manual_seed(0))
+    plain_short = log_likelihoods(model, ids[:TINY_LENGTH])
+    plain_long = log_likelihoods(model, ids)
+    for name in ("linear", "dynamic", "yarn", "selfextend", "leaky"):
+        with applied(model, Method(name), TINY_LENGTH):
+            assert torch.equal(log_likelihoods(model, ids[:TINY_LENGTH]), plain_short), name
+        with applied(model, Method(name), 200) as settings:
+            assert not torch.equal(log_likelihoods(model, ids), plain_long), name
+            assert settings
+        assert torch.equal(log_likelihoods(model, ids), plain_long), f"{name} left the model changed"
+    assert not selfextend.is_enabled(model)
+
+
+@pytest.mark.parametrize("name", ["plain", "linear", "dynamic", "yarn", "selfextend", "rerope", "leaky"])
+def test_method_settings_are_strict_json(loaded, name):
+    # results.jsonl must load in any JSON reader: no Infinity/NaN tokens (rerope's G is infinite)
+    model, _ = loaded
+    with applied(model, Method(name), 200) as settings:
+        json.loads(json.dumps(settings, allow_nan=False))
+    assert not selfextend.is_enabled(model)
+
+
+def test_log_likelihoods_match_the_model_loss(loaded):
+    model, tok = loaded
+    ids = torch.randint(3, len(tok), (50,), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        loss = model(ids[None], labels=ids[None]).loss
+    torch.testing.assert_close(log_likelihoods(model, ids, chunk=7).mean().float(), loss, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_method_is_refused():
+    with pytest.raises(ValueError, match="unknown method 'ntk'"):
+        parse_methods("plain,ntk")
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("selfextend", Method("selfextend")), ("selfextend:4:1024", Method("selfextend", 4, 1024)),
+    ("leaky:-:512", Method("leaky", None, 512)), ("yarn", Method("yarn")),
+])
+def test_method_specs_round_trip(spec, expected):
+    assert parse_methods(spec) == [expected] and expected.spec == spec
+
+
+@pytest.mark.parametrize("spec", ["yarn:2:8", "selfextend:4", "selfextend:x:8"])
+def test_bad_method_specs_are_refused(spec):
+    with pytest.raises(ValueError, match="method"):
+        parse_methods(spec)
+
+
+def test_eval_runner_writes_one_line_per_trial_and_resumes(loaded, tmp_path):
+    model, tok = loaded
+    grid = Grid(methods=parse_methods("plain,selfextend"), lengths=[200], depths=[0.5], keys=1, ppl_sequences=1)
+    todo = trials("passkey", grid) + trials("perplexity", grid)
+    assert len(todo) == 4 and {t["method"] for t in todo} == {"plain", "selfextend"}
+    haystack = torch.randint(3, len(tok), (500,), generator=torch.Generator().manual_seed(2)).tolist()
+    Runner(model, tok, tmp_path, max_new_tokens=2, inputs=Inputs(tok, haystack)).run(todo[:3])
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 3
+    with open(tmp_path / "results.jsonl", "a") as f:
+        f.write('{"trial": {"torn')  # an interrupted write
+    Runner(model, tok, tmp_path, max_new_tokens=2, inputs=Inputs(tok, haystack)).run(todo)  # only the missing trial runs
+    done = load_results(tmp_path / "results.jsonl")
+    assert len(done) == 4
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 4  # the torn line is gone
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()[:3]]
+    assert records[0]["trial"]["key"] == records[1]["trial"]["key"]  # both methods, same input
+
+
+def test_eval_command_writes_report_and_plots(tiny, tmp_path, capsys, essays):
+    out = tmp_path / "eval"
+    assert main(["eval", "perplexity", "ablation", "--model", str(tiny), "--out", str(out), "--lengths", "32,128",
+                 "--methods", "plain,selfextend,rerope", "--ablation-length", "128", "--ablation-groups", "2,4",
+                 "--ablation-windows", "8,16"]) == 0
+    report = (out / "report.md").read_text()
+    assert "## Perplexity vs length" in report and "## Ablation of G and w" in report
+    assert "## Short context" in report
+    for png in ("perplexity.png", "ablation.png"):
+        assert (out / png).stat().st_size > 1000
+    assert main(["eval", "bogus", "--model", str(tiny), "--out", str(out)]) == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["passkey", "--methods", "plain,selfextend:4:64"], "window must be"),          # w >= L = 64
+    (["passkey", "--methods", "plain,selfextend:0:16"], "group_size must be"),      # was silently automatic G
+    (["passkey", "--methods", "plain,rerope:4:16"], "infinite group size"),
+    (["passkey", "--methods", "plain,selfextend", "--lengths", "50"], "too short"),  # the passkey prompt needs more
+    (["keylength", "--methods", "plain", "--keylength-length", "60"], "too short"),
+    (["perplexity", "--methods", "plain", "--lengths", "1000000"], "too few tokens"),
+    (["ablation", "--ablation-length", "128", "--ablation-windows", "8,64"], "window must be"),
+    (["passkey", "--methods", "plain,selfextend", "-w", "64"], "window must be"),
+    (["passkey", "--methods", "plain,rerope", "-w", "8"], "no bare 'selfextend'"),
+])
+def test_eval_validates_everything_before_any_work(tiny, tmp_path, capsys, essays, argv, message):
+    out = tmp_path / "eval"
+    assert main(["eval", *argv, "--model", str(tiny), "--out", str(out), "--depths", "0.5", "--keys", "1"]) == 2
+    err = error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists()  # nothing ran, nothing was written
+
+
+def test_eval_group_size_and_window_define_the_selfextend_method(tiny, tmp_path, essays):
+    out = tmp_path / "eval"
+    assert main(["eval", "perplexity", "--model", str(tiny), "--out", str(out), "--lengths", "128",
+                 "--methods", "plain,selfextend,rerope", "-G", "4", "-w", "8"]) == 0
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["trial"]["method"] for r in records] == ["plain", "selfextend:4:8", "rerope"]
+    assert records[1]["settings"] == {"G": 4, "w": 8} and records[2]["settings"] == {"G": "inf", "w": 16}
+    assert main(["eval", "perplexity", "--model", str(tiny), "--out", str(out), "--lengths", "128",
+                 "--methods", "selfextend", "--mode", "leaky", "-w", "8"]) == 0
+    last = json.loads((out / "results.jsonl").read_text().splitlines()[-1])
+    assert last["trial"]["method"] == "leaky:-:8"
+
+
+BAD_LINES = ['{"x": 1}', "[1, 2]", '{"trial": {"torn', '{"trial": {"experiment": "perplexity", "method": "plain"}}']
+
+
+EVAL_PPL = ["eval", "perplexity", "--methods", "plain,selfextend", "--lengths", "32,128"]
+
+
+@pytest.mark.parametrize("bad", BAD_LINES)
+def test_eval_skips_a_bad_middle_line_with_a_warning_and_keeps_the_file(tiny, tmp_path, capsys, essays, bad):
+    out = tmp_path / "eval"
+    argv = [*EVAL_PPL, "--model", str(tiny), "--out", str(out)]
+    assert main(argv) == 0
+    path = out / "results.jsonl"
+    lines = path.read_text().splitlines()
+    lost = json.loads(lines[1])["trial"]
+    lines[1] = bad  # the record of the second trial is damaged
+    path.write_text("\n".join(lines) + "\n")
+    damaged = path.read_bytes()
+    capsys.readouterr()
+
+    assert main([*argv, "--report-only"]) == 0
+    err = capsys.readouterr().err
+    assert "results.jsonl line 2" in err and "skipped" in err
+    assert path.read_bytes() == damaged  # the report leaves the file as it is
+
+    assert main(argv) == 0  # a run says which line it skipped, and that the trial recorded there runs again
+    err = capsys.readouterr().err
+    assert err.count("results.jsonl line 2") == 1 and "runs again" in err
+    after = path.read_text().splitlines()
+    assert after[:4] == damaged.decode().splitlines()  # nothing rewritten
+    assert len(after) == 5 and json.loads(after[4])["trial"] == lost
+
+
+def test_eval_records_a_resumed_command_once(tiny, tmp_path, essays):
+    out = tmp_path / "eval"
+    argv = [*EVAL_PPL, "--model", str(tiny), "--out", str(out)]
+    for _ in range(2):
+        assert main(argv) == 0
+    assert main(["eval", "perplexity", "--methods", "plain", "--lengths", "64", "--model", str(tiny),
+                 "--out", str(out)]) == 0
+    commands = (out / "commands.txt").read_text().splitlines()
+    assert commands == [f"selfextend eval perplexity --methods plain,selfextend --lengths 32,128 --model {tiny} --out {out}",
+                        f"selfextend eval perplexity --methods plain --lengths 64 --model {tiny} --out {out}"]
+    report = (out / "report.md").read_text()
+    assert all(command in report for command in commands)

@@ -1,0 +1,27 @@
+"""selfextend.naive: the paper's formula with full score matrices computes what the fast path computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import selfextend
+from selfextend.naive import use_naive_attention
+from tiny_fixtures import loaded, tiny  # noqa: F401  (fixtures)
+
+
+@pytest.mark.parametrize("group_size, window, mode", [(None, 16, "floor"), (4, 8, "floor"), (2, 16, "leaky"),
+                                                      (None, 16, "rerope")])
+def test_naive_attention_gives_the_logits_selfextend_gives(loaded, group_size, window, mode):
+    model, tok = loaded
+    ids = torch.randint(3, len(tok), (1, 150), generator=torch.Generator().manual_seed(0))
+    with selfextend.enable(model, group_size=group_size, window=window, mode=mode) as handle, torch.no_grad():
+        expected = model(ids).logits  # [1, 150, vocab]
+        settings = handle.settings
+    with use_naive_attention(model, settings), torch.no_grad():
+        naive = model(ids).logits
+    torch.testing.assert_close(naive, expected, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        plain = model(ids).logits
+    assert not torch.allclose(plain, expected, atol=1e-2)  # the comparison is not vacuous
+    assert model.config._attn_implementation not in ("selfextend", "selfextend_naive")  # put back
