@@ -33,7 +33,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 from .config import EngineSettings, UnsupportedConfigError
 from .paged import CacheLayout, rotated, selfextend_attention
 from .plan import StepPlan, build_plan
-from .engine import check_vllm_config, engine_settings, find_geometry
+from .engine import check_layer, check_vllm_config, engine_settings, find_geometry
 
 
 @dataclass
@@ -84,7 +84,7 @@ class SelfExtendCPUImpl(CPUAttentionBackendImpl):
         self.layout: CacheLayout | None = None
         if self.settings is not None:
             check_vllm_config(vllm_config, self.settings)
-            _check_layer(sliding_window, alibi_slopes, logits_soft_cap, sinks, attn_type,
+            check_layer(sliding_window, alibi_slopes, logits_soft_cap, sinks, attn_type,
                          kv_sharing_target_layer_name)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
@@ -172,21 +172,6 @@ def _split(kv_cache: torch.Tensor):
     """``[blocks, Hkv, B, 2 * D]`` -> key and value caches ``[blocks, Hkv, B, D]`` (views)."""
     blocks, heads, block_size, _ = kv_cache.shape
     return kv_cache.view(blocks, heads, 2 * block_size, -1).chunk(2, dim=2)
-
-
-def _check_layer(sliding_window, alibi_slopes, logits_soft_cap, sinks, attn_type, kv_sharing) -> None:
-    """Refuse attention-layer features SelfExtend does not reproduce."""
-    problems = {
-        "sliding-window layers": sliding_window is not None,
-        "ALiBi": alibi_slopes is not None,
-        "attention logit soft-capping": bool(logits_soft_cap),
-        "attention sinks": sinks is not None,
-        f"attention type {attn_type!r} (decoder self-attention only)": attn_type != AttentionType.DECODER,
-        "cross-layer KV cache sharing": kv_sharing is not None,
-    }
-    for what, present in problems.items():
-        if present:
-            raise UnsupportedConfigError(f"SelfExtend in vLLM does not support {what}")
 
 
 def probe_layout(isa: str, block_size: int, num_kv_heads: int, head_size: int, dtype, kv_cache_dtype) -> CacheLayout:

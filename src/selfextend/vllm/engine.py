@@ -39,6 +39,23 @@ def check_vllm_config(vllm_config, settings: EngineSettings) -> None:
             f"({settings.describe()}); pass --max-model-len {settings.limit} or less")
 
 
+def check_layer(sliding_window, alibi_slopes, logits_soft_cap, sinks, attn_type, kv_sharing) -> None:
+    """Refuse attention-layer features SelfExtend does not reproduce (arguments of an AttentionImpl)."""
+    from vllm.v1.attention.backend import AttentionType
+
+    problems = {
+        "sliding-window layers": sliding_window is not None,
+        "ALiBi": alibi_slopes is not None,
+        "attention logit soft-capping": bool(logits_soft_cap),
+        "attention sinks": sinks is not None,
+        f"attention type {attn_type!r} (decoder self-attention only)": attn_type != AttentionType.DECODER,
+        "cross-layer KV cache sharing": kv_sharing is not None,
+    }
+    for what, present in problems.items():
+        if present:
+            raise UnsupportedConfigError(f"SelfExtend in vLLM does not support {what}")
+
+
 def find_geometry(vllm_config, settings: EngineSettings, head_size: int) -> Geometry:
     """SelfExtend's geometry with the inverse frequencies of the rotary embedding the model built.
 

@@ -125,6 +125,8 @@ def attend(q, k, v, scale: float, mask: torch.Tensor | None = None):
     """Softmax attention of ``q [n, Hq, D]`` over ``k, v [Hkv, m, D]``; ``mask [n, m]`` bool
     (True = attend) or None. Returns ``(out [n, Hq, D], lse [n, Hq] float32)``; a row that may
     attend to nothing gets ``out = 0, lse = -inf``."""
+    if k.shape[1] == 0:  # no keys at all (torch's CPU kernel would divide by zero)
+        return torch.zeros_like(q), torch.full(q.shape[:2], NEG_INF, device=q.device)
     if _FLASH_CPU is not None and q.device.type == "cpu":
         bias = None
         if mask is not None:

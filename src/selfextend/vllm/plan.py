@@ -101,17 +101,20 @@ def build_plan(geometry: Geometry, query_start_loc: torch.Tensor, seq_lens: torc
                     decode, general, geometry)
 
 
+def key_ranges(firsts: torch.Tensor, lasts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expand ranges ``firsts[i] .. lasts[i] - 1``: (index i of each element ``[M]``, the element ``[M]``)."""
+    counts = lasts - firsts
+    owner = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    offset_in_range = torch.arange(int(counts.sum())) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    return owner, firsts[owner] + offset_in_range
+
+
 def _neighbor_slots(geometry: Geometry, rows: list[int], lens: list[int], block_table, block_size):
-    """For decoding rows: (row of each neighbor slot, its position j, its move for this step)."""
-    w = geometry.window
-    counts = torch.tensor([min(lens[r], w) for r in rows])
-    owner = torch.repeat_interleave(torch.tensor(rows), counts)  # [M] request row of each slot
-    last = torch.tensor([lens[r] for r in rows])  # S per row
-    start = torch.repeat_interleave(last - counts, counts)
-    first_of_row = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-    j = start + torch.arange(int(counts.sum())) - first_of_row  # [M] key positions
-    query_position = torch.repeat_interleave(last - 1, counts)
-    query_shift, _ = geometry.shifts(query_position)
+    """For decoding rows: (row of each neighbor slot, its block, its offset, its move for this step)."""
+    last = torch.tensor([lens[r] for r in rows])  # S per row; the query sits at S - 1
+    index, j = key_ranges((last - geometry.window).clamp(min=0), last)
+    owner = torch.tensor(rows)[index]
+    query_shift, _ = geometry.shifts(last[index] - 1)
     _, key_shift = geometry.shifts(j)
     move = query_shift - key_shift  # rotation taking kg(j) to j + qg(p) - p
     blocks = block_table[owner, torch.div(j, block_size, rounding_mode="floor")].long()
@@ -148,3 +151,56 @@ def _clashing_rows(owner: torch.Tensor, slots: torch.Tensor, move: torch.Tensor)
     if not bool(clash.any()):
         return set()
     return set(o[1:][clash].tolist()) | set(o[:-1][clash].tolist())
+
+
+# ------------------------------------------------------------------------------------------------
+# the CUDA backend's plan: FlashAttention returns each part's log-sum-exp, so every request takes
+# one path: grouped part over the paged cache, neighbor part over gathered keys, merged
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FlashPlan:
+    """One step of the FlashAttention backend (tensors on the model's device).
+
+    grouped part   query at qg(p), paged cache as stored, ``seqused_k = S - w``: with FlashAttention's
+                   bottom-right causal mask, the query at ``p`` sees keys ``0 .. p - w``
+    neighbor part  query at p, the keys ``f .. S - 1`` of each request gathered and moved back to
+                   ordinary positions (``f = max(0, S - n - w + 1)``), causal with window ``w``"""
+
+    num_tokens: int
+    key_rotation: tuple
+    query_rotation: tuple
+    grouped_seq_lens: torch.Tensor   # [R] int32, max(0, S - w)
+    max_grouped: int
+    neighbor_blocks: torch.Tensor    # [K] long
+    neighbor_offsets: torch.Tensor   # [K] long
+    neighbor_rotation: tuple         # cos/sin [K, 1, rd]: kg(j) back to j
+    neighbor_cu_seqlens: torch.Tensor  # [R + 1] int32
+    max_neighbor: int
+
+
+def build_flash_plan(geometry: Geometry, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                     block_table: torch.Tensor, block_size: int, num_tokens: int) -> FlashPlan:
+    """The FlashAttention plan from CPU copies of the batch metadata; ``block_table`` may live on
+    the device, where the plan's tensors go."""
+    device = block_table.device
+    starts, lens = query_start_loc.long(), seq_lens.long()
+    positions = token_positions(starts.tolist(), lens.tolist())
+    assert positions.numel() == num_tokens, "batch metadata and token count disagree"
+    query_shift, key_shift = geometry.shifts(positions)
+    first = (lens - (starts[1:] - starts[:-1]) - geometry.window + 1).clamp(min=0)
+    owner, j = key_ranges(first, lens)
+    _, neighbor_shift = geometry.shifts(j)
+    counts = lens - first
+    grouped = (lens - geometry.window).clamp(min=0)
+    to = lambda cos_sin: tuple(t.to(device, non_blocking=True) for t in cos_sin)  # noqa: E731
+    owner_d, j_d = owner.to(device), j.to(device)
+    return FlashPlan(
+        num_tokens=num_tokens, key_rotation=to(geometry.rotation(key_shift)),
+        query_rotation=to(geometry.rotation(query_shift)),
+        grouped_seq_lens=grouped.to(device, torch.int32), max_grouped=int(grouped.max()) if len(grouped) else 0,
+        neighbor_blocks=block_table[owner_d, torch.div(j_d, block_size, rounding_mode="floor")].long(),
+        neighbor_offsets=j_d % block_size, neighbor_rotation=to(geometry.rotation(-neighbor_shift)),
+        neighbor_cu_seqlens=torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).to(device, torch.int32),
+        max_neighbor=int(counts.max()) if len(counts) else 0)

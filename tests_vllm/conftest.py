@@ -1,0 +1,294 @@
+"""Tests of SelfExtend inside vLLM. They run in ``.venv-vllm`` (``bash scripts/test-vllm.sh``), never in
+the default suite: vLLM's CPU build pins an older transformers than the library's own tests use.
+
+The reference is this project's transformers path (``selfextend.enable``, proven against a float64
+reference in ``tests/``), computed by ``tests_vllm/reference.py`` in ``.venv`` and compared here with
+what vLLM produces for the same tiny random Llama, in float32.
+
+Tolerance: log-probabilities within ``ATOL = 1e-4``. Both sides compute the same float32 maths in a
+different order (vLLM's fused QKV matmul and RoPE cache, vLLM's paged CPU kernel or torch's flash
+kernel vs transformers' SDPA), so they differ by float32 rounding: ~1e-5 on log-probabilities of
+size ~6 here. A real mismatch (a key at the wrong position) moves them by 1e-1 and more. Greedy
+tokens must be equal wherever the reference's top-2 margin exceeds ``MARGIN``.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+REFERENCE_PYTHON = ROOT / ".venv" / "bin" / "python"
+
+L, W, G, BLOCK = 128, 32, 4, 32  # tiny model: trained length, window, group size, KV block size
+LIMIT = (L - W) * G + W  # 416
+ATOL = 1e-4
+MARGIN = 1e-3
+NEW_TOKENS = 12
+
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # tests ask workers which backend runs
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU and vLLM's CUDA build (scripts/test-vllm.sh --gpu)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU: run bash scripts/test-vllm.sh --gpu there"))
+
+
+# ------------------------------------------------------------------------------------------------
+# the tiny model and the prompts
+# ------------------------------------------------------------------------------------------------
+
+
+def make_tiny_llama(folder: Path, seed: int = 0) -> Path:
+    """A random 2-layer Llama (trained length L, head size 32: a size vLLM's CPU kernel takes)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=512, max_position_embeddings=L,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                         bos_token_id=None, eos_token_id=None, pad_token_id=None, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # default init is too flat for positions to matter; redraw at a useful scale
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape) * (1.0 if "embed" in name else 2.0 / p.shape[1] ** 0.5))
+    model.save_pretrained(folder)
+    return folder
+
+
+def _tokens(n: int, seed: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 512, (n,), generator=generator).tolist()
+
+
+LONG = _tokens(300, 1)
+PROMPTS = {
+    "long": LONG,                                   # 2.3x the trained length
+    "long2": _tokens(260, 2),
+    "long3": _tokens(200, 3),
+    "mid": _tokens(100, 4),                         # within L, beyond w: SelfExtend already differs
+    "short": _tokens(20, 5),                        # prompt + output within the window
+    "shared": LONG[:256] + _tokens(44, 6),          # first 8 blocks of "long": a prefix-cache hit
+    "x64": _tokens(64, 7),                          # two full blocks, cached ...
+    "x64b": _tokens(64, 7) + _tokens(10, 8),        # ... then read by these two, which decode 5 positions apart
+    "x64c": _tokens(64, 7) + _tokens(5, 12),
+}
+PROMPTS.update({f"tight{i}": _tokens(250, 9 + i) for i in range(3)})  # 8 blocks each, a 9th while decoding
+ONE_BATCH = ["long", "long2", "long3", "mid", "short"]
+TIGHT = ["tight0", "tight1", "tight2"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    return str(make_tiny_llama(tmp_path_factory.mktemp("tiny-llama")))
+
+
+def run_reference(model: str, prompts: dict[str, list[int]], selfextend: bool) -> dict[str, dict]:
+    """Reference outputs (see reference.py) computed in .venv, keyed like ``prompts``."""
+    if not REFERENCE_PYTHON.exists():
+        pytest.fail(f"{REFERENCE_PYTHON} is missing: the reference runs in .venv; run bash scripts/setup.sh")
+    request = {"model": model, "group_size": G if selfextend else None, "window": W if selfextend else None,
+               "prompts": list(prompts.values()), "max_new_tokens": NEW_TOKENS}
+    proc = subprocess.run([str(REFERENCE_PYTHON), str(ROOT / "tests_vllm" / "reference.py")], input=json.dumps(request),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"reference failed:\n{proc.stderr[-3000:]}"
+    return dict(zip(prompts, json.loads(proc.stdout)))
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model) -> dict[str, dict]:
+    """The transformers path with SelfExtend (G, W) on every prompt."""
+    return run_reference(tiny_model, PROMPTS, selfextend=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# engines
+# ------------------------------------------------------------------------------------------------
+
+ENGINE_DEFAULTS = dict(skip_tokenizer_init=True, dtype="float32", block_size=BLOCK, enforce_eager=True, seed=0,
+                       gpu_memory_utilization=0.1, num_gpu_blocks_override=128)
+
+
+@contextmanager
+def engine(model: str, selfextend: bool = True, keep_switch: bool = False, **options):
+    """A vLLM ``LLM`` for the tiny model, with SelfExtend (G, W) or plain (the plugin switched off
+    unless ``keep_switch``); shut down on exit."""
+    from vllm import LLM
+
+    from selfextend.vllm import engine_args
+
+    kwargs = {**ENGINE_DEFAULTS, **options}
+    if selfextend:
+        kwargs = engine_args(model, group_size=G, window=W, **kwargs)
+    else:
+        if not keep_switch:
+            switch_off()
+        kwargs = dict(model=model, max_model_len=L, **kwargs)
+    llm = LLM(**kwargs)
+    try:
+        yield llm
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+
+
+def switch_off() -> None:
+    """Undo ``engine_args``' switch in this process (env var and backend override)."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from selfextend.vllm import SWITCH_ENV
+
+    os.environ.pop(SWITCH_ENV, None)
+    AttentionBackendEnum.CPU_ATTN.clear_override()
+
+
+def worker_backends(llm) -> list[tuple[str, bool]]:
+    """(attention impl class, SelfExtend settings present) of the first layer, per worker."""
+
+    def probe(worker):
+        from vllm.model_executor.layers.attention import Attention
+
+        layer = next(m for m in worker.model_runner.model.modules() if isinstance(m, Attention))
+        return type(layer.impl).__name__, getattr(layer.impl, "settings", None) is not None
+
+    return llm.collective_rpc(probe)
+
+
+def sampling(**overrides):
+    from vllm import SamplingParams
+
+    options = dict(max_tokens=NEW_TOKENS, temperature=0.0, prompt_logprobs=0, logprobs=0, detokenize=False,
+                   ignore_eos=True)
+    return SamplingParams(**{**options, **overrides})
+
+
+def generate(llm, names: list[str], **overrides) -> dict[str, object]:
+    """Run ``PROMPTS[name]`` for each name as one batch; outputs keyed by name."""
+    outputs = llm.generate([{"prompt_token_ids": PROMPTS[n]} for n in names], sampling(**overrides), use_tqdm=False)
+    return dict(zip(names, outputs))
+
+
+# ------------------------------------------------------------------------------------------------
+# comparisons
+# ------------------------------------------------------------------------------------------------
+
+
+def prompt_logprobs(output) -> list[float]:
+    """vLLM's log-probability of each prompt token after the first."""
+    ids = output.prompt_token_ids
+    return [entry[token].logprob for entry, token in zip(output.prompt_logprobs[1:], ids[1:])]
+
+
+def greedy(output) -> tuple[list[int], list[float]]:
+    completion = output.outputs[0]
+    return list(completion.token_ids), [entry[t].logprob for entry, t in zip(completion.logprobs, completion.token_ids)]
+
+
+def max_difference(a: list[float], b: list[float]) -> float:
+    assert len(a) == len(b), (len(a), len(b))
+    return max((abs(x - y) for x, y in zip(a, b)), default=0.0)
+
+
+def compared_steps(ref: dict) -> int:
+    """Greedy steps whose reference choice is clear (margin > MARGIN): compare up to the first unclear one."""
+    steps = next((i for i, m in enumerate(ref["margins"]) if m <= MARGIN), len(ref["margins"]))
+    assert steps >= NEW_TOKENS // 2, f"reference has a near tie at step {steps}; pick other prompts"
+    return steps
+
+
+def assert_matches(output, ref: dict, what: str) -> None:
+    """vLLM's output equals the reference: prompt log-probs (when asked for), greedy tokens and
+    their log-probs."""
+    if output.prompt_logprobs is not None:
+        prompt_diff = max_difference(prompt_logprobs(output), ref["prompt_logprobs"])
+        assert prompt_diff < ATOL, f"{what}: prompt log-probs differ by {prompt_diff:.2e}"
+    steps = compared_steps(ref)
+    tokens, logprobs = greedy(output)
+    assert tokens[:steps] == ref["greedy"][:steps], f"{what}: greedy tokens differ"
+    decode_diff = max_difference(logprobs[:steps], ref["greedy_logprobs"][:steps])
+    assert decode_diff < ATOL, f"{what}: decode log-probs differ by {decode_diff:.2e}"
+
+
+# ------------------------------------------------------------------------------------------------
+# what each engine configuration produced (engines live only while their fixture runs)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def one_pass(tiny_model) -> dict:
+    """SelfExtend, prefix caching off, every prompt prefilled in one step."""
+    with engine(tiny_model, enable_prefix_caching=False, max_num_batched_tokens=2048) as llm:
+        return {"backends": worker_backends(llm), "alone": generate(llm, ["long"]), "batch": generate(llm, ONE_BATCH)}
+
+
+@pytest.fixture(scope="session")
+def chunked(tiny_model) -> dict:
+    """SelfExtend, prefix caching on, prefill in chunks of 64 tokens, a KV cache of 26 blocks: the
+    three "tight" requests fill 24 while prefilling and each needs a 9th block while decoding."""
+    with engine(tiny_model, enable_prefix_caching=True, max_num_batched_tokens=64, num_gpu_blocks_override=26,
+                disable_log_stats=False) as llm:
+        results = {"alone": generate(llm, ["long"])}
+        # vLLM reads no cached blocks for a request that asks for prompt log-probs: ask for none
+        results["shared"] = generate(llm, ["shared"], prompt_logprobs=None)  # hits the blocks of "long"
+        results["pressure"] = generate(llm, TIGHT)
+        results["preemptions"] = counter(llm, "vllm:num_preemptions")
+        generate(llm, ["x64"])  # caches two full blocks
+        results["clash"] = generate(llm, ["x64b", "x64c"], prompt_logprobs=None)
+        return results
+
+
+def counter(llm, name: str) -> float:
+    """Value of a counter metric of the engine."""
+    return sum(m.value for m in llm.get_metrics() if m.name == name)
+
+
+PLAIN_BATCH = ["mid", "short"]  # what fits a plain engine (max_model_len = L)
+
+
+@pytest.fixture(scope="session")
+def plain(tiny_model) -> dict:
+    """Stock vLLM: the plugin is installed but not switched on."""
+    with engine(tiny_model, selfextend=False, enable_prefix_caching=False, max_num_batched_tokens=2048) as llm:
+        return {"backends": worker_backends(llm), "batch": generate(llm, PLAIN_BATCH)}
+
+
+@pytest.fixture(scope="session")
+def switched_on_plain_model(tiny_model) -> dict:
+    """The switch on (SELFEXTEND_VLLM=1) but a model config without SelfExtend settings."""
+    from selfextend.vllm import switch_on
+
+    switch_on()
+    with engine(tiny_model, selfextend=False, keep_switch=True, enable_prefix_caching=False,
+                max_num_batched_tokens=2048) as llm:
+        return {"backends": worker_backends(llm), "batch": generate(llm, PLAIN_BATCH)}
+
+
+@pytest.fixture(scope="session")
+def tensor_parallel(tiny_model) -> dict:
+    """SelfExtend with tensor parallelism 2 on CPU: two worker processes, each with one KV head.
+    vLLM cannot bind two CPU workers to one NUMA node by itself; one core each is given explicitly."""
+    bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind or "0|1"
+    try:
+        with engine(tiny_model, tensor_parallel_size=2, enable_prefix_caching=False,
+                    max_num_batched_tokens=2048) as llm:
+            return {"backends": worker_backends(llm), "batch": generate(llm, ONE_BATCH)}
+    finally:
+        if bind is None:
+            os.environ.pop("VLLM_CPU_OMP_THREADS_BIND")
