@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("selfextend.bench", "time and memory of SelfExtend vs plain attention"),
     "eval": ("selfextend.evaluation.cli", "the paper's evaluations with baselines side by side"),
     "serve": ("selfextend.serve", "OpenAI-compatible HTTP server with SelfExtend"),
+    "vllm-serve": ("selfextend.vllm.serve", "vLLM's OpenAI server with SelfExtend (in .venv-vllm)"),
 }
 
 

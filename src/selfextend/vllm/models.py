@@ -22,7 +22,10 @@ def hf_folder(spec: str | os.PathLike) -> Path:
     target = cache_dir() / "vllm" / model_name(spec)
     if (target / ".complete").exists():
         return target
-    model, tokenizer = load_model(spec)  # dequantised to float32
+    model, tokenizer = load_model(spec)  # dequantised to float32 on load: nothing quantised remains
+    model.hf_quantizer = None  # else transformers refuses to save a model it loaded from GGUF
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     try:
