@@ -131,11 +131,13 @@ AttentionMaskInterface.register("selfextend_reference", _reference_mask)
 
 def reference_logits(model, input_ids, window, group_size, mode="floor", attention_mask=None, dtype=torch.float64):
     """Logits of ``model`` with every full-attention layer replaced by the float64 reference."""
-    import selfextend
+    from selfextend.integration import _attention_modules
+    from selfextend.rope import inv_freq_for_layer
 
-    handle = selfextend.enable(model, group_size=group_size, window=window, mode=mode)
-    inv = {m.layer_idx: m._selfextend.inv_freq for m in model.modules() if "_selfextend" in m.__dict__ and m is not model}
-    handle.disable()
+    config = model.config.get_text_config()
+    layer_types = getattr(config, "layer_types", None)
+    inv = {m.layer_idx: inv_freq_for_layer(model, config, layer_types[m.layer_idx] if layer_types else None)
+           for m in _attention_modules(model)}
     REFERENCE["settings"] = dict(L=L, w=window, G=(math.inf if mode == "rerope" else group_size), mode=mode,
                                  inv_freq=inv)
     REFERENCE["dtype"] = dtype

@@ -1,24 +1,29 @@
-"""Exact SelfExtend attention, computed in query blocks with a log-sum-exp merge.
+"""Exact SelfExtend attention, computed in blocks of queries with a log-sum-exp merge.
 
-For a block of queries at positions ``[P0, P1]`` the keys fall into three ranges (``w`` = window)::
+For a block of queries at positions ``[P0, P1]`` (``w`` = window) the keys split into far keys, seen
+at grouped positions, and near keys, seen at ordinary positions::
 
-    key position:  0 ........ P0-w | P0-w+1 .. P1-w | P1-w+1 ...... P1
-                   grouped for all | band: grouped  | neighbor for all
-                   queries         | or neighbor    | (causal near P1)
+    key position:  0 ......... P0-w-1 | P0-w .. P1-w | P1-w+1 .. P0-1 | P0 ..... P1
+    far  (grouped): all rows           | lower triangle
+    near (ordinary):          P0-w+1 .. P1-w+1 | all rows      | lower triangle
+                              upper triangle   |
 
-    row P0:   g g g g g g g g g g g  n n n n n n n n n n n . . .
-    row P1:   g g g g g g g g g g g  g g g n n n n n n n n n n n
-              \\_ one unmasked call _/\\_ masked _/\\__ masked call __/
+    row P0:   g g g g g g g g g g g g  n n n n n n n n n n n n . . . .
+    row P1:   g g g g g g g g g g g g  g g g g n n n n n n n n n n n n
+              \\_ far: one unmasked + one causal call _/\\_ near: three calls _/
 
-Each range is one call of a fused softmax-attention kernel that also returns the log-sum-exp
-(``torch.ops.aten._scaled_dot_product_flash_attention_for_cpu`` on CPU; an explicit tiled matmul
-elsewhere or when logit softcapping is on). The partial results are merged with one softmax
-normalisation, so the result equals a single softmax over the merged score row
-(paper Figure 3), while memory stays O(block x keys) and compute stays about
-``1 + O(block / length)`` of plain attention: only the band is scored twice.
+Far keys need one unmasked call and one causal call per block. Near keys are done in sub-blocks of
+fewer than ``w`` rows, so that their band is an upper triangle (the kernel's causal flag on flipped
+rows and keys), an unmasked middle, and a lower triangle. Every call is a fused softmax-attention
+kernel that also returns the log-sum-exp: ``_scaled_dot_product_flash_attention_for_cpu`` on CPU, the
+memory-efficient SDPA kernel on CUDA, an explicit tiled matmul elsewhere or with logit softcapping.
+The partial results are merged with one softmax normalisation, so the result equals a single softmax
+over the merged score row (paper Figure 3); memory stays O(block x keys) and the pairs scored are
+exactly those plain causal attention scores.
 
 Shapes (per batch row): q ``[Hq, Lq, D]``, k/v ``[Hkv, Lk, D]``, ``Hq = r * Hkv`` (GQA: query head
-``h`` reads key head ``h // r``).
+``h`` reads key head ``h // r``). q/k/v stay in the model's dtype (the kernels accumulate in float32);
+merges accumulate in float32; rotations are computed in float32 with float64 angles.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from .rope import rotate, rotation
 from .settings import Settings
 
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_EFFICIENT_CUDA = getattr(torch.ops.aten, "_scaled_dot_product_efficient_attention", None)
 NEG_INF = float("-inf")
 KEY_TILE = 4096  # keys per tile in the explicit fallback: bounds its memory to rows x 4096
 
@@ -43,16 +49,16 @@ KEY_TILE = 4096  # keys per tile in the explicit fallback: bounds its memory to 
 
 
 def _attend_explicit(q, k, v, scale, mask, softcap):
-    """Reference-quality tiled attention. q ``[Hq, n, D]``, k/v ``[Hkv, m, D]``, mask ``[n, m]`` bool
+    """Tiled attention in float32. q ``[Hq, n, D]``, k/v ``[Hkv, m, D]``, mask ``[n, m]`` bool
     (True = attend) or None. Returns out ``[Hq, n, D]``, lse ``[Hq, n]`` (float32)."""
     hq, n, d = q.shape
     hkv, m, _ = k.shape
     r = hq // hkv
-    qr = q.reshape(hkv, r * n, d)
+    qr = q.float().reshape(hkv, r * n, d)
     parts = []
     for t0 in range(0, m, KEY_TILE):
         t1 = min(m, t0 + KEY_TILE)
-        s = torch.matmul(qr, k[:, t0:t1].transpose(-1, -2)) * scale  # [Hkv, r*n, mt]
+        s = torch.matmul(qr, k[:, t0:t1].float().transpose(-1, -2)) * scale  # [Hkv, r*n, mt]
         if softcap is not None:
             s = torch.tanh(s / softcap) * softcap
         s = s.view(hkv, r, n, t1 - t0)
@@ -60,54 +66,118 @@ def _attend_explicit(q, k, v, scale, mask, softcap):
             s = s.masked_fill(~mask[:, t0:t1], NEG_INF)
         lse = torch.logsumexp(s, dim=-1)  # [Hkv, r, n]
         p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
-        out = torch.matmul(p.view(hkv, r * n, t1 - t0), v[:, t0:t1])  # [Hkv, r*n, D]
+        out = torch.matmul(p.view(hkv, r * n, t1 - t0), v[:, t0:t1].float())  # [Hkv, r*n, D]
         parts.append((out.view(hq, n, -1), lse.view(hq, n)))
     return merge(parts)
+
+
+def _attend_cuda(q, k, v, scale, bias, causal):
+    """torch's memory-efficient SDPA kernel, which returns the log-sum-exp (CUDA, any float dtype).
+    Unmasked calls fold the GQA group into the rows (no copy of k/v); others repeat k/v heads.
+
+    Written for GPUs but not yet run on one (no GPU where this was developed)."""
+    hq, n, d = q.shape
+    hkv = k.shape[0]
+    r = hq // hkv
+    if r > 1 and bias is None and not causal:
+        out, lse = _attend_cuda(q.reshape(hkv, r * n, d), k, v, scale, None, False)
+        return out.view(hq, n, -1), lse.view(hq, n)
+    if r > 1:
+        k, v = k.repeat_interleave(r, 0), v.repeat_interleave(r, 0)
+    attn_bias = None if bias is None else bias[None, None].expand(1, hq, n, k.shape[1])
+    out, lse, *_ = _EFFICIENT_CUDA(q[None], k[None], v[None], attn_bias, True, 0.0, causal, scale=scale)
+    return out[0], lse[0, :, :n]  # the kernel pads lse to a multiple of 32 rows
 
 
 def attend(q, k, v, scale: float, mask: torch.Tensor | None = None, softcap: float | None = None,
            causal: bool = False):
     """Softmax attention of q over k/v.
 
-    q ``[Hq, n, D]``, k/v ``[Hkv, m, D]`` (float32, m >= 1), mask ``[n, m]`` bool (True = attend) or
-    None; ``causal=True`` (square only, n == m) lets query i see keys 0..i. Returns
-    ``(out [Hq, n, D], lse [Hq, n])``; a row with no allowed key gets lse = -inf.
+    q ``[Hq, n, D]``, k/v ``[Hkv, m, D]`` (any float dtype, m >= 1), mask ``[n, m]`` bool (True =
+    attend) or None; ``causal=True`` (square only, n == m) lets query i see keys 0..i. Returns
+    ``(out [Hq, n, D] in q's dtype, or float32 on the explicit path; lse [Hq, n] float32)``; a row
+    with no allowed key gets out = 0 and lse = -inf.
     """
     if causal:
         assert mask is None and q.shape[1] == k.shape[1]
-    if softcap is None and _FLASH_CPU is not None and q.device.type == "cpu":
-        bias = None
-        if mask is not None:
-            bias = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, NEG_INF)
+    fused = softcap is None and (
+        (q.device.type == "cpu" and _FLASH_CPU is not None) or (q.device.type == "cuda" and _EFFICIENT_CUDA is not None))
+    if not fused:
+        if causal:
+            mask = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool, device=q.device).tril()
+        return _attend_explicit(q, k, v, scale, mask, softcap)
+    bias = None
+    if mask is not None:
+        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, NEG_INF)
+    if q.device.type == "cuda":
+        out, lse = _attend_cuda(q, k, v, scale, bias, causal)
+    else:
         out, lse = _FLASH_CPU(q[None], k[None], v[None], 0.0, causal, attn_mask=bias, scale=scale)
         out, lse = out[0], lse[0]
-        if mask is not None:
-            # the kernel reports lse = 0 (not -inf) for a row with no allowed key
-            lse = lse.masked_fill(~mask.any(dim=-1), NEG_INF)
-        return out, lse
-    if causal:
-        mask = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool, device=q.device).tril()
-    return _attend_explicit(q, k, v, scale, mask, softcap)
-
-
-def merge(parts):
-    """Merge partial attentions ``[(out [H, n, D], lse [H, n]), ...]`` over disjoint key sets into
-    the attention over their union (one softmax). Rows that saw no key at all come out as zeros."""
-    if len(parts) == 1:
-        return parts[0]
-    lse = torch.logsumexp(torch.stack([p[1] for p in parts]), dim=0)  # [H, n]
-    safe = torch.where(torch.isinf(lse), 0.0, lse)
-    out = None
-    for o, part_lse in parts:
-        weight = torch.exp(part_lse - safe)[..., None]  # 0 where the part saw nothing
-        term = torch.where(weight > 0, o * weight, 0.0)
-        out = term if out is None else out + term
+    if mask is not None:  # rows with no allowed key: the kernels report garbage there
+        empty = ~mask.any(dim=-1)  # [n]
+        lse = lse.masked_fill(empty, NEG_INF)
+        out = out.masked_fill(empty[:, None], 0.0)
     return out, lse
 
 
+def merge(parts, out: torch.Tensor | None = None):
+    """Merge partial attentions ``[(out [H, n, D], lse [H, n]), ...]`` over disjoint key sets into
+    the attention over their union (one softmax), accumulated in float32 (into ``out`` if given,
+    a float32 ``[H, n, D]``). Returns ``(out, lse)``; rows no part saw come out as zeros."""
+    if len(parts) == 1:
+        o, lse = parts[0]
+        return (o.float() if out is None else out.copy_(o)), lse
+    lse = torch.logsumexp(torch.stack([part_lse for _, part_lse in parts]), dim=0)  # [H, n]
+    safe = lse.masked_fill(torch.isinf(lse), 0.0)  # a row no part saw: every weight is exp(-inf) = 0
+    for i, (o, part_lse) in enumerate(parts):
+        weight = torch.exp(part_lse - safe).unsqueeze(-1)  # [H, n, 1] float32
+        if i == 0:
+            out = torch.mul(o, weight) if out is None else torch.mul(o, weight, out=out)
+        else:
+            out.addcmul_(o, weight)
+    return out, lse
+
+
+class Span(NamedTuple):
+    """An inclusive range ``lo..hi`` of positions or of distances ``p_i - p_j``."""
+
+    lo: float
+    hi: float
+
+
+ANY_DISTANCE = Span(0, math.inf)
+
+
 # --------------------------------------------------------------------------------------------
-# SelfExtend for one batch row
+# rotations to grouped positions
 # --------------------------------------------------------------------------------------------
+
+
+def _positions(first_position: int, n: int, device=None) -> torch.Tensor:
+    return torch.arange(first_position, first_position + n, device=device)
+
+
+def _rotated(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """``x [H, n, D]`` rotated by ``delta [n]`` positions: float32 maths, float64 angles, x's dtype out."""
+    cos, sin = rotation(delta, inv_freq)  # [n, rotary_dim] float32
+    return rotate(x.float(), cos, sin).to(x.dtype)
+
+
+def _keys_to_grouped(k, first_position, shift, settings, group_size, inv_freq):
+    """Keys ``k [H, n, D]`` at positions ``first_position ..`` (rotated at ``position + shift``) moved to
+    their grouped positions ``p // G``."""
+    pos = _positions(first_position, k.shape[1], k.device)
+    _, target = grouped_positions(pos, settings.window, group_size, settings.mode)
+    return _rotated(k, target - (pos + shift).to(torch.float64), inv_freq)
+
+
+def _queries_to_grouped(q, first_position, shift, settings, group_size, inv_freq):
+    """Queries ``q [H, n, D]`` at positions ``first_position ..`` (rotated at ``position + shift``)
+    moved to their grouped positions ``p // G + w - w // G``."""
+    pos = _positions(first_position, q.shape[1], q.device)
+    target, _ = grouped_positions(pos, settings.window, group_size, settings.mode)
+    return _rotated(q, target - (pos + shift).to(torch.float64), inv_freq)
 
 
 class GroupedKeys:
@@ -118,7 +188,8 @@ class GroupedKeys:
     step as the official implementation does. Within one call the same object serves all blocks.
     Key index ``first`` is at position ``first_position``; the model rotated every key at its
     position ``+ shift`` (``shift != 0`` when ``position_ids`` do not start at the first real token).
-    Whoever keeps it between calls must :meth:`truncate` it when the keys it was built from change.
+    The buffer has the keys' dtype. Whoever keeps it between calls must :meth:`truncate` it when the
+    keys it was built from change.
     """
 
     def __init__(self, first: int, first_position: int, shift: int, group_size: float):
@@ -164,26 +235,9 @@ def grouped_keys(key_cache: dict, group_size: float, first: int, first_position:
     return keys
 
 
-def _positions(first_position: int, n: int) -> torch.Tensor:
-    return torch.arange(first_position, first_position + n)
-
-
-def _keys_to_grouped(k, first_position, shift, settings, group_size, inv_freq):
-    """Keys ``k [H, n, D]`` at positions ``first_position ..`` (rotated at ``position + shift``) moved to
-    their grouped positions ``p // G``."""
-    pos = _positions(first_position, k.shape[1])
-    _, target = grouped_positions(pos, settings.window, group_size, settings.mode)
-    cos, sin = rotation(target - (pos + shift).to(torch.float64), inv_freq)
-    return rotate(k, cos, sin)
-
-
-def _queries_to_grouped(q, first_position, shift, settings, group_size, inv_freq):
-    """Queries ``q [H, n, D]`` at positions ``first_position ..`` (rotated at ``position + shift``)
-    moved to their grouped positions ``p // G + w - w // G``."""
-    pos = _positions(first_position, q.shape[1])
-    target, _ = grouped_positions(pos, settings.window, group_size, settings.mode)
-    cos, sin = rotation(target - (pos + shift).to(torch.float64), inv_freq)
-    return rotate(q, cos, sin)
+# --------------------------------------------------------------------------------------------
+# blocks of rows and the pieces of keys they attend to
+# --------------------------------------------------------------------------------------------
 
 
 def _group_of(settings, position):
@@ -214,13 +268,6 @@ def _segments(settings, first_query_position, start, lq):
         segments.append((row, end, g))
         row = end
     return segments
-
-
-class Span(NamedTuple):
-    """An inclusive range ``lo..hi`` of positions or of distances ``p_i - p_j``."""
-
-    lo: float
-    hi: float
 
 
 def _pieces(q, k, v, rows, keys: Span, cuts, allowed: Span, key_offset, scale, softcap):
@@ -273,10 +320,36 @@ def _pieces(q, k, v, rows, keys: Span, cuts, allowed: Span, key_offset, scale, s
     return parts
 
 
+def _write(out: torch.Tensor, rows: slice, parts) -> None:
+    """Merge ``parts`` (all over the same rows) into ``out[:, rows]`` (float32 directly, else cast)."""
+    target = out[:, rows]
+    if out.dtype == torch.float32 and len(parts) > 1:
+        merge(parts, out=target)
+    else:
+        target.copy_(merge(parts)[0])
+
+
+def _near_blocks(q, k, v, positions, s, e, first_pos, window, key_offset, scale, softcap, far, out):
+    """Rows ``s..e-1`` (positions ``positions[s:e]``) over their near keys, distances ``0..window-1``,
+    in sub-blocks of fewer than ``window`` rows (so each band is an upper triangle, an unmasked
+    middle and a lower triangle); each sub-block is merged with its rows of the ``far`` parts
+    (``[(out [Hq, e - s, D], lse [Hq, e - s])]``) into ``out [Hq, Lq, D]``."""
+    blocks = math.ceil((e - s) / max(1, window - 1))
+    step = math.ceil((e - s) / blocks)  # even sub-blocks, each of at most window - 1 rows
+    for a in range(s, e, step):
+        b = min(e, a + step)
+        pa, pb = int(positions[a]), int(positions[b - 1])
+        keys = Span(max(first_pos, pa - window + 1), pb)
+        near = _pieces(q[:, a:b], k, v, positions[a:b], keys, [pb - window + 1, pa - 1], Span(0, window - 1),
+                       key_offset, scale, softcap)
+        rows_of_far = [(o[:, a - s : b - s], lse[:, a - s : b - s]) for o, lse in far]
+        _write(out, slice(a, b), rows_of_far + near)
+
+
 def _decode_step(q, k, v, p, key_offset, shift, settings, inv_freq, scale, softcap, key_cache):
     """One query ``q [Hq, 1, D]`` at position ``p`` with grouped and neighbor keys both present: two
-    kernel calls and one merge (the common decode step). Returns ``[Hq, 1, D]``, or None when the
-    general path is needed (a query near the start, or nothing grouped)."""
+    kernel calls and one merge (the common decode step). Returns ``[Hq, 1, D]`` float32, or None when
+    the general path is needed (a query near the start, or nothing grouped)."""
     w = settings.window
     first_key = max(0, key_offset)
     first_pos = first_key - key_offset
@@ -293,52 +366,65 @@ def _decode_step(q, k, v, p, key_offset, shift, settings, inv_freq, scale, softc
 
 
 def selfextend_row(q, k, v, first_query_position, key_offset, settings, inv_freq, scale, softcap=None,
-                   key_cache=None, shift=0):
+                   key_cache=None, shift=0, out=None):
     """SelfExtend attention for one batch row.
 
     q ``[Hq, Lq, D]`` at positions ``first_query_position + arange(Lq)``; k/v ``[Hkv, Lk, D]`` where
     key index ``j`` is at position ``j - key_offset`` (negative = left padding, never attended).
-    The model rotated q and k at ``position + shift``. All float32. ``key_cache`` maps group size
-    -> GroupedKeys (pass a persistent dict while decoding). Returns ``[Hq, Lq, D]``.
+    The model rotated q and k at ``position + shift``. ``key_cache`` maps group size ->
+    GroupedKeys (pass a persistent dict while decoding). Writes ``[Hq, Lq, D]`` into ``out`` (any
+    float dtype; made in q's dtype if None), zeros for left-padding rows, and returns it.
     """
     key_cache = {} if key_cache is None else key_cache
     lq = q.shape[1]
+    if out is None:
+        out = torch.empty(q.shape[0], lq, v.shape[-1], dtype=q.dtype, device=q.device)
     if lq == 1 and not settings.log_scale:
         fast = _decode_step(q, k, v, first_query_position, key_offset, shift, settings, inv_freq, scale, softcap,
                             key_cache)
         if fast is not None:
-            return fast
+            return out.copy_(fast)
     first_key = max(0, key_offset)  # index of the first real key (position 0 or later)
-    positions = _positions(first_query_position, lq)
-    out = torch.zeros_like(q)
+    first_pos = first_key - key_offset  # its position
+    positions = _positions(first_query_position, lq, q.device)
     if settings.log_scale:
         factor = torch.clamp(torch.log(positions.double() + 1) / math.log(settings.pretrained_length), min=1.0)
-        q = q * factor.to(q.dtype)[None, :, None]
+        q = (q.float() * factor.float()[None, :, None]).to(q.dtype)
 
     # Rows that are left padding (negative position) stay zero; split the rest into blocks of
     # rows that share one group size (auto mode: G grows with the query position).
     start = max(0, -first_query_position)
-    first_pos = first_key - key_offset  # position of the first real key
+    out[:, :start] = 0
     w = settings.window
-    near, far, anything = Span(0, w - 1), Span(w, math.inf), Span(0, math.inf)
     for s, e, g in _segments(settings, first_query_position, start, lq):
         p0, p1 = first_query_position + s, first_query_position + e - 1
         rows = positions[s:e]
-        qb = q[:, s:e]
-        parts = []
         if g == 1:  # ordinary causal attention: keys [first_pos, p1], any distance >= 0
-            parts += _pieces(qb, k, v, rows, Span(first_pos, p1), [p0 - 1], anything, key_offset, scale, softcap)
-        else:
-            # far keys [first_pos, p1 - w] at grouped positions (distance >= w)
-            if p1 - w >= first_pos:
-                last = p1 - w + key_offset
-                kg = grouped_keys(key_cache, g, first_key, first_pos, shift).get(k, last, settings, inv_freq)
-                qg = _queries_to_grouped(qb, p0, shift, settings, g, inv_freq)
-                vg = v[:, first_key : last + 1]  # kg/vg index 0 is position first_pos
-                parts += _pieces(qg, kg, vg, rows, Span(first_pos, p1 - w), [p0 - w - 1], far, -first_pos, scale,
-                                 softcap)
-            # near keys (p0 - w, p1] at ordinary positions (distance 0 .. w - 1)
-            keys = Span(max(first_pos, p0 - w + 1), p1)
-            parts += _pieces(qb, k, v, rows, keys, [p1 - w + 1, p0 - 1], near, key_offset, scale, softcap)
-        out[:, s:e] = merge(parts)[0]
+            _write(out, slice(s, e), _pieces(q[:, s:e], k, v, rows, Span(first_pos, p1), [p0 - 1], ANY_DISTANCE,
+                                             key_offset, scale, softcap))
+            continue
+        far = []  # keys [first_pos, p1 - w] at grouped positions (distance >= w)
+        if p1 - w >= first_pos:
+            last = p1 - w + key_offset
+            kg = grouped_keys(key_cache, g, first_key, first_pos, shift).get(k, last, settings, inv_freq)
+            qg = _queries_to_grouped(q[:, s:e], p0, shift, settings, g, inv_freq)
+            vg = v[:, first_key : last + 1]  # kg/vg index 0 is position first_pos
+            far = _pieces(qg, kg, vg, rows, Span(first_pos, p1 - w), [p0 - w - 1], Span(w, math.inf), -first_pos,
+                          scale, softcap)
+        _near_blocks(q, k, v, positions, s, e, first_pos, w, key_offset, scale, softcap, far, out)
+    return out
+
+
+def sliding_window_row(q, k, v, first_query_position, key_offset, window, scale, softcap=None, out=None):
+    """Causal attention restricted to distances ``< window`` (a sliding-window layer), in blocks:
+    memory O(block x (window + block)) instead of the ``[Lq, Lk]`` mask the original path builds.
+    Arguments as for :func:`selfextend_row`; ordinary positions only (nothing is grouped)."""
+    lq = q.shape[1]
+    if out is None:
+        out = torch.empty(q.shape[0], lq, v.shape[-1], dtype=q.dtype, device=q.device)
+    first_pos = max(0, key_offset) - key_offset
+    positions = _positions(first_query_position, lq, q.device)
+    start = max(0, -first_query_position)
+    out[:, :start] = 0
+    _near_blocks(q, k, v, positions, start, lq, first_pos, window, key_offset, scale, softcap, [], out)
     return out

@@ -41,7 +41,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from . import cache_state
-from .attention import selfextend_row
+from .attention import selfextend_row, sliding_window_row
 from .rope import inv_freq_for_layer
 from .settings import ContextLengthError, Settings
 
@@ -126,6 +126,7 @@ class DeferredMask:
         self.kwargs = kwargs
         self.padding: torch.Tensor | None = padding  # [B, >= kv_length] bool, True = real token
         self.q_offset: int = int(kwargs.get("q_offset") or 0)  # keys already in the cache
+        self.kv_offset: int = int(kwargs.get("kv_offset") or 0)  # absolute index of key tensor index 0
         self.local_size: int | None = kwargs.get("local_size")  # sliding window of this mask, if any
         self.shape = (kwargs.get("batch_size"), 1, kwargs.get("q_length"), kwargs.get("kv_length"))
         self._built = {}
@@ -220,14 +221,15 @@ def selfextend_attention(module, query, key, value, attention_mask, dropout=0.0,
     sliding = mask is not None and mask.local_size is not None
     if sliding and mask.local_size > settings.pretrained_length:
         _warn_once(setup.model, "sliding", f"sliding window {mask.local_size} exceeds the pretrained length "
-                   f"{settings.pretrained_length}; this layer keeps its original attention")
+                   f"{settings.pretrained_length}; this layer keeps its original attention (an [L, L] mask)")
     q_offset = mask.q_offset if mask is not None else key.shape[2] - lq
     position_ids = kwargs.get("position_ids")
     layouts = (mask.layouts(position_ids, batch, lq) if mask is not None
                else row_layouts(None, position_ids, q_offset, batch, lq))
     state = None if sliding else _decode_state(module, setup, mask, q_offset, batch, lq)
 
-    if sliding or all(settings.is_plain(row.last_position) for row in layouts):
+    plain = all(settings.is_plain(row.last_position) for row in layouts)
+    if plain or (sliding and mask.local_size > settings.pretrained_length):
         # Nothing is grouped: take the original path, bit-identical to the plain model.
         original_mask = mask.build(_mask_impl(setup.model.original_impl)) if mask is not None else None
         out = _original_attention(module, setup.model.original_impl)(
@@ -235,27 +237,37 @@ def selfextend_attention(module, query, key, value, attention_mask, dropout=0.0,
     else:
         if dropout and module.training:
             raise NotImplementedError("SelfExtend is an inference method: call model.eval() (attention dropout is on)")
-        limit_error = _limit_error(settings, max(row.last_position for row in layouts) + 1)
-        if limit_error:
-            _warn_once(setup.model, "limit", limit_error)
-        out = _selfextend_rows(module, setup, query, key, value, layouts, lq, scaling, kwargs.get("softcap"), state)
+        if not sliding:
+            limit_error = _limit_error(settings, max(row.last_position for row in layouts) + 1)
+            if limit_error:
+                _warn_once(setup.model, "limit", limit_error)
+        kv_offset = mask.kv_offset if mask is not None else 0
+        out = _rows(module, setup, query, key, value, layouts, kv_offset, scaling, kwargs.get("softcap"), state,
+                    window=mask.local_size if sliding else None)
     if state is not None and module.layer_idx == setup.model.records_keys_layer:
         state.end_call(key, q_offset + lq)
     return out
 
 
-def _selfextend_rows(module, setup, query, key, value, layouts, lq, scaling, softcap, state):
-    """SelfExtend for every batch row (float32 inside). Returns ``([B, Lq, Hq, D], None)``."""
+def _rows(module, setup, query, key, value, layouts, kv_offset, scaling, softcap, state, window=None):
+    """SelfExtend (or, with ``window``, sliding-window attention) for every batch row, in the model's
+    dtype. ``key`` index ``j`` is absolute key index ``kv_offset + j``. Returns ``([B, Lq, Hq, D], None)``."""
     settings = setup.model.settings
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    q32, k32, v32 = query.float(), key.float(), value.float()
-    out = torch.empty(query.shape[0], query.shape[1], lq, value.shape[-1], dtype=torch.float32, device=query.device)
+    batch, hq, lq, _ = query.shape
+    out = torch.empty(batch, lq, hq, value.shape[-1], dtype=query.dtype, device=query.device)
     for b, row in enumerate(layouts):
+        first_query_position = row.last_position - (lq - 1)
+        key_offset = row.first_key - kv_offset  # index in `key` of the row's position 0
+        target = out[b].transpose(0, 1)  # [Hq, Lq, D] view
+        if window is not None:
+            sliding_window_row(query[b], key[b], value[b], first_query_position, key_offset, window, scale, softcap,
+                               out=target)
+            continue
         key_cache = state.key_cache(module.layer_idx, b) if state is not None and lq <= DECODE_ROWS else {}
-        out[b] = selfextend_row(
-            q32[b], k32[b], v32[b], row.last_position - (lq - 1), row.first_key, settings, setup.inv_freq, scale,
-            softcap=softcap, key_cache=key_cache, shift=row.shift)
-    return out.transpose(1, 2).to(query.dtype).contiguous(), None
+        selfextend_row(query[b], key[b], value[b], first_query_position, key_offset, settings, setup.inv_freq, scale,
+                       softcap=softcap, key_cache=key_cache, shift=row.shift, out=target)
+    return out, None
 
 
 def _decode_state(module, setup, mask, q_offset, batch, lq):
@@ -408,7 +420,7 @@ def enable(model: nn.Module, group_size: int | None = None, window: int | None =
         pretrained_length: ``L`` (default ``config.max_position_embeddings``).
         mode: "floor" (SelfExtend), "rerope" (G = infinity) or "leaky" (no floor).
         log_scale: multiply each query by ``max(1, log(p + 1) / log(L))`` (off by default).
-        block_size: queries per block of the exact merge (default ``clamp(w, 128, 1024)``).
+        block_size: queries per block of the exact merge (default ``min(1024, w - 1)``).
 
     An input longer than ``(L - w) * G + w`` gets a warning that states the limit (use
     ``handle.raise_if_too_long(n)`` to refuse it up front instead). Bad settings raise ValueError

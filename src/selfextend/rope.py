@@ -74,12 +74,18 @@ def rotation(delta: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first ``rotary_dim`` dims of ``x [..., L, D]`` by ``cos/sin [L, rotary_dim]``.
+    """Rotate the first ``rotary_dim`` dims of ``x [..., L, D]`` by ``cos/sin [L, rotary_dim]`` (as made
+    by :func:`rotation`: HF ``rotate_half`` layout, both halves equal).
 
-    The remaining ``D - rotary_dim`` dims (partial rotary) pass through unchanged."""
+    The remaining ``D - rotary_dim`` dims (partial rotary) pass through unchanged. Four fused
+    multiply-adds on halves, no concatenation (this runs on every query block and new key)."""
     rd = cos.shape[-1]
-    x_rot, x_pass = x[..., :rd], x[..., rd:]
     half = rd // 2
-    rotated_half = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
-    out = x_rot * cos + rotated_half * sin
-    return torch.cat((out, x_pass), dim=-1) if x_pass.shape[-1] else out
+    c, s = cos[..., :half], sin[..., :half]
+    x1, x2 = x[..., :half], x[..., half:rd]
+    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, cos.dtype), device=x.device)
+    torch.mul(x1, c, out=out[..., :half]).addcmul_(x2, s, value=-1)  # x1 cos - x2 sin
+    torch.mul(x2, c, out=out[..., half:rd]).addcmul_(x1, s)  # x2 cos + x1 sin
+    if rd < x.shape[-1]:
+        out[..., rd:] = x[..., rd:]
+    return out

@@ -64,7 +64,8 @@ class Settings:
                     pretrained_length: int | None = None, mode: str = "floor", log_scale: bool = False,
                     block_size: int | None = None) -> Settings:
         """Settings for a model with this config; defaults: ``L = max_position_embeddings``,
-        ``w = L // 4``, ``block_size = clamp(w, 128, 1024)``. Raises ValueError naming what to change."""
+        ``w = L // 4``, ``block_size = min(1024, w - 1)`` (a block shorter than ``w`` keeps every
+        band of near keys a pair of triangles). Raises ValueError naming what to change."""
         if hasattr(config, "get_text_config"):
             config = config.get_text_config()
         if pretrained_length is None:
@@ -74,7 +75,7 @@ class Settings:
         if window is None and _is_int(pretrained_length) and pretrained_length >= 2:
             window = default_window(pretrained_length)
         if block_size is None and _is_int(window):
-            block_size = min(1024, max(128, window))
+            block_size = min(1024, max(1, window - 1))
         return cls(pretrained_length, window, group_size, mode, log_scale, block_size)
 
     # -- which group size applies where -----------------------------------------------------------
