@@ -62,6 +62,16 @@ def tiny_model(family: str, dtype=torch.float32, seed: int = 0, **overrides):
     return model.to(dtype).eval()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread_everywhere():
+    """Tiny models run as fast on one thread, and a suite that leaves the other core alone does not
+    slow down (or get slowed down by) whatever else runs on a 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(params=FAMILY_NAMES)
 def family(request):
     return request.param

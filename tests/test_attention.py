@@ -198,23 +198,26 @@ def test_generate_greedy_equals_argmax_of_full_forward(family):
 
 
 def test_decode_does_not_rerotate_the_cache():
-    """After the first decode step, each step rotates one new key per layer, not the whole cache."""
+    """The first decode step rotates the cached keys once; after that a step rotates about one new
+    key per layer (in batches of KEYS_AHEAD), never the whole cache again."""
+    from selfextend.attention import KEYS_AHEAD
     from selfextend.cache_state import decode_stats
 
     model = tiny_model("llama")
-    ids = ids_of(156)
+    prefill, steps = 150, 40
+    ids = ids_of(prefill + steps)
     with selfextend.enable(model, group_size=4, window=W):
         cache = DynamicCache(config=model.config)
         with torch.no_grad():
-            model(ids[:, :150], cache=cache)
+            model(ids[:, :prefill], cache=cache)
             rotated = []
-            for t in range(150, 156):
+            for t in range(prefill, prefill + steps):
                 step = model(ids[:, t : t + 1], cache=cache).logits
                 rotated.append(decode_stats(cache)["rotated_keys"])
         full = logits(model, ids)
     layers = model.config.num_hidden_layers
-    assert rotated[0] == layers * (150 - W + 1)  # first step: the cached keys at distance >= w, once
-    assert [b - a for a, b in zip(rotated, rotated[1:])] == [layers] * 5  # then one new key per layer
+    assert layers * (prefill - W + 1) <= rotated[0] <= layers * (prefill + 1)  # the cache, once
+    assert rotated[-1] - rotated[0] <= layers * (steps - 1 + KEYS_AHEAD)  # then ~one key per step
     assert decode_stats(cache)["grouped_key_bytes"] > 0
     assert torch.allclose(step.float()[0, -1], full[0, -1], atol=1e-4)
 

@@ -27,14 +27,6 @@ W = 16  # window used by the tests (L = 64)
 TOL = 1e-4  # float32: what the plain model's own cached decoding agrees to
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def ids_of(n, batch=1, seed=1):
     return torch.randint(3, 128, (batch, n), generator=torch.Generator().manual_seed(seed))
 

@@ -33,14 +33,15 @@ from typing import NamedTuple
 
 import torch
 
-from .positions import grouped_positions
-from .rope import rotate, rotation
+from .positions import grouped_positions, grouped_query_position
+from .rope import rotate, rotate_by, rotation
 from .settings import Settings
 
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _EFFICIENT_CUDA = getattr(torch.ops.aten, "_scaled_dot_product_efficient_attention", None)
 NEG_INF = float("-inf")
 KEY_TILE = 4096  # keys per tile in the explicit fallback: bounds its memory to rows x 4096
+KEYS_AHEAD = 64  # while decoding, grouped keys are rotated this many at a time (keys that exist already)
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,21 +206,26 @@ class GroupedKeys:
         """Forget rotated keys with index ``>= valid_keys`` (the cache was cropped or rewritten there)."""
         self.count = max(0, min(self.count, valid_keys - self.first))
 
-    def get(self, k: torch.Tensor, last: int, settings: Settings, inv_freq: torch.Tensor) -> torch.Tensor:
-        """Keys ``first..last`` (inclusive) of ``k [Hkv, Lk, D]`` at grouped positions: ``[Hkv, last - first + 1, D]``."""
+    def get(self, k: torch.Tensor, last: int, settings: Settings, inv_freq: torch.Tensor,
+            available: int | None = None) -> torch.Tensor:
+        """Keys ``first..last`` (inclusive) of ``k [Hkv, Lk, D]`` at grouped positions: ``[Hkv, last - first + 1, D]``.
+
+        With ``available`` (the index of the newest key that exists), keys past ``last`` up to it are
+        rotated ahead, up to :data:`KEYS_AHEAD` at a time, so a decode step rarely rotates anything."""
         need = last - self.first + 1
         if self.count < need:
+            upto = need if available is None else max(need, min(need + KEYS_AHEAD - 1, available - self.first + 1))
             start = self.first + self.count
-            new = _keys_to_grouped(k[:, start : last + 1], self.first_position + self.count, self.shift, settings,
-                                   self.group_size, inv_freq)  # [Hkv, need - count, D]
-            if self.buffer is None or self.buffer.shape[1] < need:
-                grown = torch.empty(k.shape[0], max(need, 2 * self.count), k.shape[2], dtype=k.dtype, device=k.device)
+            new = _keys_to_grouped(k[:, start : self.first + upto], self.first_position + self.count, self.shift,
+                                   settings, self.group_size, inv_freq)  # [Hkv, upto - count, D]
+            if self.buffer is None or self.buffer.shape[1] < upto:
+                grown = torch.empty(k.shape[0], max(upto, 2 * self.count), k.shape[2], dtype=k.dtype, device=k.device)
                 if self.count:
                     grown[:, : self.count] = self.buffer[:, : self.count]
                 self.buffer = grown
-            self.buffer[:, self.count : need] = new
-            self.rotated += need - self.count
-            self.count = need
+            self.buffer[:, self.count : upto] = new
+            self.rotated += upto - self.count
+            self.count = upto
         return self.buffer[:, :need]
 
 
@@ -346,6 +352,14 @@ def _near_blocks(q, k, v, positions, s, e, first_pos, window, key_offset, scale,
         _write(out, slice(a, b), rows_of_far + near)
 
 
+def _merge_two(a, b) -> torch.Tensor:
+    """Merge two partial attentions over disjoint key sets, both seen by every row: ``out_b + w
+    (out_a - out_b)`` with ``w = sigmoid(lse_a - lse_b)``, the share of the first. Float32."""
+    (out_a, lse_a), (out_b, lse_b) = a, b
+    share = torch.sigmoid(lse_a - lse_b).unsqueeze(-1)  # [H, n, 1]
+    return torch.lerp(out_b.float(), out_a.float(), share)
+
+
 def _decode_step(q, k, v, p, key_offset, shift, settings, inv_freq, scale, softcap, key_cache):
     """One query ``q [Hq, 1, D]`` at position ``p`` with grouped and neighbor keys both present: two
     kernel calls and one merge (the common decode step). Returns ``[Hq, 1, D]`` float32, or None when
@@ -357,12 +371,14 @@ def _decode_step(q, k, v, p, key_offset, shift, settings, inv_freq, scale, softc
         return None
     g = settings.group_size_at(p)
     last_grouped = p - w + key_offset  # index of the last key at distance >= w
-    kg = grouped_keys(key_cache, g, first_key, first_pos, shift).get(k, last_grouped, settings, inv_freq)
-    qg = _queries_to_grouped(q, p, shift, settings, g, inv_freq)
+    kg = grouped_keys(key_cache, g, first_key, first_pos, shift).get(k, last_grouped, settings, inv_freq,
+                                                                     available=p + key_offset)
+    delta = grouped_query_position(p, w, g, settings.mode) - (p + shift)
+    qg = rotate_by(q, delta, inv_freq.to(q.device, torch.float64))
     far = attend(qg, kg, v[:, first_key : last_grouped + 1], scale, None, softcap)
     near = attend(q, k[:, last_grouped + 1 : p + key_offset + 1], v[:, last_grouped + 1 : p + key_offset + 1],
                   scale, None, softcap)
-    return merge([far, near])[0]
+    return _merge_two(far, near)
 
 
 def selfextend_row(q, k, v, first_query_position, key_offset, settings, inv_freq, scale, softcap=None,

@@ -87,7 +87,7 @@ class LayerSetup:
     """``module._selfextend`` on each attention module of an enabled model."""
 
     model: ModelSetup
-    inv_freq: torch.Tensor  # [rotary_dim // 2] float32: the rotary frequencies this layer uses
+    inv_freq: torch.Tensor  # [rotary_dim // 2] float64: the rotary frequencies this layer uses
 
 
 # ------------------------------------------------------------------------------------------------
@@ -462,9 +462,13 @@ def enable(model: nn.Module, group_size: int | None = None, window: int | None =
     setup = ModelSetup(settings, original_impl, owner=uuid.uuid4().hex, records_keys_layer=max(global_layers, default=-1))
     model._selfextend = setup
     for m in modules:
-        m._selfextend = LayerSetup(setup, freqs[m])
+        m._selfextend = LayerSetup(setup, freqs[m].to(_device_of(m), torch.float64))
         m.register_forward_pre_hook(_hand_over_cache, with_kwargs=True)
     return SelfExtendHandle(model)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters(), torch.empty(0)).device
 
 
 def disable(model: nn.Module) -> None:
