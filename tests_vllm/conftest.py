@@ -87,6 +87,7 @@ PROMPTS = {
     "x64": _tokens(64, 7),                          # two full blocks, cached ...
     "x64b": _tokens(64, 7) + _tokens(10, 8),        # ... then read by these two, which decode 5 positions apart
     "x64c": _tokens(64, 7) + _tokens(5, 12),
+    "x64d": _tokens(64, 7) + _tokens(100, 13),     # reads those blocks as grouped keys while x64b moves some
 }
 PROMPTS.update({f"tight{i}": _tokens(250, 9 + i) for i in range(3)})  # 8 blocks each, a 9th while decoding
 ONE_BATCH = ["long", "long2", "long3", "mid", "short"]
@@ -250,6 +251,7 @@ def chunked(tiny_model) -> dict:
         results["preemptions"] = counter(llm, "vllm:num_preemptions")
         generate(llm, ["x64"])  # caches two full blocks
         results["clash"] = generate(llm, ["x64b", "x64c"], prompt_logprobs=None)
+        results["mover_and_reader"] = generate(llm, ["x64b", "x64d"], prompt_logprobs=None)
         return results
 
 

@@ -44,3 +44,12 @@ def test_decoding_requests_sharing_cached_blocks_match_transformers(chunked, ref
         assert outputs[name].num_cached_tokens == 64
     for name in ("x64b", "x64c"):
         assert_matches(outputs[name], reference[name], f"{name} decoding beside a request sharing its blocks")
+
+
+def test_request_reading_blocks_another_request_moves_matches_transformers(chunked, reference):
+    """x64b moves its neighbor keys in the second cached block of "x64" for each decode step, while
+    x64d, 100 tokens further, reads that block as grouped keys in the same kernel pass."""
+    outputs = chunked["mover_and_reader"]
+    for name in ("x64b", "x64d"):
+        assert outputs[name].num_cached_tokens == 64
+        assert_matches(outputs[name], reference[name], f"{name} beside a request sharing its blocks")

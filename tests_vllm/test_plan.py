@@ -52,3 +52,11 @@ def test_requests_sharing_a_block_at_different_positions_leave_the_fast_path():
 def test_requests_sharing_a_block_at_the_same_position_stay_on_the_fast_path():
     plan = plan_for([1, 1], [10, 10], [[1, 7, 2], [3, 7, 4]])  # e.g. two samples of one prompt
     assert plan.decode.rows.tolist() == [0, 1] and plan.decode.is_prefix and plan.general == []
+
+
+def test_a_request_reading_a_block_another_request_moves_leaves_the_fast_path():
+    # request 0 (decoding at 9) moves keys 6..9, in blocks 7 and 8; request 1 (at 19) reads block 7
+    # as grouped keys; request 2 shares nothing
+    plan = plan_for([1, 1, 1], [10, 20, 6], [[5, 7, 8, 0, 0], [5, 7, 9, 10, 11], [1, 2, 0, 0, 0]])
+    assert plan.decode.rows.tolist() == [2]
+    assert [r.index for r in plan.general] == [0, 1]

@@ -122,11 +122,11 @@ def _neighbor_slots(geometry: Geometry, rows: list[int], lens: list[int], block_
 
 
 def _decode_plan(geometry, rows, starts, lens, block_table, block_size) -> DecodePlan | None:
-    """The fast-path plan for the decoding ``rows``, leaving out rows whose neighbor slots clash."""
+    """The fast-path plan for the decoding ``rows``, leaving out rows that share a moved block."""
     if not rows:
         return None
     owner, blocks, offsets, move = _neighbor_slots(geometry, rows, lens, block_table, block_size)
-    clashing = _clashing_rows(owner, blocks * block_size + offsets, move)
+    clashing = _rows_sharing_moved_blocks(rows, lens, block_table, block_size, blocks)
     if clashing:
         rows = [r for r in rows if r not in clashing]
         if not rows:
@@ -142,15 +142,24 @@ def _decode_plan(geometry, rows, starts, lens, block_table, block_size) -> Decod
         slot_rotation=geometry.rotation(move))
 
 
-def _clashing_rows(owner: torch.Tensor, slots: torch.Tensor, move: torch.Tensor) -> set[int]:
-    """Rows owning a slot that another row must move differently this step (shared prefix blocks
-    at different positions). Equal moves of one slot are harmless: they write the same values."""
-    order = torch.argsort(slots, stable=True)
-    s, m, o = slots[order], move[order], owner[order]
-    clash = (s[1:] == s[:-1]) & (m[1:] != m[:-1])
-    if not bool(clash.any()):
-        return set()
-    return set(o[1:][clash].tolist()) | set(o[:-1][clash].tolist())
+def _rows_sharing_moved_blocks(rows, lens, block_table, block_size, moved_blocks) -> set[int]:
+    """Rows that must leave the fast path: every row reading a block that some row moves keys in,
+    unless all the rows reading it decode at the same position (then they make the same moves on
+    the same slots and see the same keys: e.g. several samples of one prompt).
+
+    Moved keys are visible to the whole kernel pass, so a row further along that reads the block
+    as grouped keys, or a row closer that moves other slots of it, would see wrong keys."""
+    lens_t = torch.tensor([lens[r] for r in rows])
+    index, block_index = key_ranges(torch.zeros_like(lens_t), -(-lens_t // block_size))  # every block read
+    read = block_table[torch.tensor(rows)[index], block_index].long()
+    position = (lens_t - 1)[index]
+    size = int(max(read.max(), moved_blocks.max())) + 1
+    lowest = torch.full((size,), torch.iinfo(torch.long).max).scatter_reduce(0, read, position, "amin")
+    highest = torch.full((size,), -1).scatter_reduce(0, read, position, "amax")
+    moved = torch.zeros(size, dtype=torch.bool)
+    moved[moved_blocks] = True
+    shared = moved & (lowest != highest)  # blocks moved and read at different positions
+    return set(torch.tensor(rows)[index[shared[read]]].tolist())
 
 
 # ------------------------------------------------------------------------------------------------
