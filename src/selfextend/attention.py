@@ -218,8 +218,9 @@ class GroupedKeys:
             start = self.first + self.count
             new = _keys_to_grouped(k[:, start : self.first + upto], self.first_position + self.count, self.shift,
                                    settings, self.group_size, inv_freq)  # [Hkv, upto - count, D]
-            if self.buffer is None or self.buffer.shape[1] < upto:
-                grown = torch.empty(k.shape[0], max(upto, 2 * self.count), k.shape[2], dtype=k.dtype, device=k.device)
+            if self.buffer is None or self.buffer.shape[1] < upto:  # grow by 1/8: at most 12.5% unused
+                capacity = upto + max(KEYS_AHEAD, self.count // 8) if self.count else upto
+                grown = torch.empty(k.shape[0], capacity, k.shape[2], dtype=k.dtype, device=k.device)
                 if self.count:
                     grown[:, : self.count] = self.buffer[:, : self.count]
                 self.buffer = grown
