@@ -11,7 +11,7 @@ import torch
 import selfextend
 from selfextend import assets, prompts
 from selfextend.cli import main
-from selfextend.runtime import generate
+from selfextend.generation import generate
 
 pytestmark = pytest.mark.slow
 

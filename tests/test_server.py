@@ -13,22 +13,10 @@ import openai
 import pytest
 
 from selfextend import cli
-from selfextend.serve.engine import TextStream
 from test_server_support import (  # noqa: F401  (fixtures)
     CHAT, GROUP_SIZE, LIMIT, LONG_PROMPT, NAME, PROMPTS, SENTENCES, TINY_LENGTH, WINDOW, Gate, chat_ids, check_error,
     checkpoint, client, completion_body, gated, gated_server, greedy, http, one_torch_thread, prompt_ids, reference,
     sse_events, stream_text, url, wait_until)
-
-
-def test_text_stream_holds_back_partial_stops_and_characters():
-    utf8 = TextStream(lambda ids: bytes(ids).decode("utf-8", errors="replace"), stop=["<|end|>"])
-    assert [utf8.push(b) for b in "a\u00e9<|x".encode()] == ["a", "", "\u00e9", "", "", "<|x"]
-    stream = TextStream(lambda ids: bytes(ids).decode(), stop=["<|end|>", "STOP"])
-    assert "".join(stream.push(b) for b in b"Hi <|end") == "Hi "  # "<|end" may still become a stop string
-    assert stream.flush() == "<|end" and not stream.stopped  # ... unless the generation ends first
-    stream = TextStream(lambda ids: bytes(ids).decode(), stop=["<|end|>"])
-    assert "".join(stream.push(b) for b in b"Hi <|end|>") == "Hi " and stream.stopped
-    assert stream.flush() == ""
 
 
 def test_health_and_models_report_context_lengths(client, http):

@@ -22,7 +22,7 @@ import sys, time
 from pathlib import Path
 
 import selfextend.commands.common as common
-from selfextend.runtime import decoder_layers
+from selfextend.generation import decoder_layers
 
 log, go = Path(sys.argv[1]), Path(sys.argv[2])
 load = common.load_model

@@ -8,6 +8,11 @@ positions, so no relative distance leaves the range the model saw in training.
     handle = selfextend.enable(model)          # group size chosen from the input length
     model.generate(...)                        # as usual
     selfextend.disable(model)                  # back exactly as it was
+
+Importing the package registers, once for the whole process, an attention function and a mask
+function named ``"selfextend"`` with transformers (``AttentionInterface`` and
+``AttentionMaskInterface``). Nothing else changes until ``enable`` selects that implementation on a
+model; models that never select it are not affected.
 """
 
 from .integration import (

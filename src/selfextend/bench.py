@@ -82,8 +82,8 @@ def run_cell(model_spec: str, method_spec: str, length: int, decode_tokens: int,
              selfextend: Method = Method("selfextend"), seed: int = 0) -> dict:
     """Time and memory of one (method, length) cell; ``selfextend`` gives the naive merge's settings."""
     import torch
-    from transformers import DynamicCache
 
+    from . import generation
     from .assets import load_model, trained_length
     from .evaluation.methods import applied
 
@@ -93,20 +93,12 @@ def run_cell(model_spec: str, method_spec: str, length: int, decode_tokens: int,
     method = parse_method(method_spec, METHODS)
     context = naive_applied(model, selfextend, length) if method.name == "naive" else applied(model, method, length)
     with context as settings:
-        cache = DynamicCache(config=model.config)
+        # greedy, never stopping early: the prefill's step, then one step per decode forward pass
+        tokens = generation.decode_tokens(model, ids[:, :length], 1 + decode_tokens)
         gc_before = _rss()
-        with torch.no_grad(), PeakRSS() as mem:
-            t0 = time.perf_counter()
-            out = model(ids[:, :length], cache=cache, logits_to_keep=1)
-            prefill = time.perf_counter() - t0
-        steps = []
-        with torch.no_grad():
-            token = out.logits[:, -1:].argmax(-1)
-            for i in range(decode_tokens):
-                t0 = time.perf_counter()
-                out = model(token, cache=cache)
-                steps.append(time.perf_counter() - t0)
-                token = out.logits[:, -1:].argmax(-1)
+        with PeakRSS() as mem:
+            prefill = next(tokens).seconds
+        steps = [step.seconds for step in tokens]
     decode = sorted(steps[1:] or steps)  # the first step builds the grouped-key cache: reported apart
     return {"method": method_spec, "length": length, "prefill_s": prefill, "peak_mem_bytes": mem.peak - gc_before,
             "decode_s_per_token": decode[len(decode) // 2] if decode else None,

@@ -28,11 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from transformers import TextStreamer
-
     from .. import ContextLengthError
     from ..assets import load_config, load_model, load_tokenizer, trained_length
-    from ..runtime import chat_or_plain_ids, generate
+    from ..generation import encode_prompt, generate, make_sampler
 
     # every check (document, settings, length) before the weights load
     document = read_text(args.file)
@@ -40,7 +38,7 @@ def run(args) -> int:
     settings = None if args.plain else settings_from_args(args, config)
     tokenizer = load_tokenizer(args.model)
     text = f"{document.strip()}\n\n{args.prompt}" if document.strip() else args.prompt
-    ids = chat_or_plain_ids(tokenizer, text, chat=False if args.no_chat else None)
+    ids = encode_prompt(tokenizer, text, chat=False if args.no_chat else None)
     n, trained = len(ids), trained_length(config)
     if settings is not None:
         try:
@@ -55,10 +53,9 @@ def run(args) -> int:
     label = "plain model" if settings is None else settings.describe(n)
     print(f"[input {n} tokens, trained length {trained} ({n / trained:.2f}x); {label}]", file=sys.stderr, flush=True)
 
-    sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {}
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    result = generate(model, tokenizer, ids, args.max_new_tokens, streamer=streamer, chunk_size=args.chunk_size,
-                      **sampling)
+    result = generate(model, tokenizer, ids, args.max_new_tokens, make_sampler(args.temperature),
+                      chunk_size=args.chunk_size, on_text=lambda text: print(text, end="", flush=True))
+    print()
     print(f"[prefill {result.prompt_tokens} tokens in {result.prefill_seconds:.1f} s "
           f"({result.prefill_tokens_per_second:.0f} tok/s); decode {result.new_tokens} tokens in "
           f"{result.decode_seconds:.1f} s ({result.decode_tokens_per_second:.1f} tok/s)]", file=sys.stderr)

@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from .. import prompts
     from ..assets import load_config, load_model, load_tokenizer, trained_length
-    from ..runtime import generate
+    from ..generation import generate
 
     # every check (depth, key, settings, prompt length) before the weights load
     if not 0.0 <= args.depth <= 1.0:

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import prompts
-from ..runtime import generate
+from ..generation import generate
 from .methods import Method, applied, log_likelihoods, parse_method
 
 EXPERIMENTS = ("passkey", "keylength", "needle", "perplexity", "ablation")

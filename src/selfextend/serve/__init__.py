@@ -5,8 +5,8 @@ context length), ``POST /v1/completions`` and ``POST /v1/chat/completions`` (str
 ``logprobs``). Errors use OpenAI's format ``{"error": {"message", "type", "param", "code"}}``.
 
     protocol.py  OpenAI's wire format: request models, the error type, response and chunk builders
-    engine.py    the generation loop (generate_tokens), jobs, the queue and the one worker thread,
-                 tokens -> text deltas with their logprobs
+    engine.py    jobs, the queue and the one worker thread that runs selfextend.generation's loop;
+                 its steps -> text deltas with their logprobs
     app.py       the FastAPI routes, size limits and error handlers; the `selfextend serve` command
 """
 

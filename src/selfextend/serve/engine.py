@@ -1,10 +1,11 @@
 """The server's engine: one worker thread runs every generation; requests wait in a bounded queue.
 
-SelfExtend keeps per-KV-cache state between decode steps, so generations run one at a time, token
-by token with a KV cache (:func:`generate_tokens`). A request handler submits a :class:`Job` and
-awaits its events: :class:`Delta` (text that became safe to send, with the logprobs of its tokens)
-then :class:`Finished`. A job is cancelled between two decoder layers or two tokens when its client
-leaves (:meth:`Job.cancel`) or the server stops (:meth:`Engine.close`).
+SelfExtend keeps per-KV-cache state between decode steps, so generations run one at a time, each
+through the library's one generation loop (:func:`selfextend.generation.stream_generate`). A
+request handler submits a :class:`Job` and awaits its events: :class:`Delta` (text that became safe
+to send, with the logprobs of its tokens) then :class:`Finished`. A job is cancelled between two
+decoder layers or two tokens when its client leaves (:meth:`Job.cancel`) or the server stops
+(:meth:`Engine.close`).
 
 Nothing here knows HTTP: errors are the exceptions below, which the app turns into responses.
 """
@@ -15,20 +16,16 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import closing, contextmanager
+from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-from transformers import DynamicCache
-
-from ..runtime import decoder_layers
+from ..generation import GenerationCancelled, Step, encode_prompt, make_sampler, stream_generate
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_QUEUE = 16
-LOWEST_LOGPROB = -9999.0  # what OpenAI reports for a token with (numerically) zero probability
 
 
 # ------------------------------------------------------------------------------------------------
@@ -44,15 +41,6 @@ class Sampling:
     stop: tuple[str, ...]
     seed: int | None
     logprobs: int | None = None  # alternatives to report per token; None = no logprobs
-
-
-@dataclass(frozen=True)
-class Step:
-    """One generated token and, when asked for, its log-probability and the most likely tokens."""
-
-    token: int
-    logprob: float | None = None
-    top: tuple[tuple[int, float], ...] = ()  # (token, log-probability), most likely first
 
 
 @dataclass(frozen=True)
@@ -106,125 +94,9 @@ class ClientDisconnected(Exception):
     """The client left before its answer was ready; nothing is sent."""
 
 
-class GenerationCancelled(Exception):
-    """Raised inside the generation loop once its job is cancelled."""
-
-
 # ------------------------------------------------------------------------------------------------
-# the generation loop (to move into a generation module shared with runtime.py)
+# token bytes (for logprobs)
 # ------------------------------------------------------------------------------------------------
-
-
-def pick_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
-    """Greedy for ``temperature == 0``, else a sample from the nucleus of mass ``top_p``."""
-    if temperature == 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1:
-        sorted_probs, order = probs.sort(descending=True)
-        keep = sorted_probs.cumsum(0) - sorted_probs < top_p  # the most likely token is always kept
-        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
-def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, tuple[tuple[int, float], ...]]:
-    """The model's log-probability of ``token`` (before temperature and top_p) and the ``top`` most
-    likely tokens with theirs; ``logits`` is ``[vocab]``."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1).clamp(min=LOWEST_LOGPROB)  # [vocab]
-    best = logprobs.topk(top)
-    return float(logprobs[token]), tuple(zip(best.indices.tolist(), best.values.tolist()))
-
-
-@contextmanager
-def stop_between_layers(model, cancelled: threading.Event) -> Iterator[None]:
-    """While active, a forward pass of ``model`` raises :class:`GenerationCancelled` at its next decoder
-    layer once ``cancelled`` is set (a long prefill stops in seconds, not minutes)."""
-
-    def check(_layer, _args) -> None:
-        if cancelled.is_set():
-            raise GenerationCancelled()
-
-    hooks = [layer.register_forward_pre_hook(check) for layer in decoder_layers(model)]
-    try:
-        yield
-    finally:
-        for hook in hooks:
-            hook.remove()
-
-
-def generate_tokens(model, prompt_ids: list[int], sampling: Sampling, cancelled: threading.Event) -> Iterator[Step]:
-    """Prefill ``prompt_ids``, then sample up to ``sampling.max_tokens`` tokens, one forward pass per
-    token with a KV cache. The caller stops early (end of sequence, stop string) by closing the
-    iterator. Raises :class:`GenerationCancelled` once ``cancelled`` is set: between two decoder
-    layers during a forward pass, or before the next token."""
-    generator = torch.Generator()
-    if sampling.seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(sampling.seed)
-    cache = DynamicCache(config=model.config)
-    inputs = torch.tensor([prompt_ids], device=model.device)  # [1, prompt tokens], then [1, 1]
-    with stop_between_layers(model, cancelled):
-        for _ in range(sampling.max_tokens):
-            if cancelled.is_set():
-                raise GenerationCancelled()
-            with torch.no_grad():
-                logits = model(inputs, cache=cache, logits_to_keep=1).logits[0, -1]  # [vocab]
-            token = pick_token(logits, sampling.temperature, sampling.top_p, generator)
-            if sampling.logprobs is None:
-                yield Step(token)
-            else:
-                yield Step(token, *token_logprobs(logits, token, sampling.logprobs))
-            inputs = torch.tensor([[token]], device=model.device)
-
-
-# ------------------------------------------------------------------------------------------------
-# tokens -> text
-# ------------------------------------------------------------------------------------------------
-
-
-def _stop_prefix_length(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest end of ``text`` that a stop string starts with."""
-    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-
-
-class TextStream:
-    """Generated tokens -> text deltas.
-
-    Decodes the whole completion at every token (so characters spanning tokens come out right) and
-    holds back a trailing incomplete character and anything that may be the start of a stop string.
-    When a stop string appears, the text is cut before it and :attr:`stopped` is set.
-    """
-
-    def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str]):
-        self._decode, self._stop = decode, stop
-        self._ids: list[int] = []
-        self._text = ""
-        self.sent = 0  # characters sent so far
-        self.stopped = False
-
-    @property
-    def offset(self) -> int:
-        """Where the next token's text starts: after the last complete character so far."""
-        return len(self._text.rstrip("\ufffd"))
-
-    def push(self, token: int) -> str:
-        """Add a token; return the text that became safe to send."""
-        self._ids.append(token)
-        self._text = self._decode(self._ids)
-        hits = [i for i in (self._text.find(s, self.sent) for s in self._stop) if i >= 0]
-        if hits:
-            self._text, self.stopped = self._text[: min(hits)], True
-            return self.flush()
-        safe = min(len(self._text.rstrip("\ufffd")), len(self._text) - _stop_prefix_length(self._text, self._stop))
-        delta = self._text[self.sent : safe]
-        self.sent = max(self.sent, safe)
-        return delta
-
-    def flush(self) -> str:
-        """Everything not sent yet (at the end of the generation)."""
-        delta, self.sent = self._text[self.sent :], len(self._text)
-        return delta
 
 
 class TokenBytes:
@@ -313,20 +185,16 @@ class Engine:
         self._closing = threading.Event()
         # fast tokenizers may fail with "Already borrowed" when two threads use one at once
         self._tokenizer_lock = threading.Lock()
-        eos = getattr(model.generation_config, "eos_token_id", None)
-        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        self._eos = frozenset(eos + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []))
         self._token_bytes = TokenBytes(tokenizer)
 
     # -- tokens ---------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         with self._tokenizer_lock:
-            return self.tokenizer(text).input_ids
+            return encode_prompt(self.tokenizer, text, chat=False)
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         with self._tokenizer_lock:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            return self.tokenizer(text, add_special_tokens=False).input_ids
+            return encode_prompt(self.tokenizer, messages)
 
     def decode(self, ids: list[int]) -> str:
         with self._tokenizer_lock:
@@ -395,29 +263,29 @@ class Engine:
 
     def _run(self, job: Job) -> Iterator[Delta | Finished]:
         """Text deltas (with the logprobs of their tokens) of one generation, then :class:`Finished`."""
-        text = TextStream(self.decode, job.sampling.stop)
+        sampling = job.sampling
+        steps = stream_generate(self.model, self.tokenizer, job.prompt_ids, sampling.max_tokens,
+                                make_sampler(sampling.temperature, sampling.top_p, sampling.seed),
+                                stop=sampling.stop, logprobs=sampling.logprobs, cancelled=job.cancelled,
+                                tokenizer_lock=self._tokenizer_lock)
         pending: list[TokenLogprob] = []  # logprobs of tokens whose text is not sent yet
-        reason, count = "length", 0
-        with closing(generate_tokens(self.model, job.prompt_ids, job.sampling, job.cancelled)) as steps:
+        sent, reason, count = 0, "length", 0  # characters sent so far
+        with closing(steps):
             for count, step in enumerate(steps, 1):
-                if step.token in self._eos:
+                if step.logprob is not None and step.finish != "end_of_sequence":
+                    pending.append(self._describe(step))
+                sent += len(step.text)
+                if step.finish in ("end_of_sequence", "length"):  # all the text is out: so are its logprobs
+                    ready = pending
+                else:  # none past the text sent (a stop string cuts it)
+                    ready = [t for t in pending if t.offset < sent]
+                pending = pending[len(ready):]
+                if step.text or ready:
+                    yield Delta(step.text, tuple(ready))
+                if step.finish in ("end_of_sequence", "stop_string"):
                     reason = "stop"
-                    break
-                if step.logprob is not None:
-                    pending.append(self._describe(step, text.offset))
-                if delta := text.push(step.token):
-                    ready = [t for t in pending if t.offset < text.sent]
-                    pending = pending[len(ready):]
-                    yield Delta(delta, tuple(ready))
-                if text.stopped:
-                    reason = "stop"
-                    break
-        rest = text.flush()
-        ready = [t for t in pending if t.offset < text.sent] if text.stopped else pending  # none past a stop
-        if rest or ready:
-            yield Delta(rest, tuple(ready))
         yield Finished(reason, len(job.prompt_ids), count)
 
-    def _describe(self, step: Step, offset: int) -> TokenLogprob:
+    def _describe(self, step: Step) -> TokenLogprob:
         top = tuple((self.token_bytes(t), lp) for t, lp in step.top)
-        return TokenLogprob(self.token_bytes(step.token), step.logprob, top, offset)
+        return TokenLogprob(self.token_bytes(step.token), step.logprob, top, step.offset)
