@@ -420,7 +420,7 @@ def enable(model: nn.Module, group_size: int | None = None, window: int | None =
         pretrained_length: ``L`` (default ``config.max_position_embeddings``).
         mode: "floor" (SelfExtend), "rerope" (G = infinity) or "leaky" (no floor).
         log_scale: multiply each query by ``max(1, log(p + 1) / log(L))`` (off by default).
-        block_size: queries per block of the exact merge (default ``min(1024, w - 1)``).
+        block_size: queries per block of the exact merge (default about 4096, a multiple of ``w - 1``).
 
     An input longer than ``(L - w) * G + w`` gets a warning that states the limit (use
     ``handle.raise_if_too_long(n)`` to refuse it up front instead). Bad settings raise ValueError

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from .positions import DEFAULT_MAX_GROUP_SIZE, MODES, choose_group_size, default_window, max_extended_length
 
 
+BLOCK_ROWS = 4096  # queries per block: large blocks keep the kernel efficient; memory is O(block x keys)
+
+
 class ContextLengthError(ValueError):
     """The input is longer than the extended limit ``(L - w) * G + w``."""
 
@@ -64,8 +67,8 @@ class Settings:
                     pretrained_length: int | None = None, mode: str = "floor", log_scale: bool = False,
                     block_size: int | None = None) -> Settings:
         """Settings for a model with this config; defaults: ``L = max_position_embeddings``,
-        ``w = L // 4``, ``block_size = min(1024, w - 1)`` (a block shorter than ``w`` keeps every
-        band of near keys a pair of triangles). Raises ValueError naming what to change."""
+        ``w = L // 4``, ``block_size`` about :data:`BLOCK_ROWS`, a multiple of ``w - 1`` (near keys are
+        processed in sub-blocks shorter than ``w``). Raises ValueError naming what to change."""
         if hasattr(config, "get_text_config"):
             config = config.get_text_config()
         if pretrained_length is None:
@@ -75,7 +78,8 @@ class Settings:
         if window is None and _is_int(pretrained_length) and pretrained_length >= 2:
             window = default_window(pretrained_length)
         if block_size is None and _is_int(window):
-            block_size = min(1024, max(1, window - 1))
+            near = min(BLOCK_ROWS, max(1, window - 1))  # near keys go in sub-blocks shorter than w
+            block_size = near * max(1, BLOCK_ROWS // near)
         return cls(pretrained_length, window, group_size, mode, log_scale, block_size)
 
     # -- which group size applies where -----------------------------------------------------------
