@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if [ "${1:-}" = "--gpu" ]; then
     VENV=.venv-vllm-gpu
-    VLLM=${SELFEXTEND_VLLM_GPU_SPEC:-"vllm>=0.32,<0.34"}
+    VLLM=${SELFEXTEND_VLLM_GPU_SPEC:-"vllm>=0.32,<0.33"}
     TORCH=""
 else
     VENV=.venv-vllm

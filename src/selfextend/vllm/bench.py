@@ -20,6 +20,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -107,7 +108,24 @@ def _ask(port: int, served_name: str, prompt_ids: list[int], max_tokens: int) ->
             "seconds": round(time.time() - start, 1)}
 
 
+LOG_MARKERS = ("non-default args", "Using max model len", "KV cache size", "POST /v1/completions")
+
+
+def _log_excerpt(log: Path) -> list[str]:
+    """The server log lines worth keeping in the transcript (arguments, limits, the request)."""
+    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    return [_display(line.strip()) for line in lines if any(m in line for m in LOG_MARKERS)]
+
+
+def _display(text: str) -> str:
+    """Text for the committed transcript: the local cache folder written as ~/.cache/selfextend."""
+    from ..assets import cache_dir
+
+    return text.replace(str(cache_dir()), "~/.cache/selfextend")
+
+
 def _serve_and_ask(command: list[str], port: int, args, prompt_ids: list[int], log: Path) -> dict:
+    """Start the server, wait until healthy, ask once, stop it; the answer plus the log excerpt."""
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
     env.pop(SWITCH_ENV, None)  # only `selfextend vllm-serve` switches it on
     with open(log, "w") as out:
@@ -115,17 +133,17 @@ def _serve_and_ask(command: list[str], port: int, args, prompt_ids: list[int], l
         try:
             started = time.time()
             _wait_healthy(port, process, args.startup_timeout)
-            result = _ask(port, args.served_name, prompt_ids, args.max_tokens)
-            result["startup_seconds"] = round(time.time() - started - result["seconds"], 1)
-            return result
+            startup = round(time.time() - started, 1)
+            result = {**_ask(port, args.served_name, prompt_ids, args.max_tokens), "startup_seconds": startup}
         except Exception as e:  # recorded in the transcript, not hidden
-            return {"error": f"{type(e).__name__}: {e}"}
+            result = {"error": f"{type(e).__name__}: {e}"}
         finally:
             process.send_signal(signal.SIGINT)
             try:
                 process.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 process.kill()
+    return {**result, "log": _log_excerpt(log)}
 
 
 def run_passkey(args) -> int:
@@ -136,19 +154,20 @@ def run_passkey(args) -> int:
     trained = _trained_length(folder)
     key = args.key or prompts.random_key(random.Random(args.seed))
     prompt = prompts.passkey_prompt(_tokenizer(folder), args.length, args.depth, key)
-    out = Path(args.out)
+    out, logs = Path(args.out), Path(tempfile.gettempdir()) / "selfextend-vllm-bench"
     out.mkdir(parents=True, exist_ok=True)
+    logs.mkdir(exist_ok=True)
     commands = _server_commands(args, folder, trained)
     results = {}
     for mode, port in ((PLAIN, args.port), (SELFEXTEND, args.port + 1)):
-        print(f"[{mode}] {shlex.join(commands[mode])}", file=sys.stderr, flush=True)
-        results[mode] = _serve_and_ask(commands[mode], port, args, prompt.input_ids, out / f"passkey-{mode}.log")
+        print(f"[{mode}] {shlex.join(commands[mode])} (log: {logs / f'{mode}.log'})", file=sys.stderr, flush=True)
+        results[mode] = _serve_and_ask(commands[mode], port, args, prompt.input_ids, logs / f"{mode}.log")
         results[mode]["correct"] = prompts.passkey_correct(results[mode].get("text", ""), key)
         print(f"[{mode}] {results[mode]}", file=sys.stderr, flush=True)
     record = {"model": args.model, "trained_length": trained, "prompt_tokens": len(prompt.input_ids), "key": key,
               "depth": args.depth, "fact_token": prompt.fact_token, "versions": _versions(),
-              "commands": {m: shlex.join(c) for m, c in commands.items()},
-              "vllm_serve_equivalent": _print_command(args), "results": results}
+              "commands": {m: _display(shlex.join(c)) for m, c in commands.items()},
+              "vllm_serve_equivalent": _display(_print_command(args)), "results": results}
     (out / "passkey-16k.json").write_text(json.dumps(record, indent=2) + "\n")
     (out / "passkey-16k.md").write_text(_passkey_transcript(record, args))
     return 0 if results[SELFEXTEND]["correct"] else 1
@@ -187,7 +206,10 @@ def _passkey_transcript(record: dict, args) -> str:
         else:
             lines.append(f"| {name} | {r['text']!r} | {'yes' if r['correct'] else 'no'} | {r['prompt_tokens']} | "
                          f"{r['seconds']} | {r['startup_seconds']} |")
-    return "\n".join(lines) + "\n"
+    lines += ["", "Wall times are on a 2-core machine shared with other jobs; `throughput.md` compares speed.", ""]
+    for mode, name in ((PLAIN, "plain vLLM"), (SELFEXTEND, "vLLM + SelfExtend")):
+        lines += [f"Server log, {name} (excerpt):", "", "```", *record["results"][mode]["log"], "```", ""]
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from .config import EngineSettings, UnsupportedConfigError
-from .paged import CacheLayout, rotated, selfextend_attention
+from .paged import CacheLayout, flat_view, rotated, selfextend_attention
 from .plan import StepPlan, build_plan
 from .engine import check_layer, check_vllm_config, engine_settings, find_geometry
 
@@ -49,7 +49,10 @@ class SelfExtendCPUMetadataBuilder(CPUAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.settings = engine_settings(vllm_config)
-        self.geometry = None if self.settings is None else find_geometry(vllm_config, self.settings, self.head_dim)
+        if self.settings is not None:
+            self.geometry = find_geometry(vllm_config, self.settings, self.head_dim)
+            self.layout = probe_layout(self.isa, self.block_size, self.num_kv_heads, self.head_dim, self.dtype,
+                                       self.kv_cache_dtype)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
@@ -57,6 +60,7 @@ class SelfExtendCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             return metadata
         plan = build_plan(self.geometry, metadata.query_start_loc, metadata.seq_lens, metadata.block_table,
                           self.block_size, metadata.num_actual_tokens)
+        plan.layout = self.layout
         if plan.decode is not None:
             if len(plan.decode.rows) == common_attn_metadata.num_reqs:
                 plan.decode.kernel_metadata = metadata.scheduler_metadata  # the whole batch decodes
@@ -81,7 +85,6 @@ class SelfExtendCPUImpl(CPUAttentionBackendImpl):
                          logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks)
         vllm_config = get_current_vllm_config()
         self.settings: EngineSettings | None = engine_settings(vllm_config)
-        self.layout: CacheLayout | None = None
         if self.settings is not None:
             check_vllm_config(vllm_config, self.settings)
             check_layer(sliding_window, alibi_slopes, logits_soft_cap, sinks, attn_type,
@@ -117,15 +120,17 @@ class SelfExtendCPUImpl(CPUAttentionBackendImpl):
         ops.cpu_attn_reshape_and_cache(rotated(key, plan.key_rotation), value, key_cache, value_cache, slot_mapping,
                                        layer.isa, k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
                                        kv_cache_dtype=self.kv_cache_dtype)
-        if self.layout is None:
-            self.layout = probe_layout(layer.isa, key_cache.shape[2], key_cache.shape[1], key_cache.shape[3],
-                                       key_cache.dtype, self.kv_cache_dtype)
 
     def _decode(self, layer, q_grouped, key_cache, value_cache, plan: StepPlan, output) -> None:
         """One stock kernel pass for every decoding request on the fast path (see ``plan.py``)."""
         d = plan.decode
-        saved = self.layout.read_keys(key_cache, d.slot_blocks, d.slot_offsets)  # [M, Hkv, D]
-        self.layout.write_keys(key_cache, d.slot_blocks, d.slot_offsets, rotated(saved, d.slot_rotation))
+        offsets = d.key_offsets.get(key_cache.stride())  # computed once: every layer's cache has the same strides
+        if offsets is None:
+            offsets = d.key_offsets[key_cache.stride()] = plan.layout.key_offsets(key_cache, d.slot_blocks,
+                                                                                  d.slot_offsets)
+        keys = flat_view(key_cache)
+        saved = keys.take(offsets)  # [M, Hkv, D]
+        keys.index_put_((offsets,), rotated(saved, d.slot_rotation))
         try:
             n = len(d.rows)
             query = q_grouped[:n] if d.is_prefix else q_grouped[d.tokens]
@@ -139,13 +144,13 @@ class SelfExtendCPUImpl(CPUAttentionBackendImpl):
             if not d.is_prefix:
                 output[d.tokens] = out
         finally:
-            self.layout.write_keys(key_cache, d.slot_blocks, d.slot_offsets, saved)
+            keys.index_put_((offsets,), saved)
 
     def _attend_request(self, query, q_grouped, key_cache, value_cache, metadata, plan, request, output) -> None:
         """Exact SelfExtend attention of one request's new tokens over its gathered cache."""
         S, block_size = request.seq_len, key_cache.shape[2]
         blocks = metadata.block_table[request.index, : -(-S // block_size)].long()
-        k_grouped, v = self.layout.gather(key_cache, value_cache, blocks, S)  # [Hkv, S, D]
+        k_grouped, v = plan.layout.gather(key_cache, value_cache, blocks, S)  # [Hkv, S, D]
         first, back = plan.neighbor_rotation(request)
         k_neighbor = rotated(k_grouped[:, first:].transpose(0, 1), back).transpose(0, 1)
         t0, t1 = request.first_token, request.first_token + request.num_tokens
@@ -175,27 +180,24 @@ def _split(kv_cache: torch.Tensor):
 
 
 def probe_layout(isa: str, block_size: int, num_kv_heads: int, head_size: int, dtype, kv_cache_dtype) -> CacheLayout:
-    """Measure where vLLM's CPU cache writer puts key ``(slot t, dim d)`` inside a block, by writing
-    small integers (exact in every float dtype) and reading the page back."""
+    """Measure where vLLM's CPU cache writer puts element ``(slot t, dim d)`` of a key and of a value
+    inside a block, by writing small integers (exact in every float dtype) and reading pages back."""
     storage = torch.zeros(1, num_kv_heads, 2 * block_size, head_size, dtype=dtype)
     key_cache, value_cache = storage.chunk(2, dim=2)
     slots = torch.arange(block_size, dtype=torch.long)
-    t = torch.arange(block_size)[:, None, None].expand(block_size, num_kv_heads, head_size)
-    d = torch.arange(head_size)[None, None, :].expand(block_size, num_kv_heads, head_size)
-    pages = []
-    for pattern in (t, d):
+    shape = (block_size, num_kv_heads, head_size)
+    pages = {}
+    for name, pattern in (("t", torch.arange(block_size)[:, None, None]), ("d", torch.arange(head_size))):
         storage.zero_()
-        probe = (pattern + 1).to(dtype).contiguous()
-        ops.cpu_attn_reshape_and_cache(probe, probe, key_cache, value_cache, slots, isa,
-                                       kv_cache_dtype=kv_cache_dtype)
-        pages.append((key_cache[0, 0].reshape(-1).long() - 1, value_cache[0, 0].clone()))
-    (key_t, value_t), (key_d, _) = pages
-    flat = key_t * head_size + key_d  # plain offset t * D + d of what each stored element holds
-    if not torch.equal(value_t, t[:, 0, :].to(dtype) + 1) or not torch.equal(
-            torch.sort(flat).values, torch.arange(block_size * head_size)):
-        raise UnsupportedConfigError(f"cannot map vLLM's CPU KV cache layout (isa {isa!r}, {dtype})")
-    key_index = torch.empty_like(flat)
-    key_index[flat] = torch.arange(flat.numel())
-    if torch.equal(key_index, torch.arange(flat.numel())):
-        return CacheLayout(block_size, None)
-    return CacheLayout(block_size, key_index.view(block_size, head_size))
+        probe = (pattern.expand(shape) + 1).to(dtype).contiguous()
+        ops.cpu_attn_reshape_and_cache(probe, probe, key_cache, value_cache, slots, isa, kv_cache_dtype=kv_cache_dtype)
+        pages[name] = (key_cache[0, 0].reshape(-1).long() - 1, value_cache[0, 0].reshape(-1).long() - 1)
+    indexes = []
+    for which in (0, 1):  # keys, values
+        flat = pages["t"][which] * head_size + pages["d"][which]  # plain offset of what each element holds
+        if not torch.equal(torch.sort(flat).values, torch.arange(block_size * head_size)):
+            raise UnsupportedConfigError(f"cannot map vLLM's CPU KV cache layout (isa {isa!r}, {dtype})")
+        index = torch.empty_like(flat)
+        index[flat] = torch.arange(flat.numel())
+        indexes.append(index.view(block_size, head_size))
+    return CacheLayout(*indexes)

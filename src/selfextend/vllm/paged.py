@@ -70,50 +70,43 @@ def rotated(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torc
 
 @dataclass(frozen=True)
 class CacheLayout:
-    """Where key ``(slot t, dim d)`` of a block lives inside its ``[block_size * head_size]`` page.
+    """Where element ``(slot t, dim d)`` of a block lives inside its ``[block_size * head_size]`` page.
 
-    vLLM's CPU kernels store keys in an ISA-specific order (float32 ``vec``: transposed, ``[D, B]``);
-    values are plain ``[B, D]``. ``key_index[t, d]`` is the flat offset (None = plain ``[B, D]``),
-    measured once by writing a probe through vLLM's own cache writer."""
+    vLLM's CPU kernels store keys and values in an ISA-specific order (float32 ``vec``: keys
+    transposed ``[D, B]``, values plain; bfloat16 ``amx``: both packed in pairs).
+    ``key_index[t, d]`` / ``value_index[t, d]`` are flat offsets inside a page, measured once by
+    writing a probe through vLLM's own cache writer (``cpu_backend.probe_layout``)."""
 
-    block_size: int
-    key_index: torch.Tensor | None = None  # [B, D] long
+    key_index: torch.Tensor    # [B, D] long
+    value_index: torch.Tensor  # [B, D] long
 
-    def _pages(self, cache: torch.Tensor) -> torch.Tensor:
-        """``cache [blocks, Hkv, B, D]`` viewed as ``[blocks, Hkv, B * D]`` (a view: writes land)."""
-        blocks, heads, b, d = cache.shape
-        return cache.view(blocks, heads, b * d)
+    @classmethod
+    def plain(cls, block_size: int, head_size: int) -> CacheLayout:
+        """Pages in ``[B, D]`` order (what the tests and the CUDA cache use)."""
+        index = torch.arange(block_size * head_size).view(block_size, head_size)
+        return cls(index, index)
 
     def gather(self, key_cache, value_cache, blocks: torch.Tensor, length: int):
         """Keys and values of one sequence: ``blocks [nb]`` (its block table) -> k, v ``[Hkv, length, D]``."""
-        k = key_cache[blocks]  # [nb, Hkv, B, D] (a copy)
-        if self.key_index is not None:
-            k = self._pages(k)[:, :, self.key_index]  # [nb, Hkv, B, D] in plain order
-        v = value_cache[blocks]
-        nb, heads, b, d = v.shape
+        nb, heads, b, d = len(blocks), key_cache.shape[1], key_cache.shape[2], key_cache.shape[3]
+        k = key_cache[blocks].view(nb, heads, b * d)[:, :, self.key_index]  # [nb, Hkv, B, D], plain order
+        v = value_cache[blocks].view(nb, heads, b * d)[:, :, self.value_index]
         k = k.transpose(0, 1).reshape(heads, nb * b, d)[:, :length]
         v = v.transpose(0, 1).reshape(heads, nb * b, d)[:, :length]
         return k, v
 
-    def _key_indices(self, key_cache, blocks, offsets):
-        """Advanced indices selecting keys ``[M, Hkv, D]`` at (blocks[i], offsets[i])."""
-        heads, d = key_cache.shape[1], key_cache.shape[3]
-        flat = self.key_index[offsets]  # [M, D]
-        head = torch.arange(heads, device=blocks.device)
-        return blocks[:, None, None], head[None, :, None], flat[:, None, :]
+    def key_offsets(self, key_cache, blocks: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Offsets ``[M, Hkv, D]`` into :func:`flat_view` of the keys at ``(blocks[i], slots[i])``
+        (the same for every cache tensor with ``key_cache``'s strides)."""
+        heads = torch.arange(key_cache.shape[1])
+        return (blocks[:, None, None] * key_cache.stride(0) + heads[None, :, None] * key_cache.stride(1)
+                + self.key_index[slots][:, None, :])
 
-    def read_keys(self, key_cache, blocks: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """Keys at slots ``(blocks[i], offsets[i])`` -> ``[M, Hkv, D]`` (a copy)."""
-        if self.key_index is None:
-            return key_cache[blocks, :, offsets]
-        return self._pages(key_cache)[self._key_indices(key_cache, blocks, offsets)]
 
-    def write_keys(self, key_cache, blocks: torch.Tensor, offsets: torch.Tensor, keys: torch.Tensor) -> None:
-        """Store ``keys [M, Hkv, D]`` at slots ``(blocks[i], offsets[i])``, in place."""
-        if self.key_index is None:
-            key_cache[blocks, :, offsets] = keys
-        else:
-            self._pages(key_cache)[self._key_indices(key_cache, blocks, offsets)] = keys
+def flat_view(cache: torch.Tensor) -> torch.Tensor:
+    """The storage under ``cache`` from its first element on, as a flat tensor (a view)."""
+    start = cache.storage_offset()
+    return torch.as_strided(cache, (cache.untyped_storage().nbytes() // cache.element_size() - start,), (1,), start)
 
 
 # ------------------------------------------------------------------------------------------------

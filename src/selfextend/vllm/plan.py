@@ -51,6 +51,7 @@ class DecodePlan:
     slot_offsets: torch.Tensor    # [M] long, offset inside the block
     slot_rotation: tuple          # cos/sin [M, 1, rd]: the step's move of each neighbor key
     kernel_metadata: object = None  # the stock kernel's scheduler metadata, set by the backend
+    key_offsets: dict = field(default_factory=dict)  # cache strides -> [M, Hkv, D] offsets of those keys
 
 
 @dataclass
@@ -63,6 +64,7 @@ class StepPlan:
     decode: DecodePlan | None
     general: list[RequestSlice]
     geometry: Geometry
+    layout: object = None  # the cache's CacheLayout, set by the backend
     _neighbor_rotations: dict = field(default_factory=dict)
 
     def neighbor_rotation(self, request: RequestSlice) -> tuple[int, tuple]:

@@ -13,6 +13,7 @@ import logging
 import os
 
 SWITCH_ENV = "SELFEXTEND_VLLM"
+TESTED_VLLM = "0.32."  # the backends subclass vLLM internals: versions other than 0.32.x get a warning
 CPU_BACKEND = "selfextend.vllm.cpu_backend.SelfExtendCPUBackend"
 CUDA_BACKEND = "selfextend.vllm.cuda_backend.SelfExtendFlashAttentionBackend"
 
@@ -37,6 +38,7 @@ def register() -> None:
     (``engine_args`` selects that backend explicitly)."""
     if not switched_on():
         return
+    import vllm
     from vllm.platforms import current_platform
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
@@ -46,3 +48,6 @@ def register() -> None:
         register_backend(AttentionBackendEnum.FLASH_ATTN, CUDA_BACKEND)
     else:
         logger.warning("SelfExtend: no backend for platform %s; attention stays stock", current_platform.device_name)
+        return
+    if not vllm.__version__.startswith(TESTED_VLLM):
+        logger.warning("SelfExtend was tested with vLLM %sx only; this is vLLM %s", TESTED_VLLM, vllm.__version__)
