@@ -12,6 +12,7 @@ import selfextend
 from selfextend.cli import main
 from selfextend.evaluation.experiments import Grid, Inputs, Runner, load_results, trials
 from selfextend.evaluation.methods import Method, applied, log_likelihoods, parse_methods
+from selfextend.positions import choose_group_size, choose_settings, max_extended_length
 from selfextend.testing import TINY_LENGTH
 from tiny_fixtures import error_lines, essay_cache, essays, loaded, tiny  # noqa: F401  (fixtures)
 
@@ -67,6 +68,95 @@ def test_bad_method_specs_are_refused(spec):
         parse_methods(spec)
 
 
+# -- rules that choose G and w from the input length (positions.choose_settings) -------------------
+def test_cover_rule_is_todays_choice_for_the_whole_input():
+    for n in (8193, 12288, 16384, 24576, 32768, 10**7):
+        assert choose_settings(n, 8192, "cover") == (choose_group_size(n, 8192, 2048), 2048)
+    assert choose_settings(8192, 8192, "cover") == (1, 2048)  # an input that fits runs as trained
+
+
+@pytest.mark.parametrize("n, G", [(12288, 4), (16384, 5), (24576, 8), (32768, 11)])
+def test_fraction_rule_keeps_grouped_distances_within_f_of_L(n, G):
+    # f = 0.5 on L = 8192: w = L // 8 = 1024, reach 4096; G the smallest with (4096 - 1024) * G + 1024 >= n
+    assert choose_settings(n, 8192, "f=0.5") == (G, 1024)
+    assert max_extended_length(4096, 1024, G) >= n > max_extended_length(4096, 1024, G - 1)
+
+
+def test_rules_keep_the_window_and_never_shrink_G_as_the_input_grows():
+    # what lets the library use a rule per query position (length = position + 1)
+    for rule in ("cover", "f=1", "f=0.75", "f=0.5", "f=0.3"):
+        settings = [choose_settings(n, 64, rule) for n in range(1, 3000)]
+        assert len({w for _, w in settings}) == 1, rule
+        assert all(a[0] <= b[0] for a, b in zip(settings, settings[1:])), rule
+    assert choose_settings(64, 64, "f=0.5") == (1, 8) and choose_settings(65, 64, "f=0.5") == (3, 8)
+    assert choose_settings(100, 64, "f=0.5", window=4) == (4, 4)  # a window given overrides the rule's
+
+
+@pytest.mark.parametrize("rule, message", [("f=0", "unknown rule"), ("f=1.5", "unknown rule"), ("f=nan", "unknown rule"),
+                                           ("g=0.5", "unknown rule"), ("f=x", "unknown rule"), ("paper", "unknown rule"),
+                                           ("f=0.1", "must be more than the window")])
+def test_bad_rules_are_refused(rule, message):
+    with pytest.raises(ValueError, match=message):
+        choose_settings(100, 64, rule)  # f=0.1: reach 6 tokens, window 8
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("selfextend@f=0.5", Method("selfextend", rule="f=0.5")), ("selfextend@cover", Method("selfextend", rule="cover")),
+    ("selfextend@cover:-:1024", Method("selfextend", None, 1024, "cover")),
+])
+def test_rule_method_specs_round_trip(spec, expected):
+    assert parse_methods(spec) == [expected] and expected.spec == spec
+
+
+def test_rule_method_specs_are_written_one_way():
+    assert parse_methods("selfextend@f=0.50,selfextend@f=.5")[0].spec == "selfextend@f=0.5"
+    assert len(parse_methods("selfextend@f=0.50,selfextend@f=.5")) == 1
+
+
+@pytest.mark.parametrize("spec, message", [("leaky@f=0.5", "only selfextend takes a rule"),
+                                           ("selfextend@f=0.5:4:16", "a rule chooses G"),
+                                           ("selfextend@bogus", "unknown rule")])
+def test_bad_rule_methods_are_refused(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_methods(spec)
+
+
+def test_eval_rule_method_records_the_settings_it_resolved_per_length(tiny, tmp_path, essays):
+    # tiny L = 64, f = 0.5: w = 8, reach 32; at 128 tokens G = ceil((128 - 8) / (32 - 8)) = 5
+    out = tmp_path / "eval"
+    assert main(["eval", "perplexity", "--model", str(tiny), "--out", str(out), "--lengths", "32,128",
+                 "--methods", "plain,selfextend@f=0.5,selfextend:5:8"]) == 0
+    records = {(r["trial"]["method"], r["trial"]["length"]): r for r in
+               (json.loads(line) for line in (out / "results.jsonl").read_text().splitlines())}
+    assert records[("selfextend@f=0.5", 32)]["settings"] == {"G": 1, "w": 8}
+    assert records[("selfextend@f=0.5", 32)]["ppl"] == records[("plain", 32)]["ppl"]
+    assert records[("selfextend@f=0.5", 128)]["settings"] == {"G": 5, "w": 8}
+    assert records[("selfextend@f=0.5", 128)]["ppl"] == records[("selfextend:5:8", 128)]["ppl"]
+    assert "selfextend@f=0.5" in (out / "report.md").read_text()
+
+
+def test_eval_does_not_run_a_computation_twice_under_two_method_names(tiny, tmp_path, essays):
+    # at 128 tokens selfextend@f=0.5 is G = 5, w = 8: the same call as selfextend:5:8, so its result is
+    # copied (seconds 0, same_as names the method that ran); at 96 tokens the rule picks G = 4 and runs
+    out = tmp_path / "eval"
+    argv = ["eval", "perplexity", "--model", str(tiny), "--out", str(out), "--lengths", "96,128"]
+    assert main([*argv, "--methods", "selfextend:5:8,selfextend@f=0.5"]) == 0
+    records = {(r["trial"]["method"], r["trial"]["length"]): r for r in
+               (json.loads(line) for line in (out / "results.jsonl").read_text().splitlines())}
+    copied, ran = records[("selfextend@f=0.5", 128)], records[("selfextend:5:8", 128)]
+    assert copied["same_as"] == "selfextend:5:8" and copied["seconds"] == 0.0 and copied["ppl"] == ran["ppl"]
+    assert "same_as" not in records[("selfextend@f=0.5", 96)] and records[("selfextend@f=0.5", 96)]["settings"]["G"] == 4
+    # the copy is what running it gives
+    alone = tmp_path / "alone"
+    assert main(["eval", "perplexity", "--model", str(tiny), "--out", str(alone), "--lengths", "128",
+                 "--methods", "selfextend@f=0.5"]) == 0
+    assert json.loads((alone / "results.jsonl").read_text())["ppl"] == copied["ppl"]
+    # a later run finds the earlier computations in results.jsonl too
+    assert main([*argv, "--methods", "selfextend:5:8,selfextend@f=0.5,selfextend:4:8"]) == 0
+    new = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()[4:]]
+    assert [(r["trial"]["length"], r.get("same_as")) for r in new] == [(96, "selfextend@f=0.5"), (128, None)]
+
+
 def test_eval_runner_writes_one_line_per_trial_and_resumes(loaded, tmp_path):
     model, tok = loaded
     grid = Grid(methods=parse_methods("plain,selfextend"), lengths=[200], depths=[0.5], keys=1, ppl_sequences=1)
@@ -108,6 +198,9 @@ def test_eval_command_writes_report_and_plots(tiny, tmp_path, capsys, essays):
     (["ablation", "--ablation-length", "128", "--ablation-windows", "8,64"], "window must be"),
     (["passkey", "--methods", "plain,selfextend", "-w", "64"], "window must be"),
     (["passkey", "--methods", "plain,rerope", "-w", "8"], "no bare 'selfextend'"),
+    (["passkey", "--methods", "plain,selfextend@f=0.1"], "must be more than the window"),  # reach 6 <= w 8
+    (["passkey", "--methods", "plain,selfextend@f=2"], "unknown rule"),
+    (["passkey", "--methods", "plain,selfextend@f=0.5:-:64"], "must be more than the window w=64"),
 ])
 def test_eval_validates_everything_before_any_work(tiny, tmp_path, capsys, essays, argv, message):
     out = tmp_path / "eval"

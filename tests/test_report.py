@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from selfextend.evaluation.render import markdown_table
 
 
@@ -22,6 +24,8 @@ def test_report_sets_no_matplotlib_backend_on_import_or_when_plotting(tmp_path):
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     script = f"""
 import sys
+
+import pytest
 import selfextend.bench, selfextend.evaluation.report as report
 assert "matplotlib" not in sys.modules, "imported matplotlib"
 report.write_report({str(tmp_path)!r}, 64)
@@ -31,3 +35,93 @@ assert "matplotlib.pyplot" not in sys.modules, "used pyplot"
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "perplexity.png").stat().st_size > 1000
     assert "| plain | 20 | 30 |" in (tmp_path / "report.md").read_text()
+
+
+def test_wilson_interval_matches_published_values():
+    from selfextend.evaluation.report import wilson_interval
+
+    # 95% Wilson score intervals (Newcombe 1998, Table I): 0/10 -> 0-0.2775, 5/10 -> 0.2366-0.7634
+    assert wilson_interval(0, 10) == (0.0, pytest.approx(0.2775, abs=1e-4))
+    assert wilson_interval(5, 10) == (pytest.approx(0.2366, abs=1e-4), pytest.approx(0.7634, abs=1e-4))
+    low, high = wilson_interval(10, 10)
+    assert high == 1.0 and low == pytest.approx(1 - 0.2775, abs=1e-4)
+    assert wilson_interval(0, 0) == (0.0, 1.0)  # no trials: nothing known
+
+
+def _record(experiment, method, length, settings=None, **fields):
+    trial = {"experiment": experiment, "method": method, "length": length}
+    trial.update({k: fields.pop(k) for k in ("depth", "key", "sequence") if k in fields})
+    return {"trial": trial, "settings": settings or {}, "seconds": 1.0, **fields}
+
+
+def _passkeys(method, length, correct, trials, settings=None):
+    return [_record("passkey", method, length, settings, depth=i / 10, key=str(10000 + i), score=float(i < correct))
+            for i in range(trials)]
+
+
+def test_accuracy_cells_show_correct_over_trials(tmp_path):
+    records = (_passkeys("plain", 4096, 3, 3) + _passkeys("plain", 12288, 1, 4) + _passkeys("selfextend", 12288, 4, 4)
+               + [_record("needle", "plain", 4096, depth=d, score=s) for d, s in ((0.2, 1.0), (0.8, 0.5))]
+               + [_record("keylength", "plain", 12288, depth=0.5, key="12345", score=1.0)])
+    report = write(tmp_path, records).read_text()
+    assert "| plain | 3/3 | 1/4 |" in report and "| selfextend | - | 4/4 |" in report
+    assert "| plain | 1/2 (0.75) |" in report  # needle: full answers / trials (mean score)
+    assert "| plain | 1/1 |" in report          # keylength
+    assert (tmp_path / "passkey.png").stat().st_size > 1000
+
+
+def test_accuracy_panel_carries_wilson_intervals():
+    from selfextend.evaluation.report import _by, accuracy_panel, wilson_interval
+
+    cells = _by(_passkeys("plain", 100, 1, 4) + _passkeys("plain", 200, 0, 2), "passkey", "method", "length")
+    panel = accuracy_panel(cells, ["plain"], [100, 200, 300])
+    assert panel.lines["plain"] == ([100, 200, 300], [0.25, 0.0, None])
+    lows, highs = panel.intervals["plain"]
+    assert (lows[0], highs[0]) == wilson_interval(1, 4) and (lows[1], highs[1]) == wilson_interval(0, 2)
+
+
+def write(tmp_path, records):
+    from selfextend.evaluation.report import write_report
+
+    return write_report(tmp_path, 8192, "", records)
+
+
+def _study(tmp_path):
+    """Three rules at two lengths past L = 8192: today's, a fixed one and a fraction rule."""
+    records = []
+    for n, g in ((12288, 2), (16384, 3)):
+        records += _passkeys("selfextend", n, 5, 10, {"G": g, "w": 2048})
+        records += _passkeys("selfextend:4:1024", n, 9, 10, {"G": 4, "w": 1024})
+        records += _passkeys("selfextend@f=0.5", n, 10, 10, {"G": g + 2, "w": 1024})
+        records += [_record("perplexity", "selfextend", n, {"G": g, "w": 2048}, sequence=0, ppl=20.0),
+                    _record("perplexity", "selfextend:4:1024", n, {"G": 4, "w": 1024}, sequence=0, ppl=20.2),
+                    _record("perplexity", "selfextend@f=0.5", n, {"G": g + 2, "w": 1024}, sequence=0, ppl=20.6)]
+        records += [_record("needle", "selfextend@f=0.5", n, {"G": g + 2, "w": 1024}, depth=0.5, score=0.5)]
+    records += _passkeys("plain", 12288, 0, 10) + _passkeys("selfextend", 4096, 3, 3)  # not part of the study
+    return records
+
+
+def test_study_section_compares_rules_and_names_the_best_within_the_perplexity_budget(tmp_path):
+    report = write(tmp_path, _study(tmp_path)).read_text()
+    study = report.split("## Study: choosing G and w")[1]
+    # summary: all lengths pooled, with the 95% interval, and the worst perplexity change
+    assert "| selfextend:4:1024 | 18/20 | 0.70-0.97 |" in study and "+1.0% | yes |" in study
+    assert "| selfextend@f=0.5 | 20/20 | 0.84-1.00 | 0/2 (0.5) | +3.0% | no |" in study
+    # per length: the resolved G and w, k/n, perplexity change against today's rule
+    assert "| selfextend@f=0.5 | 16384 | 5 | 1024 | 10/10 | 0/1 (0.5) | 20.6 | +3.0% |" in study
+    assert "| plain |" not in study and "| 4096 |" not in study
+    # f=0.5 retrieves best but costs 3% perplexity: the criterion picks the fixed rule
+    assert "the best measured rule is **selfextend:4:1024**" in study
+    assert "to be written in `study.md`" in study
+    assert (tmp_path / "study.png").stat().st_size > 1000
+
+
+def test_study_section_pastes_the_hand_written_notes(tmp_path):
+    (tmp_path / "study.md").write_text("Chosen: selfextend@f=0.5, because it retrieves.\n")
+    report = write(tmp_path, _study(tmp_path)).read_text()
+    assert "Chosen: selfextend@f=0.5, because it retrieves." in report and "to be written" not in report
+
+
+def test_no_study_section_without_a_rule_method(tmp_path):
+    records = _passkeys("selfextend", 12288, 5, 10) + _passkeys("selfextend:4:1024", 12288, 9, 10)
+    assert "## Study" not in write(tmp_path, records).read_text()

@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("selfextend.commands.generate", "answer a prompt about a long document"),
     "bench": ("selfextend.bench", "time and memory of SelfExtend vs plain attention"),
     "eval": ("selfextend.evaluation.cli", "the paper's evaluations with baselines side by side"),
+    "calibrate": ("selfextend.commands.calibrate", "measure a model's retrieval; recommend G and w for a target length"),
     "serve": ("selfextend.serve", "OpenAI-compatible HTTP server with SelfExtend"),
     "vllm-serve": ("selfextend.vllm.serve", "vLLM's OpenAI server with SelfExtend (in .venv-vllm)"),
 }

@@ -85,6 +85,16 @@ def grouped_positions(
     raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
 
 
+def grouped_query_position(position: int, window: int, group_size: float, mode: str) -> float:
+    """The grouped position of one query (scalar form of :func:`grouped_positions`)."""
+    if mode == "rerope" or math.isinf(group_size):
+        return float(window)
+    if mode == "floor":
+        g = int(group_size)
+        return float(position // g + window - window // g)
+    return position / group_size + window - window / group_size
+
+
 def relative_distance(q_pos: int, k_pos: int, window: int, group_size: float, mode: str = "floor") -> float:
     """The relative distance SelfExtend lets the model see for one causal pair (scalar helper)."""
     d = q_pos - k_pos
@@ -93,3 +103,62 @@ def relative_distance(q_pos: int, k_pos: int, window: int, group_size: float, mo
     qg, _ = grouped_positions(torch.tensor([q_pos]), window, group_size, mode)
     _, kg = grouped_positions(torch.tensor([k_pos]), window, group_size, mode)
     return float(qg[0] - kg[0])
+
+
+# -- rules that choose G and w from the input length ---------------------------------------------------
+# A rule is text, so a command line, a results file and the library can all name it:
+#     "cover"   w = L // 4, G = the smallest that covers the input (the paper's choice; today's default)
+#     "f=F"     w = L // 8, G = the smallest with (F * L - w) * G + w >= n: the largest grouped distance
+#               stays below F * L, where a model that retrieves poorly far out still retrieves (0 < F <= 1)
+COVER_RULE = "cover"
+
+
+def parse_rule(rule: str) -> tuple[float, int]:
+    """``rule`` -> (reach F, window divisor): ``"cover"`` is (1, 4), ``"f=F"`` is (F, 8).
+    ValueError, naming the accepted forms, for anything else."""
+    text = rule.strip()
+    if text == COVER_RULE:
+        return 1.0, 4
+    name, _, value = text.partition("=")
+    try:
+        reach = float(value) if name.strip() == "f" else math.nan
+    except ValueError:
+        reach = math.nan
+    if not 0 < reach <= 1:  # also refuses nan
+        raise ValueError(f"unknown rule {rule!r}: use 'cover' or 'f=F' with 0 < F <= 1 (e.g. f=0.5)")
+    return reach, 8
+
+
+def rule_name(rule: str) -> str:
+    """The canonical spelling of ``rule`` (``f=0.50`` -> ``f=0.5``), so one rule has one name."""
+    reach, divisor = parse_rule(rule)
+    return COVER_RULE if divisor == 4 else f"f={reach:g}"
+
+
+def rule_window_and_reach(rule: str, pretrained_length: int, window: int | None = None) -> tuple[int, int]:
+    """(w, R) of ``rule`` for a model trained on ``pretrained_length`` tokens: its window (``window``
+    overrides it) and its reach ``R = int(F * L)``, the bound on grouped distances. ValueError if the
+    reach is not larger than the window (no G could cover anything)."""
+    reach, divisor = parse_rule(rule)
+    w = default_window(pretrained_length) if divisor == 4 else max(1, pretrained_length // divisor)
+    w = w if window is None else window
+    reach_tokens = int(reach * pretrained_length)
+    if reach_tokens <= w:
+        raise ValueError(f"rule {rule_name(rule)!r} keeps grouped distances below {reach_tokens} tokens, "
+                         f"which must be more than the window w={w}; use a larger F or a smaller window")
+    return w, reach_tokens
+
+
+def choose_settings(length: int, pretrained_length: int, rule: str = COVER_RULE,
+                    window: int | None = None) -> tuple[int, int]:
+    """(G, w) that ``rule`` picks for an input of ``length`` tokens (``window`` overrides the rule's w).
+
+    The window does not depend on ``length`` and G never decreases as ``length`` grows, so the same
+    function can also choose G per query position (``length = position + 1``). An input that fits the
+    trained length gets G = 1 (it runs as trained, exactly); past it G is the smallest with
+    ``(R - w) * G + w >= length`` for the rule's reach R (:func:`rule_window_and_reach`), capped at
+    DEFAULT_MAX_GROUP_SIZE."""
+    w, reach_tokens = rule_window_and_reach(rule, pretrained_length, window)
+    if length <= pretrained_length:
+        return 1, w
+    return choose_group_size(length, reach_tokens, w), w

@@ -36,7 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, help="results folder (default results/eval/<model>)")
     parser.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma-separated, default {','.join(ALL_METHODS)}; "
                         "a SelfExtend mode takes fixed settings as name:G:w, e.g. selfextend:4:1024; "
-                        "-G/-w/--mode set what a bare 'selfextend' means")
+                        "selfextend@RULE picks G and w per input length: @cover (w = L/4, the smallest G that "
+                        "covers the input) or @f=F (w = L/8, grouped distances below F*L), e.g. selfextend@f=0.5, "
+                        "selfextend@f=0.5:-:512 (fixed w); -G/-w/--mode set what a bare 'selfextend' means")
     parser.add_argument("--lengths", type=positive_ints, default=d.lengths, help="prompt lengths in tokens")
     parser.add_argument("--depths", type=_depths, default=d.depths, help="depths in [0, 1] (default 10 depths)")
     parser.add_argument("--keys", type=positive_int, default=d.keys, help="random passkeys per (length, depth)")

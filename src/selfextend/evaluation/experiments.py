@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .. import prompts
 from ..generation import generate
-from .methods import Method, applied, log_likelihoods, parse_method
+from .methods import Method, applied, fixed_settings, log_likelihoods, parse_method
 
 EXPERIMENTS = ("passkey", "keylength", "needle", "perplexity", "ablation")
 
@@ -207,16 +207,51 @@ class Inputs:
 
 
 class Runner:
-    """Runs trials on one model, appending a JSON line per finished trial to ``results.jsonl``."""
+    """Runs trials on one model, appending a JSON line per finished trial to ``results.jsonl``.
+
+    A trial that computes exactly what a finished one computed (the same input, and the same fixed G
+    and w reached by another method, e.g. a rule and a fixed setting) is not run again: its record
+    copies that result, with ``"seconds": 0`` and ``"same_as"`` naming the method that was run."""
 
     def __init__(self, model, tokenizer, out_dir: Path, max_new_tokens: int = 12, inputs: Inputs | None = None):
+        from ..assets import trained_length
+
         self.model, self.tokenizer = model, tokenizer
         self.inputs = inputs or Inputs(tokenizer)
         self.path = Path(out_dir) / "results.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_new_tokens = max_new_tokens
+        self.pretrained_length = trained_length(model)
         _end_last_line(self.path)
         self.done = load_results(self.path)  # key -> record; kept up to date as trials finish
+        self.computed = {}  # same_computation key -> a record that ran it
+        for record in self.done.values():
+            self._remember(record)
+
+    def same_computation(self, trial: dict) -> str | None:
+        """A key shared by the trials that compute exactly the same thing, or None if only this trial's
+        method computes it (its settings are not fixed for the whole input)."""
+        try:
+            settings = fixed_settings(parse_method(trial["method"]), self.pretrained_length, trial["length"])
+        except ValueError:  # a rule this model cannot run (a record from another model): nothing is shared
+            return None
+        if settings is None:
+            return None
+        return trial_key({**{k: v for k, v in trial.items() if k != "method"}, "computed_with": list(settings)})
+
+    def _remember(self, record: dict) -> None:
+        key = self.same_computation(record["trial"])
+        if key is not None and "same_as" not in record:
+            self.computed.setdefault(key, record)
+
+    def _finished(self, trial: dict) -> dict:
+        """The record of ``trial``: copied from an equal computation if there is one, else run now."""
+        earlier = self.computed.get(self.same_computation(trial))
+        if earlier is not None:
+            return {**earlier, "trial": trial, "seconds": 0.0, "same_as": earlier["trial"]["method"]}
+        t0 = time.perf_counter()
+        result = self.run_one(trial)
+        return {"trial": trial, **result, "seconds": round(time.perf_counter() - t0, 2)}
 
     @property
     def records(self) -> list[dict]:
@@ -225,16 +260,16 @@ class Runner:
     def run(self, todo: list[dict]) -> None:
         remaining = [t for t in todo if trial_key(t) not in self.done]
         if len(remaining) < len(todo):
-            tqdm.write(f"{len(todo) - len(remaining)} of {len(todo)} trials already in {self.path}; skipping them")
+            tqdm.write(f"{len(todo) - len(remaining)} of {len(todo)} trials already in {self.path}; skipping them",
+                       file=sys.stderr)
         with tqdm(remaining, desc="trials", unit="trial") as bar:
             for trial in bar:
                 bar.set_postfix_str(f"{trial['experiment']} {trial['method']} {trial['length']}")
-                t0 = time.perf_counter()
-                result = self.run_one(trial)
-                record = {"trial": trial, **result, "seconds": round(time.perf_counter() - t0, 2)}
+                record = self._finished(trial)
                 with self.path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
                 self.done[trial_key(trial)] = record
+                self._remember(record)
 
     def run_one(self, trial: dict) -> dict:
         inputs = self.inputs.build(trial)

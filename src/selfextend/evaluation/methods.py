@@ -4,7 +4,8 @@
     linear      position interpolation      } transformers' own RoPE scaling: the rotary embedding
     dynamic     dynamic NTK                 } modules are rebuilt from a copy of the config with
     yarn        YaRN                        } ``rope_parameters`` set; factor = length / L (>= 1)
-    selfextend  SelfExtend, G chosen from the length (or fixed), w = L // 4 unless given
+    selfextend  SelfExtend, G chosen from the length (or fixed), w = L // 4 unless given; with a rule
+                (``selfextend@f=0.5``) G and w are what ``positions.choose_settings`` picks for the length
     rerope      SelfExtend with G = infinity (every far key at distance w)
     leaky       SelfExtend without the floor (positions divided by G, not floored)
 """
@@ -21,6 +22,7 @@ import torch
 import selfextend
 
 from ..assets import trained_length
+from ..positions import choose_settings, default_window, rule_name
 from ..settings import Settings
 
 ROPE_SCALING = {"linear": "linear", "dynamic": "dynamic", "yarn": "yarn"}
@@ -32,14 +34,17 @@ ALL_METHODS = ("plain", *ROPE_SCALING, *SELFEXTEND_MODES)
 class Method:
     name: str                      # one of ALL_METHODS
     group_size: int | None = None  # SelfExtend modes only: fixed G (None = chosen from the length)
-    window: int | None = None      # SelfExtend modes only: w (None = L // 4)
+    window: int | None = None      # SelfExtend modes only: w (None = L // 4, or the rule's w)
+    rule: str | None = None        # selfextend only: the rule that picks G and w per input length
 
     @property
     def spec(self) -> str:
-        """``name`` or ``name:G:w`` (``-`` for a default): how trials and tables name the method."""
+        """``name``, ``name@rule``, and ``:G:w`` after it if set (``-`` for a default): how trials and
+        tables name the method, e.g. ``selfextend:4:1024``, ``selfextend@f=0.5``, ``selfextend@cover:-:1024``."""
+        head = self.name if self.rule is None else f"{self.name}@{self.rule}"
         if self.group_size is None and self.window is None:
-            return self.name
-        return ":".join([self.name] + ["-" if x is None else str(x) for x in (self.group_size, self.window)])
+            return head
+        return ":".join([head] + ["-" if x is None else str(x) for x in (self.group_size, self.window)])
 
 
 def selfextend_method(group_size: int | None = None, window: int | None = None, mode: str = "floor") -> Method:
@@ -49,9 +54,11 @@ def selfextend_method(group_size: int | None = None, window: int | None = None, 
 
 
 def parse_method(spec: str, names: tuple[str, ...] = ALL_METHODS) -> Method:
-    """``plain``, ``yarn``, ``selfextend``, ``selfextend:4:1024`` (G=4, w=1024), ``leaky:-:512`` ...
+    """``plain``, ``yarn``, ``selfextend``, ``selfextend:4:1024`` (G=4, w=1024), ``leaky:-:512``,
+    ``selfextend@f=0.5`` (a rule of ``positions.choose_settings``; ``:-:w`` fixes its window) ...
     (``names``: the method names the caller runs). Syntax only: :func:`check_method` checks the values."""
-    name, *params = spec.strip().split(":")
+    head, *params = spec.strip().split(":")
+    name, at, rule = head.partition("@")
     if name not in names:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(names)}")
     if params and (name not in SELFEXTEND_MODES or len(params) != 2):
@@ -60,7 +67,16 @@ def parse_method(spec: str, names: tuple[str, ...] = ALL_METHODS) -> Method:
         g, w = (None if x == "-" else int(x) for x in params) if params else (None, None)
     except ValueError:
         raise ValueError(f"method {spec!r}: G and w must be integers or '-'") from None
-    return Method(name, g, w)
+    if not at:
+        return Method(name, g, w)
+    if name != "selfextend":
+        raise ValueError(f"method {spec!r}: only selfextend takes a rule (selfextend@RULE)")
+    if g is not None:
+        raise ValueError(f"method {spec!r}: a rule chooses G; write selfextend@RULE:-:w to fix only the window")
+    try:
+        return Method(name, None, w, rule_name(rule))
+    except ValueError as e:
+        raise ValueError(f"method {spec!r}: {e}") from None
 
 
 def parse_methods(specs: str, selfextend: Method | None = None, names: tuple[str, ...] = ALL_METHODS) -> list[Method]:
@@ -100,10 +116,32 @@ def check_method(method: Method, config) -> None:
         raise ValueError(f"method {method.spec!r}: {e}") from None
 
 
-def selfextend_settings(method: Method, config) -> Settings:
-    """The Settings of a SelfExtend method (selfextend, rerope, leaky) on a model with ``config``."""
-    return Settings.from_config(config, group_size=method.group_size, window=method.window,
-                                mode=SELFEXTEND_MODES[method.name])
+def selfextend_settings(method: Method, config, length: int | None = None) -> Settings:
+    """The Settings of a SelfExtend method (selfextend, rerope, leaky) on a model with ``config``; a rule
+    method's G and w are those of its rule for ``length`` tokens (default: one past the trained length,
+    the first length it groups)."""
+    L = trained_length(config)
+    g, w = group_size_and_window(method, L, L + 1 if length is None else length)
+    return Settings.from_config(config, group_size=g, window=w, mode=SELFEXTEND_MODES[method.name])
+
+
+def group_size_and_window(method: Method, pretrained_length: int, length: int) -> tuple[int | None, int | None]:
+    """(G, w) that a SelfExtend method passes to ``enable`` for an input of ``length`` tokens: its own
+    (None = the library's default), or those its rule picks (``positions.choose_settings``)."""
+    if method.rule is None:
+        return method.group_size, method.window
+    return choose_settings(length, pretrained_length, method.rule, method.window)
+
+
+def fixed_settings(method: Method, pretrained_length: int, length: int) -> tuple[str, int, int] | None:
+    """(mode, G, w) when ``method`` runs SelfExtend with one G and w for a whole input of ``length``
+    tokens (a fixed G, or the choice of a rule); methods with equal tuples compute exactly the same thing
+    (``selfextend:4:1024`` and ``selfextend@f=0.5`` at 12288 tokens of a model trained on 8192). None for
+    every other method (plain, the rope scalings, and G chosen per query position)."""
+    if method.name not in SELFEXTEND_MODES or (method.group_size is None and method.rule is None):
+        return None
+    g, w = group_size_and_window(method, pretrained_length, length)
+    return SELFEXTEND_MODES[method.name], g, default_window(pretrained_length) if w is None else w
 
 
 def settings_record(settings: Settings, length: int) -> dict:
@@ -133,8 +171,8 @@ def applied(model, method: Method, length: int):
         yield {}
         return
     if method.name in SELFEXTEND_MODES:
-        with selfextend.enable(model, group_size=method.group_size, window=method.window,
-                               mode=SELFEXTEND_MODES[method.name]) as handle:
+        g, w = group_size_and_window(method, trained_length(model), length)
+        with selfextend.enable(model, group_size=g, window=w, mode=SELFEXTEND_MODES[method.name]) as handle:
             yield settings_record(handle.settings, length)
         return
     config = model.config.get_text_config()

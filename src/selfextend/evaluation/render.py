@@ -39,15 +39,25 @@ class Panel:
     xticks: list | None = None                     # label exactly these x values
     mark_x: tuple[float, str] | None = None        # a dashed vertical line at x, with its legend label
     grid: bool = False
+    intervals: dict[str, tuple[list, list]] = field(default_factory=dict)  # label -> (lows, highs): error bars
+    dodge: float = 0.0                             # shift line i by x * dodge * (i - middle), so bars stay apart
 
 
 def save_line_plots(path: Path, panels: list[Panel], panel_size: tuple[float, float] = (6, 4), dpi: int = 120) -> None:
     """Draw ``panels`` side by side in one figure and save it as a PNG at ``path``."""
     fig = new_figure(panel_size[0] * len(panels), panel_size[1])
     for ax, panel in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
-        for (label, (xs, ys)), marker in zip(panel.lines.items(), MARKERS * 4):
-            points = [(x, y) for x, y in zip(xs, ys) if y is not None]
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker, label=label)
+        middle = (len(panel.lines) - 1) / 2
+        for i, ((label, (xs, ys)), marker) in enumerate(zip(panel.lines.items(), MARKERS * 4)):
+            lows, highs = panel.intervals.get(label, (ys, ys))
+            points = [(x * (1 + panel.dodge * (i - middle)), y, lo, hi)
+                      for x, y, lo, hi in zip(xs, ys, lows, highs) if y is not None]
+            px, py = [p[0] for p in points], [p[1] for p in points]
+            if label in panel.intervals:  # asymmetric error bars from (low, high)
+                yerr = [[p[1] - p[2] for p in points], [p[3] - p[1] for p in points]]
+                ax.errorbar(px, py, yerr=yerr, marker=marker, label=label, capsize=2, elinewidth=1)
+            else:
+                ax.plot(px, py, marker=marker, label=label)
         if panel.mark_x is not None:
             ax.axvline(panel.mark_x[0], color="gray", ls="--", lw=1, label=panel.mark_x[1])
         ax.set(**panel.axes)

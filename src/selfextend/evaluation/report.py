@@ -1,24 +1,53 @@
-"""Tables (Markdown) and plots (PNG) from ``results.jsonl``; nothing here runs a model."""
+"""Tables (Markdown) and plots (PNG) from ``results.jsonl``; nothing here runs a model.
+
+Every accuracy cell is ``k/n``: trials answered correctly out of trials run, so a reader sees how much
+a cell can be trusted; accuracy plots draw each fraction with its 95% Wilson score interval.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 
 from .experiments import load_results
-from .methods import ALL_METHODS
+from .methods import ALL_METHODS, parse_method
 from .render import Panel, markdown_table, new_figure, save_line_plots
+
+STUDY_NOTES = "study.md"  # hand-written conclusion of the study, next to results.jsonl; pasted into the report
+PPL_TOLERANCE = 0.02      # a rule may cost at most this much perplexity against today's rule to be the default
 
 
 def _mean(xs):
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% (z = 1.96) Wilson score interval for a success fraction ``k / n`` (E. B. Wilson, "Probable
+    inference, the law of succession, and statistical inference", JASA 22, 1927). Unlike the normal
+    approximation it stays inside [0, 1] and is not zero-width at 0/n or n/n."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _correct(records) -> tuple[int, int]:
+    """(k, n): trials with the full answer (score 1) and trials."""
+    return sum(r["score"] >= 1 for r in records), len(records)
+
+
+def _k_of_n(records) -> str:
+    return "-" if not records else "{}/{}".format(*_correct(records))
+
+
 def _methods(records):
-    """Method specs present, in the order of ALL_METHODS (a kind's fixed-G variants after it)."""
+    """Method specs present, in the order of ALL_METHODS (a kind's fixed-G and rule variants after it)."""
     present = {r["trial"]["method"] for r in records}
-    return sorted(present, key=lambda spec: (ALL_METHODS.index(spec.split(":")[0]), spec))
+    return sorted(present, key=lambda spec: (ALL_METHODS.index(parse_method(spec).name), spec))
 
 
 def _by(records, experiment, *fields):
@@ -46,15 +75,31 @@ def _curves(path: Path, lengths, methods, rows, L: int, **axes) -> None:
     save_line_plots(path, [Panel(lines, axes, mark_x=(L, f"trained length {L}"))])
 
 
+def accuracy_panel(cells, methods, lengths, L: int | None = None, **axes) -> Panel:
+    """A panel of the fraction of full answers per method over ``lengths`` (``cells``: (method, length)
+    -> records), each point with its 95% Wilson interval."""
+    lines, intervals = {}, {}
+    for m in methods:
+        counts = [_correct(cells[(m, n)]) if cells.get((m, n)) else None for n in lengths]
+        lines[m] = (lengths, [None if c is None else c[0] / c[1] for c in counts])
+        bounds = [wilson_interval(*c) if c else (None, None) for c in counts]
+        intervals[m] = ([b[0] for b in bounds], [b[1] for b in bounds])
+    return Panel(lines, {"ylim": (-0.05, 1.05), **axes}, intervals=intervals, dodge=0.012,
+                 mark_x=None if L is None else (L, f"trained length {L}"))
+
+
 def passkey_section(records, out_dir: Path, L: int) -> str:
-    table = _per_length(records, "passkey", "score")
-    if table is None:
+    cells = _by(records, "passkey", "method", "length")
+    if not cells:
         return ""
-    methods, lengths, rows = table
-    _curves(out_dir / "passkey.png", lengths, methods, rows, L, xlabel="prompt length (tokens)",
-            ylabel="passkey accuracy", ylim=(-0.05, 1.05), title="Passkey retrieval")
-    n_trials = sum(r["trial"]["experiment"] == "passkey" for r in records)
-    return ("## Passkey retrieval\n\nAccuracy over depths and keys (" + f"{n_trials} trials).\n\n"
+    methods, lengths = _methods([r for g in cells.values() for r in g]), sorted({k[1] for k in cells})
+    save_line_plots(out_dir / "passkey.png", [accuracy_panel(
+        cells, methods, lengths, L, xlabel="prompt length (tokens)", ylabel="passkey accuracy (95% interval)",
+        title="Passkey retrieval")])
+    rows = [[m] + [_k_of_n(cells.get((m, n), [])) for n in lengths] for m in methods]
+    n_trials = sum(len(g) for g in cells.values())
+    return ("## Passkey retrieval\n\nCorrect answers / trials over depths and keys (" + f"{n_trials} trials); the "
+            "plot shows each fraction with its 95% Wilson score interval.\n\n"
             + markdown_table(["method"] + [str(n) for n in lengths], rows) + "\n\n![passkey](passkey.png)\n")
 
 
@@ -77,9 +122,15 @@ def heatmap_section(records, out_dir: Path, experiment: str, title: str) -> str:
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
     fig.suptitle(title)
     fig.savefig(out_dir / f"{experiment}.png", dpi=120, bbox_inches="tight")
-    _, _, rows = _per_length(records, experiment, "score")
-    return (f"## {title}\n\nMean score over depths (1 = answer found).\n\n"
+    per_length = _by(records, experiment, "method", "length")
+    rows = [[m] + [_needle_cell(per_length.get((m, n), [])) for n in lengths] for m in methods]
+    return (f"## {title}\n\nTrials with the full answer / trials over depths; in brackets the mean score (half "
+            "credit for one of the two key words). The heatmaps show the mean score per depth.\n\n"
             + markdown_table(["method"] + [str(n) for n in lengths], rows) + f"\n\n![{experiment}]({experiment}.png)\n")
+
+
+def _needle_cell(records) -> str:
+    return "-" if not records else f"{_k_of_n(records)} ({_mean([r['score'] for r in records]):.2g})"
 
 
 def keylength_section(records) -> str:
@@ -89,9 +140,8 @@ def keylength_section(records) -> str:
     methods = _methods([r for g in cells.values() for r in g])
     keys = sorted({k[1] for k in cells}, key=len)
     length = next(iter(cells.values()))[0]["trial"]["length"]
-    rows = [[m] + [("yes" if cells[(m, k)][0]["score"] else "no") if (m, k) in cells else "-" for k in keys]
-            for m in methods]
-    return (f"## Passkey with longer keys (length {length}, depth 0.5)\n\n"
+    rows = [[m] + [_k_of_n(cells.get((m, k), [])) for k in keys] for m in methods]
+    return (f"## Passkey with longer keys (length {length}, depth 0.5; correct / trials)\n\n"
             + markdown_table(["method"] + [f"{len(k)} digits" for k in keys], rows) + "\n")
 
 
@@ -111,16 +161,18 @@ def short_context_section(records, L: int) -> str:
     for exp, field_ in (("perplexity", "ppl"), ("passkey", "score"), ("needle", "score")):
         cells = _by([r for r in records if r["trial"]["length"] <= L], exp, "method", "length")
         for n in sorted({k[1] for k in cells}):
-            plain = _mean([r[field_] for r in cells.get(("plain", n), [])])
+            plain_records = cells.get(("plain", n), [])
+            plain = _mean([r[field_] for r in plain_records])
             for m in _methods([r for g in cells.values() for r in g]):
                 if m != "plain" and (m, n) in cells:
                     value = _mean([r[field_] for r in cells[(m, n)]])
-                    rows.append([exp, n, m, plain, value, value - plain])
+                    shown = (plain, value) if field_ == "ppl" else (_k_of_n(plain_records), _k_of_n(cells[(m, n)]))
+                    rows.append([exp, n, m, *shown, value - plain])
     if not rows:
         return ""
     return (f"## Short context (length <= trained {L})\n\nSelfExtend with G chosen from the length, and the rope "
             "scaling baselines (factor 1 here), must equal the plain model; a fixed G > 1, rerope and leaky regroup "
-            "distances beyond w and need not.\n\n"
+            "distances beyond w and need not. Accuracy as correct / trials; the difference is in the mean score.\n\n"
             + markdown_table(["experiment", "length", "method", "plain", "method value", "difference"], rows) + "\n")
 
 
@@ -140,6 +192,103 @@ def ablation_section(records, out_dir: Path) -> str:
             + markdown_table(["w \\ G"] + [str(g) for g in groups], rows) + "\n\n![ablation](ablation.png)\n")
 
 
+STUDY_EXPERIMENTS = ("passkey", "needle", "perplexity")
+
+
+def _study_cells(records, L: int) -> dict:
+    """experiment -> (method, length) -> records, for the SelfExtend (floor) methods past ``L``: today's
+    rule ``selfextend``, fixed settings ``selfextend:G:w`` and rules ``selfextend@...``."""
+    study = [r for r in records if r["trial"]["experiment"] in STUDY_EXPERIMENTS and r["trial"]["length"] > L
+             and parse_method(r["trial"]["method"]).name == "selfextend"]
+    return {e: _by(study, e, "method", "length") for e in STUDY_EXPERIMENTS}
+
+
+def _ppl(cells, method, length) -> float | None:
+    records = cells["perplexity"].get((method, length))
+    return _mean([r["ppl"] for r in records]) if records else None
+
+
+def _ppl_changes(cells, method, lengths) -> list[float]:
+    """Relative perplexity change against today's rule ``selfextend`` at each length both have."""
+    pairs = [(_ppl(cells, method, n), _ppl(cells, "selfextend", n)) for n in lengths]
+    return [value / today - 1 for value, today in pairs if value is not None and today is not None]
+
+
+def _study_summary(cells, methods, lengths) -> tuple[list[list], str | None]:
+    """(rows of the summary table, the best rule by the issue's criterion or None): retrieval first
+    (passkey, then needle), among rules whose perplexity stays within PPL_TOLERANCE of today's rule at
+    every length where perplexity was measured for both."""
+    rows, ranked = [], []
+    ppl_lengths = sorted({n for (_, n) in cells["perplexity"]})
+    for m in methods:
+        passkey = [r for n in lengths for r in cells["passkey"].get((m, n), [])]
+        needle = [r for n in lengths for r in cells["needle"].get((m, n), [])]
+        k, n = _correct(passkey)
+        lo, hi = wilson_interval(k, n)
+        changes = _ppl_changes(cells, m, ppl_lengths)
+        complete = len(changes) == len(ppl_lengths) > 0
+        within = complete and max(changes) <= PPL_TOLERANCE
+        rows.append([m, f"{k}/{n}" if n else "-", f"{lo:.2f}-{hi:.2f}" if n else "-", _needle_cell(needle),
+                     f"{max(changes):+.1%}" if changes else "-", ("yes" if within else "no") if complete else "-"])
+        if within and n:
+            ranked.append((k / n, _mean([r["score"] for r in needle]) if needle else 0.0, -max(changes), m))
+    return rows, (max(ranked)[-1] if ranked else None)
+
+
+def study_section(records, out_dir: Path, L: int) -> str:
+    """Choosing G and w: every SelfExtend rule side by side past the trained length (present once the
+    results hold a rule method, ``selfextend@...``), with the plot and the notes in ``study.md``."""
+    if not any(parse_method(r["trial"]["method"]).rule for r in records):
+        return ""
+    cells = _study_cells(records, L)
+    present = [r for e in cells.values() for g in e.values() for r in g]
+    if not present:
+        return ""
+    methods, lengths = _methods(present), sorted({r["trial"]["length"] for r in present})
+    detail = []
+    for m in methods:
+        for n in lengths:
+            found = [cells[e].get((m, n), []) for e in STUDY_EXPERIMENTS]
+            if not any(found):
+                continue
+            settings = next(g for g in found if g)[0].get("settings", {})
+            value, today = _ppl(cells, m, n), _ppl(cells, "selfextend", n)
+            change = f"{value / today - 1:+.1%}" if value is not None and today is not None else "-"
+            detail.append([m, n, settings.get("G", "-"), settings.get("w", "-"), _k_of_n(found[0]),
+                           _needle_cell(found[1]), "-" if value is None else value, change])
+    summary, best = _study_summary(cells, methods, lengths)
+    passkey = accuracy_panel(cells["passkey"], methods, lengths, xlabel="prompt length (tokens)",
+                             ylabel="passkey accuracy (95% interval)", title="Passkey")
+    passkey.xticks = lengths
+    needle = {m: (lengths, [_mean([r["score"] for r in cells["needle"][(m, n)]]) if cells["needle"].get((m, n))
+                            else None for n in lengths]) for m in methods}
+    ppl = {m: (lengths, [_ppl(cells, m, n) for n in lengths]) for m in methods}
+    save_line_plots(out_dir / "study.png", [
+        passkey,
+        Panel(needle, dict(xlabel="prompt length (tokens)", ylabel="needle: mean score", ylim=(-0.05, 1.05),
+                           title="Needle"), xticks=lengths),
+        Panel(ppl, dict(xlabel="sequence length (tokens)", ylabel="perplexity", title="Perplexity (essays)"),
+              xticks=lengths),
+    ], panel_size=(5.5, 4))
+    criterion = (f"By the criterion for the default (retrieval first; perplexity at most {PPL_TOLERANCE:.0%} above today's "
+                 f"rule at every measured length) the best measured rule is **{best}**." if best else
+                 f"No rule has perplexity measured at every length and within {PPL_TOLERANCE:.0%} of today's rule yet.")
+    notes_path = out_dir / STUDY_NOTES
+    notes = (notes_path.read_text().strip() if notes_path.exists()
+             else f"_The chosen rule and why: to be written in `{STUDY_NOTES}` next to results.jsonl._")
+    return (f"## Study: choosing G and w (past the trained length {L})\n\n"
+            "Rules, as methods of `selfextend eval`: `selfextend` is today's default (w = L // 4, G per query "
+            "position, the smallest that covers it; G shown for the last token); `selfextend:G:w` fixes both; "
+            "`selfextend@cover` is today's rule with one G for the whole input; `selfextend@f=F` keeps the largest "
+            "grouped distance below F * L with w = L // 8 (`positions.choose_settings`; `:-:w` fixes w). "
+            "Passkey and needle as correct / trials (needle: mean score in brackets); perplexity change against "
+            "`selfextend` at the same length.\n\n"
+            + markdown_table(["rule", "passkey (all lengths)", "95% interval", "needle", "worst perplexity change",
+                              f"within {PPL_TOLERANCE:.0%}"], summary) + "\n\n"
+            + markdown_table(["rule", "length", "G", "w", "passkey", "needle", "perplexity", "vs selfextend"], detail,
+                             align="lrrrllrr") + "\n\n![study](study.png)\n\n" + criterion + "\n\n" + notes + "\n")
+
+
 def budget_section(records) -> str:
     """Trials and compute time per experiment, summed from the records."""
     per = defaultdict(lambda: [0, 0.0, set()])
@@ -150,7 +299,9 @@ def budget_section(records) -> str:
         per[t["experiment"]][2].add(t["length"])
     rows = [[e, n, f"{s / 60:.1f}", ", ".join(str(x) for x in sorted(lengths))] for e, (n, s, lengths) in per.items()]
     total = sum(v[1] for v in per.values())
-    return (f"Compute: {len(records)} trials, {total / 3600:.2f} h in all (sum of trial times).\n\n"
+    copied = sum("same_as" in r for r in records)
+    copies = f" ({copied} copied from a trial of another method with the same input, G and w)" if copied else ""
+    return (f"Compute: {len(records)} trials{copies}, {total / 3600:.2f} h in all (sum of trial times).\n\n"
             + markdown_table(["experiment", "trials", "minutes", "lengths"], rows) + "\n\n")
 
 
@@ -163,7 +314,7 @@ def write_report(out_dir: Path, L: int, header: str = "", records: list[dict] | 
     sections = [passkey_section(records, out_dir, L), keylength_section(records),
                 heatmap_section(records, out_dir, "needle", "Needle in a haystack (Paul Graham essays)"),
                 perplexity_section(records, out_dir, L), short_context_section(records, L),
-                ablation_section(records, out_dir)]
+                ablation_section(records, out_dir), study_section(records, out_dir, L)]
     path = out_dir / "report.md"
     path.write_text(header + budget_section(records) + "\n\n".join(s for s in sections if s))
     (out_dir / "summary.json").write_text(json.dumps({"trials": len(records), "trained_length": L}, indent=1))

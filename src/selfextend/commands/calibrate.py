@@ -1,0 +1,181 @@
+"""`selfextend calibrate`: measure how far a model's own retrieval reaches, and recommend G and w.
+
+SelfExtend maps every far distance into the range the model was trained on. Many models retrieve
+reliably only well inside that range, up to their *effective length* E; keeping the largest grouped
+distance below E (the rule ``f=E/L`` of :func:`selfextend.positions.choose_settings`) uses only
+distances the model still handles. The command:
+
+1. runs the plain model on the passkey prompt at a few lengths up to the trained length L (a few
+   depths each), from the shortest up, and stops after the first length where it misses at least
+   half of the depths: E is the longest length before that;
+2. derives G and w for the target length from E (w = L // 8, G the smallest with (E - w) * G + w >=
+   target);
+3. measures perplexity on the essays at one check length: plain, today's default, the recommendation;
+4. prints the numbers, then the settings as one JSON line for ``selfextend.enable(model, **settings)``.
+
+Trials run through the evaluation's runner: with ``--out`` they are kept (``results.jsonl``) and a
+rerun skips the finished ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..positions import choose_group_size, choose_settings, max_extended_length, rule_window_and_reach
+from .common import CommandError, add_model_argument, bad_input, positive_int, positive_ints
+
+DEPTHS = (0.2, 0.5, 0.8)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_argument(parser)
+    parser.add_argument("--target-length", type=positive_int, default=None,
+                        help="input length to recommend G and w for (default 4 x the trained length)")
+    parser.add_argument("--lengths", type=positive_ints, default=None,
+                        help="passkey lengths for the plain model, tried from the shortest up "
+                        "(default L/4, L/2, 3L/4 and L)")
+    parser.add_argument("--depths", default=",".join(map(str, DEPTHS)),
+                        help=f"passkey depths in [0, 1] per length (default {','.join(map(str, DEPTHS))})")
+    parser.add_argument("--ppl-length", type=positive_int, default=None,
+                        help="perplexity check length (default the smaller of the target and 1.5 x L)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="keep the trials in this folder (results.jsonl, resumable) and write calibration.json")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random passkeys")
+
+
+# -- the recommendation (pure: numbers in, settings out) -------------------------------------------
+@dataclass(frozen=True)
+class Recommendation:
+    settings: dict   # keyword arguments of selfextend.enable: {} = the library's default
+    reason: str      # one line: where the settings come from
+
+
+def effective_length(passkey: list[tuple[int, int, int]]) -> int | None:
+    """The longest length, going up from the shortest, before the first one where the plain model
+    missed at least half of the trials; ``passkey`` holds (length, correct, trials). None if it failed
+    at the shortest."""
+    effective = None
+    for length, correct, trials in sorted(passkey):
+        if 2 * correct <= trials:
+            break
+        effective = length
+    return effective
+
+
+def recommend(effective: int | None, L: int, target: int) -> Recommendation:
+    """G and w for ``target`` tokens on a model trained on ``L`` whose plain retrieval holds up to
+    ``effective`` tokens."""
+    if effective is None:
+        return Recommendation({}, "the plain model missed the passkey already at the shortest length, so its "
+                                  "retrieval cannot guide G and w; keep the default")
+    if target <= min(L, effective):
+        return Recommendation({}, f"{target} tokens fit the trained length and the plain model retrieves there; "
+                                  "enable(model) leaves such inputs exact")
+    reach = min(1.0, effective / L)
+    rule = f"f={reach:g}"
+    window = min(L // 8, max(1, int(reach * L) // 2))  # L // 8 unless E is tiny
+    if target > L:
+        group_size, window = choose_settings(target, L, rule, window)
+    else:  # fits the trained length, but beyond where the plain model retrieves: group anyway
+        window, reach_tokens = rule_window_and_reach(rule, L, window)
+        group_size = choose_group_size(target, reach_tokens, window)
+    limit = int(max_extended_length(L, window, group_size))
+    return Recommendation({"group_size": group_size, "window": window},
+                          f"rule {rule} (largest grouped distance below {int(reach * L)} tokens = E): w = {window}, "
+                          f"G = the smallest with ({int(reach * L)} - {window}) * G + {window} >= {target} -> "
+                          f"G = {group_size} (extended limit {limit})")
+
+
+# -- the command -----------------------------------------------------------------------------------
+def _depths(text: str) -> list[float]:
+    try:
+        depths = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        depths = []
+    if not depths or not all(0 <= d <= 1 for d in depths):
+        raise CommandError(f"--depths must be comma-separated numbers in [0, 1], got {text!r}")
+    return depths
+
+
+def _passkey_trials(lengths: list[int], depths: list[float], seed: int) -> list[list[dict]]:
+    """Plain-model passkey trials, one list per length (shortest first), a random key per trial."""
+    import random
+
+    from .. import prompts
+
+    rng = random.Random(seed)
+    return [[dict(experiment="passkey", method="plain", length=n, depth=d, key=prompts.random_key(rng))
+             for d in depths] for n in sorted(set(lengths))]
+
+
+def run(args) -> int:
+    from ..assets import load_config, load_model, load_tokenizer, model_name, trained_length
+    from ..evaluation.experiments import Inputs, Runner, trial_key
+    from ..evaluation.render import markdown_table
+
+    # every check (lengths, depths, prompts, the essays) before the weights load
+    depths = _depths(args.depths)
+    config = load_config(args.model)
+    L = trained_length(config)
+    target = args.target_length or 4 * L
+    lengths = args.lengths or [L // 4, L // 2, 3 * L // 4, L]
+    ppl_length = args.ppl_length or min(target, 3 * L // 2)
+    per_length = _passkey_trials(lengths, depths, args.seed)
+    ppl_trial = dict(experiment="perplexity", length=ppl_length, sequence=0)
+    tokenizer = load_tokenizer(args.model)
+    inputs = Inputs(tokenizer)
+    with bad_input():
+        inputs.check([t for ts in per_length for t in ts] + [{**ppl_trial, "method": "plain"}])
+
+    model, _ = load_model(args.model, tokenizer=tokenizer)
+    print(f"selfextend calibrate: {model_name(args.model)}, trained length L = {L}, target {target} tokens\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        runner = Runner(model, tokenizer, args.out or Path(tmp), inputs=inputs)
+        passkey = []
+        for trials in per_length:
+            runner.run(trials)
+            correct = sum(runner.done[trial_key(t)]["score"] >= 1 for t in trials)
+            passkey.append((trials[0]["length"], correct, len(trials)))
+            if 2 * correct <= len(trials):
+                break  # early stop: longer inputs will not do better
+        effective = effective_length(passkey)
+        advice = recommend(effective, L, target)
+        methods = {"plain": "plain", "default (selfextend)": "selfextend"}
+        if advice.settings:
+            methods["recommended"] = f"selfextend:{advice.settings['group_size']}:{advice.settings['window']}"
+        runner.run([{**ppl_trial, "method": spec} for spec in methods.values()])
+        ppl = {label: runner.done[trial_key({**ppl_trial, "method": spec})] for label, spec in methods.items()}
+
+    print(f"Plain model, passkey at {len(depths)} depths per length (from the shortest up; stops after the first "
+        "length with half or more missed):\n")
+    print(markdown_table(["length", "correct", "held"], [[n, f"{k}/{t}", "yes" if 2 * k > t else "no"]
+                                                       for n, k, t in passkey], align="rll") + "\n")
+    print(f"Effective length E = {effective} tokens ({effective / L:.3g} x L).\n" if effective else
+        "Effective length: none of the lengths tried.\n")
+    print(f"Recommendation: {advice.reason}.\n")
+    default_ppl = ppl["default (selfextend)"]["ppl"]
+    rows = [[label, r["settings"].get("G", "-"), r["settings"].get("w", "-"), r["ppl"],
+             f"{r['ppl'] / default_ppl - 1:+.1%}" if label == "recommended" else ""] for label, r in ppl.items()]
+    print(f"Perplexity at {ppl_length} tokens of the essays (lower is better):\n")
+    print(markdown_table(["settings", "G", "w", "perplexity", "vs default"], rows, align="lrrrr") + "\n")
+    call = ", ".join(f"{k}={v}" for k, v in advice.settings.items())
+    print(f"For {target} tokens: selfextend.enable(model{', ' + call if call else ''})")
+    if advice.settings:
+        print(f"(check it: selfextend passkey --model {args.model} --length {target} "
+              f"-G {advice.settings['group_size']} -w {advice.settings['window']})")
+    print(json.dumps(advice.settings))
+    if args.out:
+        summary = {"model": model_name(args.model), "trained_length": L, "target_length": target,
+                   "passkey": [dict(length=n, correct=k, trials=t) for n, k, t in passkey],
+                   "effective_length": effective, "reason": advice.reason, "settings": advice.settings,
+                   "perplexity": {label: {"length": ppl_length, **r["settings"], "ppl": r["ppl"]}
+                                  for label, r in ppl.items()}}
+        (args.out / "calibration.json").write_text(json.dumps(summary, indent=1) + "\n")
+        print(f"[calibrate] trials in {args.out / 'results.jsonl'}, summary in {args.out / 'calibration.json'}",
+              file=sys.stderr)
+    return 0
