@@ -8,7 +8,7 @@ import torch
 
 from selfextend.positions import relative_distance
 from selfextend.rope import rotate, rotation
-from selfextend.vllm.paged import CacheLayout, Geometry, attend, flat_view, rotated, selfextend_attention
+from selfextend.vllm.paged import Geometry, attend, rotated, selfextend_attention
 
 INV_FREQ = 1.0 / (10000.0 ** (torch.arange(0, 32, 2, dtype=torch.float32) / 32))  # head size 32
 
@@ -68,21 +68,3 @@ def test_attend_fully_masked_row_is_empty():
     out, lse = attend(q, k, v, 0.2, mask)
     assert torch.all(out[1] == 0) and torch.all(torch.isinf(lse[1]))
     assert torch.isfinite(lse[0]).all()
-
-
-def test_cache_layout_finds_keys_in_transposed_pages():
-    """Keys stored transposed ([D, B] pages, like vLLM's float32 CPU cache) are found by offset and gathered
-    in plain order."""
-    blocks, heads, B, D = 3, 2, 4, 8
-    key_index = torch.arange(D)[None, :] * B + torch.arange(B)[:, None]  # (t, d) -> d * B + t
-    layout = CacheLayout(key_index, CacheLayout.plain(B, D).value_index)
-    storage = torch.zeros(blocks, heads, 2 * B, D)
-    key_cache, value_cache = storage.chunk(2, dim=2)
-    keys = torch.randn(5, heads, D)
-    offsets = layout.key_offsets(key_cache, torch.tensor([0, 0, 1, 2, 2]), torch.tensor([0, 3, 1, 2, 3]))
-    flat_view(key_cache).index_put_((offsets,), keys)
-    assert torch.equal(flat_view(key_cache).take(offsets), keys)
-    page = storage[1, 0, :B].reshape(-1)  # block 1, head 0, the key half
-    assert torch.equal(page[key_index[1]], keys[2, 0])  # slot 1, every d, where the index says
-    k, _ = layout.gather(key_cache, value_cache, torch.tensor([2, 0]), 6)
-    assert torch.equal(k[:, 2], keys[3]) and torch.equal(k[:, 3], keys[4]) and torch.equal(k[:, 4], keys[0])

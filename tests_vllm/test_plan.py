@@ -27,19 +27,22 @@ def test_decoding_requests_take_the_fast_path_and_prefills_the_general_one():
     plan = plan_for([3, 1, 1], [10, 7, 3], [[1, 2, 3], [4, 5, 0], [6, 0, 0]])
     assert plan.decode.rows.tolist() == [1, 2] and not plan.decode.is_prefix
     assert [(r.index, r.first_token, r.num_tokens, r.seq_len) for r in plan.general] == [(0, 0, 3, 10)]
-    # neighbor slots: request 1 keys 3..6 (window 4), request 2 keys 0..2 (shorter than the window)
-    assert plan.decode.slot_blocks.tolist() == [4, 5, 5, 5, 6, 6, 6]
-    assert plan.decode.slot_offsets.tolist() == [3, 0, 1, 2, 0, 1, 2]
+    # neighbor keys: request 1 keys 3..6 (window 4) in blocks 4, 5; request 2 keys 0..2 in block 6
+    assert plan.decode.tail_blocks.tolist() == [4, 5, 6]
+    identity = plan.decode.tail_sin[:, :, 0] == 0  # slots moved by 0: keys 0..2 of block 4, slot 3 of 5 and 6
+    assert identity.tolist() == [[True, True, True, False], [False, False, False, True], [False, False, False, True]]
 
 
 def test_neighbor_move_makes_the_grouped_query_see_ordinary_distances():
     """After the move, key j sits at j + qg(p) - p: the distance to the query at qg(p) is p - j."""
-    plan = plan_for([1], [11], [[1, 2, 3]])
+    plan = plan_for([1], [11], [[1, 2, 3]])  # keys 7..10 in blocks 2 (slots 4..7) and 3 (slots 8..11)
     p, w, g = 10, 4, 2
     qg = p // g + w - w // g
-    for j, cos in zip(range(7, 11), plan.decode.slot_rotation[0][:, 0, 0]):
+    assert plan.decode.tail_blocks.tolist() == [2, 3]
+    cos = plan.decode.tail_cos[:, :, 0].flatten()  # inv_freq 1: cos of the move itself, slots 4..11
+    for j in range(7, 11):
         delta = (j + qg - p) - j // g  # from the stored grouped position kg(j) = j // g
-        assert torch.isclose(cos, torch.cos(torch.tensor(float(delta))))
+        assert torch.isclose(cos[j - 4], torch.cos(torch.tensor(float(delta))))
 
 
 def test_requests_sharing_a_block_at_different_positions_leave_the_fast_path():

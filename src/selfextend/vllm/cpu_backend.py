@@ -31,7 +31,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from .config import EngineSettings, UnsupportedConfigError
-from .paged import CacheLayout, flat_view, rotated, selfextend_attention
+from .paged import CacheLayout, rotated, selfextend_attention
 from .plan import StepPlan, build_plan
 from .engine import check_layer, check_vllm_config, engine_settings, find_geometry
 
@@ -124,13 +124,8 @@ class SelfExtendCPUImpl(CPUAttentionBackendImpl):
     def _decode(self, layer, q_grouped, key_cache, value_cache, plan: StepPlan, output) -> None:
         """One stock kernel pass for every decoding request on the fast path (see ``plan.py``)."""
         d = plan.decode
-        offsets = d.key_offsets.get(key_cache.stride())  # computed once: every layer's cache has the same strides
-        if offsets is None:
-            offsets = d.key_offsets[key_cache.stride()] = plan.layout.key_offsets(key_cache, d.slot_blocks,
-                                                                                  d.slot_offsets)
-        keys = flat_view(key_cache)
-        saved = keys.take(offsets)  # [M, Hkv, D]
-        keys.index_put_((offsets,), rotated(saved, d.slot_rotation))
+        saved = key_cache[d.tail_blocks]  # [Mb, Hkv, B, D]: the blocks holding neighbor keys (a copy)
+        key_cache[d.tail_blocks] = plan.layout.rotate_key_pages(saved, d.tail_cos, d.tail_sin)
         try:
             n = len(d.rows)
             query = q_grouped[:n] if d.is_prefix else q_grouped[d.tokens]
@@ -144,7 +139,7 @@ class SelfExtendCPUImpl(CPUAttentionBackendImpl):
             if not d.is_prefix:
                 output[d.tokens] = out
         finally:
-            keys.index_put_((offsets,), saved)
+            key_cache[d.tail_blocks] = saved
 
     def _attend_request(self, query, q_grouped, key_cache, value_cache, metadata, plan, request, output) -> None:
         """Exact SelfExtend attention of one request's new tokens over its gathered cache."""

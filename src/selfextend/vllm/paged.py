@@ -95,18 +95,40 @@ class CacheLayout:
         v = v.transpose(0, 1).reshape(heads, nb * b, d)[:, :length]
         return k, v
 
-    def key_offsets(self, key_cache, blocks: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """Offsets ``[M, Hkv, D]`` into :func:`flat_view` of the keys at ``(blocks[i], slots[i])``
-        (the same for every cache tensor with ``key_cache``'s strides)."""
-        heads = torch.arange(key_cache.shape[1])
-        return (blocks[:, None, None] * key_cache.stride(0) + heads[None, :, None] * key_cache.stride(1)
-                + self.key_index[slots][:, None, :])
+    def rotate_key_pages(self, pages: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Key pages ``[Mb, Hkv, B, D]`` (raw page order, as copied out of the cache) with slot ``t``
+        of page ``m`` rotated by ``cos/sin[m, t] [rd / 2]``; returned in the same raw order."""
+        mb, heads, b, d = pages.shape
+        if torch.equal(self.key_index, _transposed(b, d)):  # [D, B] pages: rotate rows d, d + rd/2
+            out = _rotate_pairs(pages.view(mb, heads, d, b), cos.transpose(1, 2)[:, None], sin.transpose(1, 2)[:, None],
+                                dim=2)
+            return out.view(mb, heads, b, d)
+        flat = pages.reshape(mb, heads, b * d)
+        plain = _rotate_pairs(flat[:, :, self.key_index], cos[:, None], sin[:, None], dim=3)  # [Mb, Hkv, B, D]
+        out = torch.empty_like(flat)
+        out[:, :, self.key_index] = plain
+        return out.view(mb, heads, b, d)
 
 
-def flat_view(cache: torch.Tensor) -> torch.Tensor:
-    """The storage under ``cache`` from its first element on, as a flat tensor (a view)."""
-    start = cache.storage_offset()
-    return torch.as_strided(cache, (cache.untyped_storage().nbytes() // cache.element_size() - start,), (1,), start)
+def _transposed(block_size: int, head_size: int) -> torch.Tensor:
+    """The key index of ``[D, B]`` pages."""
+    return torch.arange(head_size)[None, :] * block_size + torch.arange(block_size)[:, None]
+
+
+def _rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dim: int) -> torch.Tensor:
+    """RoPE rotation of the pairs ``(i, i + h)`` along ``dim`` (``h = cos.shape[dim]``; dims past
+    ``2h`` pass unchanged), computed in float32; cos/sin broadcast against the first ``h`` entries."""
+    h = cos.shape[dim]
+    lo, hi = x.narrow(dim, 0, h).float(), x.narrow(dim, h, h).float()
+    out = x.clone() if x.shape[dim] > 2 * h or x.dtype != torch.float32 else torch.empty_like(x)
+    out_lo, out_hi = out.narrow(dim, 0, h), out.narrow(dim, h, h)
+    if x.dtype == torch.float32:  # in place, four passes
+        torch.mul(lo, cos, out=out_lo).addcmul_(hi, sin, value=-1)
+        torch.mul(hi, cos, out=out_hi).addcmul_(lo, sin)
+    else:
+        out_lo.copy_(lo * cos - hi * sin)
+        out_hi.copy_(hi * cos + lo * sin)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------

@@ -11,11 +11,14 @@ Decode fast path. A decoding request has one query at ``p = S - 1``. Its grouped
 are already stored at ``kg(j)``, which is what a query rotated to ``qg(p)`` needs. Its ``w`` neighbor
 keys are moved for this step to ``j + qg(p) - p`` (rotation by ``qg(p) - p - (kg(j) - j)``): then
 ``qg(p) - (j + qg(p) - p) = p - j``, the ordinary distance. One pass of vLLM's own paged kernel over
-the cache gives the exact merged softmax; the backend then writes the saved neighbor keys back
-bit for bit. Cost per step: the stock kernel plus O(w) per request.
+the cache gives the exact merged softmax; the backend then writes the saved blocks back bit for bit.
+The move works on whole cache blocks (the ``w / B + 1`` blocks holding the neighbor keys; other
+slots in them get the identity), so it is a few contiguous copies. Cost per step: the stock kernel
+plus O(w) per request.
 
-Two decoding requests that share a cached block (prefix caching) at different positions would need
-different rotations of the same slot; such requests take the general path instead.
+Moved keys are seen by the whole kernel pass, so a request reading a block that another request
+moves (prefix caching shares blocks) takes the general path instead, unless both decode at the same
+position (then they make the same moves).
 """
 
 from __future__ import annotations
@@ -47,11 +50,10 @@ class DecodePlan:
     query_start_loc: torch.Tensor  # [n + 1] int32, 0 .. n
     seq_lens: torch.Tensor        # [n] int32
     block_table: torch.Tensor     # [n, max_blocks] int32
-    slot_blocks: torch.Tensor     # [M] long, block of each neighbor slot
-    slot_offsets: torch.Tensor    # [M] long, offset inside the block
-    slot_rotation: tuple          # cos/sin [M, 1, rd]: the step's move of each neighbor key
+    tail_blocks: torch.Tensor     # [Mb] long, the cache blocks holding neighbor keys
+    tail_cos: torch.Tensor        # [Mb, B, rd / 2] float32: the step's move of every slot in them
+    tail_sin: torch.Tensor        # (identity for slots that are not neighbor keys)
     kernel_metadata: object = None  # the stock kernel's scheduler metadata, set by the backend
-    key_offsets: dict = field(default_factory=dict)  # cache strides -> [M, Hkv, D] offsets of those keys
 
 
 @dataclass
@@ -111,37 +113,42 @@ def key_ranges(firsts: torch.Tensor, lasts: torch.Tensor) -> tuple[torch.Tensor,
     return owner, firsts[owner] + offset_in_range
 
 
-def _neighbor_slots(geometry: Geometry, rows: list[int], lens: list[int], block_table, block_size):
-    """For decoding rows: (row of each neighbor slot, its block, its offset, its move for this step)."""
+def _tail_blocks(geometry: Geometry, rows: list[int], lens: list[int], block_table, block_size):
+    """For decoding rows: the blocks holding their neighbor keys ``[Mb]`` and the move of each of
+    their slots ``[Mb, B]`` (positions; 0 for slots that are not neighbor keys)."""
     last = torch.tensor([lens[r] for r in rows])  # S per row; the query sits at S - 1
-    index, j = key_ranges((last - geometry.window).clamp(min=0), last)
-    owner = torch.tensor(rows)[index]
+    first = (last - geometry.window).clamp(min=0)  # first neighbor key
+    index, block_index = key_ranges(torch.div(first, block_size, rounding_mode="floor"),
+                                    torch.div(last - 1, block_size, rounding_mode="floor") + 1)
+    j = block_index[:, None] * block_size + torch.arange(block_size)  # [Mb, B] key positions
     query_shift, _ = geometry.shifts(last[index] - 1)
     _, key_shift = geometry.shifts(j)
-    move = query_shift - key_shift  # rotation taking kg(j) to j + qg(p) - p
-    blocks = block_table[owner, torch.div(j, block_size, rounding_mode="floor")].long()
-    return owner, blocks, j % block_size, move
+    is_neighbor = (j >= first[index, None]) & (j < last[index, None])
+    move = torch.where(is_neighbor, query_shift[:, None] - key_shift, 0.0)  # kg(j) -> j + qg(p) - p
+    return block_table[torch.tensor(rows)[index], block_index].long(), move
 
 
 def _decode_plan(geometry, rows, starts, lens, block_table, block_size) -> DecodePlan | None:
     """The fast-path plan for the decoding ``rows``, leaving out rows that share a moved block."""
     if not rows:
         return None
-    owner, blocks, offsets, move = _neighbor_slots(geometry, rows, lens, block_table, block_size)
+    blocks, move = _tail_blocks(geometry, rows, lens, block_table, block_size)
     clashing = _rows_sharing_moved_blocks(rows, lens, block_table, block_size, blocks)
     if clashing:
         rows = [r for r in rows if r not in clashing]
         if not rows:
             return None
-        owner, blocks, offsets, move = _neighbor_slots(geometry, rows, lens, block_table, block_size)
+        blocks, move = _tail_blocks(geometry, rows, lens, block_table, block_size)
+    cos, sin = geometry.rotation(move.flatten())  # [Mb * B, 1, rd]; cos/sin repeat after rd / 2
+    half = cos.shape[-1] // 2
     rows_t = torch.tensor(rows)
     tokens = torch.tensor([starts[r] for r in rows])
     return DecodePlan(
         rows=rows_t, tokens=tokens, is_prefix=bool(torch.equal(tokens, torch.arange(len(rows)))),
         query_start_loc=torch.arange(len(rows) + 1, dtype=torch.int32),
         seq_lens=torch.tensor([lens[r] for r in rows], dtype=torch.int32),
-        block_table=block_table[rows_t], slot_blocks=blocks, slot_offsets=offsets,
-        slot_rotation=geometry.rotation(move))
+        block_table=block_table[rows_t], tail_blocks=blocks,
+        tail_cos=cos[:, 0, :half].reshape(*move.shape, half), tail_sin=sin[:, 0, :half].reshape(*move.shape, half))
 
 
 def _rows_sharing_moved_blocks(rows, lens, block_table, block_size, moved_blocks) -> set[int]:
