@@ -174,7 +174,8 @@ def stop_between_layers(model, cancelled: threading.Event | None) -> Iterator[No
 class Step:
     """One generated token.
 
-    ``seconds`` is the time of the forward pass that produced it: for the first token, the prefill.
+    ``seconds`` is the time of the forward pass that produced it (the prefill, for the first token)
+    and of its sampling.
     ``logprob`` and ``top`` are filled when logprobs were asked for. The text fields are filled by
     :func:`stream_generate`: ``text`` is what became safe to show with this token (possibly empty),
     ``offset`` where the token's own text starts in the completion, and ``finish`` says, on the last
@@ -232,8 +233,8 @@ def decode_tokens(model, prompt_ids: Sequence[int] | torch.Tensor, max_new_token
                 logits = prefill(model, ids, cache, chunk_size, progress, desc)  # [vocab]
             else:
                 logits = _forward(model, ids, cache)  # [vocab]
+            token = sampler(logits)  # (reading the token waits for an asynchronous device)
             seconds = time.perf_counter() - start
-            token = sampler(logits)
             if logprobs is None:
                 yield Step(token, seconds)
             else:
