@@ -2,7 +2,9 @@
 
 Every (method, length) cell runs in its own subprocess, so peak memory is that cell's own: the
 resident set is sampled every 5 ms during the prefill and reported as the increase over the
-resident set just before it. Methods:
+resident set just before it (on CUDA: the allocator's peak). After decoding, the memory SelfExtend
+keeps beside the KV cache (its rotated grouped keys, ``cache_state.decode_stats``) is reported too.
+``--dtype`` and ``--device`` choose the model's precision and device. Methods:
 
     plain       the model's own attention (SDPA)
     selfextend  this library with -G/-w/--mode (default: automatic G, w = L // 4); several settings
@@ -78,29 +80,54 @@ def naive_applied(model, selfextend: Method, length: int):
         yield settings_record(settings, length)
 
 
+class PeakCUDA:
+    """The CUDA allocator's peak over the block, as ``peak`` (relative to the start: use with 0)."""
+
+    def __enter__(self):
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self._start = torch.cuda.memory_allocated()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.cuda.synchronize()
+        self.peak = torch.cuda.max_memory_allocated() - self._start
+
+
 def run_cell(model_spec: str, method_spec: str, length: int, decode_tokens: int,
-             selfextend: Method = Method("selfextend"), seed: int = 0) -> dict:
+             selfextend: Method = Method("selfextend"), seed: int = 0, dtype: str = "float32",
+             device: str = "cpu") -> dict:
     """Time and memory of one (method, length) cell; ``selfextend`` gives the naive merge's settings."""
     import torch
+    from transformers import DynamicCache
 
     from . import generation
     from .assets import load_model, trained_length
+    from .cache_state import decode_stats
     from .evaluation.methods import applied
 
-    model, _ = load_model(model_spec)
+    model, _ = load_model(model_spec, dtype=getattr(torch, dtype))
+    model.to(device)
     vocab = model.config.get_text_config().vocab_size
     ids = torch.randint(100, vocab - 1, (1, length + decode_tokens), generator=torch.Generator().manual_seed(seed))
     method = parse_method(method_spec, METHODS)
     context = naive_applied(model, selfextend, length) if method.name == "naive" else applied(model, method, length)
+    cache = DynamicCache(config=model.config)
     with context as settings:
         # greedy, never stopping early: the prefill's step, then one step per decode forward pass
-        tokens = generation.decode_tokens(model, ids[:, :length], 1 + decode_tokens)
-        gc_before = _rss()
-        with PeakRSS() as mem:
+        tokens = generation.decode_tokens(model, ids[:, :length], 1 + decode_tokens, cache=cache)
+        gc_before = _rss() if device == "cpu" else 0
+        with (PeakRSS() if device == "cpu" else PeakCUDA()) as mem:
             prefill = next(tokens).seconds
         steps = [step.seconds for step in tokens]
+        kept = decode_stats(cache)["grouped_key_bytes"]
     decode = sorted(steps[1:] or steps)  # the first step builds the grouped-key cache: reported apart
-    return {"method": method_spec, "length": length, "prefill_s": prefill, "peak_mem_bytes": mem.peak - gc_before,
+    return {"method": method_spec, "length": length, "dtype": dtype, "device": device, "prefill_s": prefill,
+            "peak_mem_bytes": mem.peak - gc_before, "grouped_key_bytes": kept,
             "decode_s_per_token": decode[len(decode) // 2] if decode else None,
             "first_decode_step_s": steps[0] if steps else None, "group_size": settings.get("G"),
             "window": settings.get("w"), "pretrained_length": trained_length(model)}
@@ -119,6 +146,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "with fixed settings as name:G:w, e.g. selfextend:4:1024; -G/-w/--mode set what a bare "
                         "'selfextend' (and 'naive') means")
     parser.add_argument("--decode-tokens", type=positive_int, default=8, help="decode steps timed after each prefill")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="the model's precision (default float32)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--out", default="results/bench", help="folder for bench.json / bench.md / bench.png")
     parser.add_argument("--cell", help=argparse.SUPPRESS)  # internal: run one cell (METHOD:LENGTH), print JSON
 
@@ -144,7 +174,8 @@ def run(args) -> int:
     selfextend = selfextend_method(args.group_size, args.window, args.mode)
     if args.cell:
         method, length = args.cell.rsplit(":", 1)
-        row = run_cell(args.model, method, int(length), args.decode_tokens, selfextend)
+        row = run_cell(args.model, method, int(length), args.decode_tokens, selfextend, dtype=args.dtype,
+                       device=args.device)
         print("CELL " + json.dumps(row), flush=True)
         return 0
     methods, heads = _check(args, selfextend)
@@ -182,7 +213,8 @@ def _measure(args, method: str, length: int, heads: int) -> dict:
         return {"method": method, "length": length,
                 "skipped": f"needs ~{_naive_bytes(length, heads) / 1e9:.0f} GB of score matrices per layer"}
     cmd = [sys.executable, "-m", "selfextend.cli", "bench", "--model", args.model, "--cell", f"{method}:{length}",
-           "--decode-tokens", str(args.decode_tokens), *_selfextend_options(args)]
+           "--decode-tokens", str(args.decode_tokens), "--dtype", args.dtype, "--device", args.device,
+           *_selfextend_options(args)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("CELL ")]
     if proc.returncode != 0 or not lines:
@@ -196,6 +228,7 @@ def _write(out_dir: Path, args, rows: list[dict]) -> str:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {"command": getattr(args, "command_line", "selfextend bench"), "model": args.model,
+              "dtype": args.dtype, "device": args.device,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                           "torch_threads": torch.get_num_threads()},
               "rows": rows}
@@ -220,7 +253,7 @@ def markdown_table(rows) -> str:
         base = _plain_row(rows, n)
         for r in [r for r in rows if r["length"] == n]:
             if "prefill_s" not in r:
-                table.append([n, r["method"], "", r.get("skipped") or "failed", "", "", "", "", ""])
+                table.append([n, r["method"], "", r.get("skipped") or "failed", "", "", "", "", "", ""])
                 continue
 
             def ratio(key):
@@ -229,9 +262,11 @@ def markdown_table(rows) -> str:
             g = "" if r.get("group_size") is None else r["group_size"]
             table.append([n, r["method"], g, f"{r['prefill_s']:.2f}", ratio("prefill_s"),
                           f"{r['peak_mem_bytes'] / 2**20:.0f}", ratio("peak_mem_bytes"),
-                          f"{1000 * r['decode_s_per_token']:.1f}", ratio("decode_s_per_token")])
-    header = ["length", "method", "G", "prefill s", "x plain", "peak MiB", "x plain", "decode ms/token", "x plain"]
-    return render.markdown_table(header, table, align="rlrrrrrrr")
+                          f"{1000 * r['decode_s_per_token']:.1f}", ratio("decode_s_per_token"),
+                          f"{r.get('grouped_key_bytes', 0) / 2**20:.1f}"])
+    header = ["length", "method", "G", "prefill s", "x plain", "peak MiB", "x plain", "decode ms/token", "x plain",
+              "grouped keys MiB"]
+    return render.markdown_table(header, table, align="rlrrrrrrrr")
 
 
 def plot(rows, path: Path) -> None:

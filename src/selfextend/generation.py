@@ -214,16 +214,17 @@ def prefill(model, input_ids: torch.Tensor, cache: DynamicCache, chunk_size: int
 def decode_tokens(model, prompt_ids: Sequence[int] | torch.Tensor, max_new_tokens: int,
                   sampler: Sampler | None = None, *, logprobs: int | None = None, chunk_size: int | None = None,
                   progress: bool = False, desc: str = "prefill",
-                  cancelled: threading.Event | None = None) -> Iterator[Step]:
+                  cancelled: threading.Event | None = None, cache: DynamicCache | None = None) -> Iterator[Step]:
     """Prefill ``prompt_ids``, then generate up to ``max_new_tokens`` tokens, one forward pass per
-    token with a ``DynamicCache`` (the last token is never fed back). ``sampler`` defaults to greedy;
-    ``logprobs`` asks for each token's log-probability and that many alternatives. The caller stops
-    early by closing the iterator; once ``cancelled`` is set it raises :class:`GenerationCancelled`."""
+    token with a ``DynamicCache`` (the last token is never fed back; pass ``cache``, empty, to keep
+    it). ``sampler`` defaults to greedy; ``logprobs`` asks for each token's log-probability and that
+    many alternatives. The caller stops early by closing the iterator; once ``cancelled`` is set it
+    raises :class:`GenerationCancelled`."""
     ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=model.device).reshape(1, -1)  # [1, prompt]
     if ids.shape[1] == 0:
         raise ValueError("the prompt is empty")
     sampler = sampler or make_sampler()
-    cache = DynamicCache(config=model.config)
+    cache = DynamicCache(config=model.config) if cache is None else cache
     with stop_between_layers(model, cancelled):
         for i in range(max_new_tokens):
             if cancelled is not None and cancelled.is_set():

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# On a machine with a CUDA GPU: the invariant tests on the GPU, then the benchmark there.
+# Not yet run anywhere (no GPU was available where this was written): the first run is the check.
+#   bash scripts/gpu.sh [extra pytest arguments]
+# Results go to results/bench-cuda/ (float16 and bfloat16 tables, ratios against plain SDPA).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh   # on a GPU machine, pip's torch==2.13.0 from PyPI is the CUDA build
+.venv/bin/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU visible to torch')"
+.venv/bin/python -m pytest -m cuda "$@"
+for dtype in bfloat16 float16; do
+    .venv/bin/selfextend bench --device cuda --dtype "$dtype" --lengths 4096,8192,16384,32768 \
+        --methods plain,selfextend,selfextend:4:1024 --decode-tokens 16 --out "results/bench-cuda/$dtype"
+done
