@@ -99,12 +99,14 @@ def tiny_model(tmp_path_factory) -> str:
     return str(make_tiny_llama(tmp_path_factory.mktemp("tiny-llama")))
 
 
-def run_reference(model: str, prompts: dict[str, list[int]], selfextend: bool) -> dict[str, dict]:
+def run_reference(model: str, prompts: dict[str, list[int]], selfextend: bool, group_size: int = G,
+                  window: int = W) -> dict[str, dict]:
     """Reference outputs (see reference.py) computed in .venv, keyed like ``prompts``."""
     if not REFERENCE_PYTHON.exists():
         pytest.fail(f"{REFERENCE_PYTHON} is missing: the reference runs in .venv; run bash scripts/setup.sh")
-    request = {"model": model, "group_size": G if selfextend else None, "window": W if selfextend else None,
-               "prompts": list(prompts.values()), "max_new_tokens": NEW_TOKENS}
+    request = {"model": model, "group_size": group_size if selfextend else None,
+               "window": window if selfextend else None, "prompts": list(prompts.values()),
+               "max_new_tokens": NEW_TOKENS}
     proc = subprocess.run([str(REFERENCE_PYTHON), str(ROOT / "tests_vllm" / "reference.py")], input=json.dumps(request),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"reference failed:\n{proc.stderr[-3000:]}"
@@ -126,16 +128,17 @@ ENGINE_DEFAULTS = dict(skip_tokenizer_init=True, dtype="float32", block_size=BLO
 
 
 @contextmanager
-def engine(model: str, selfextend: bool = True, keep_switch: bool = False, **options):
-    """A vLLM ``LLM`` for the tiny model, with SelfExtend (G, W) or plain (the plugin switched off
-    unless ``keep_switch``); shut down on exit."""
+def engine(model: str, selfextend: bool = True, keep_switch: bool = False, group_size: int = G, window: int = W,
+           **options):
+    """A vLLM ``LLM`` for ``model``, with SelfExtend (G, W by default) or plain (the plugin switched
+    off unless ``keep_switch``); shut down on exit."""
     from vllm import LLM
 
     from selfextend.vllm import engine_args
 
     kwargs = {**ENGINE_DEFAULTS, **options}
     if selfextend:
-        kwargs = engine_args(model, group_size=G, window=W, **kwargs)
+        kwargs = engine_args(model, group_size=group_size, window=window, **kwargs)
     else:
         if not keep_switch:
             switch_off()
@@ -179,9 +182,10 @@ def sampling(**overrides):
     return SamplingParams(**{**options, **overrides})
 
 
-def generate(llm, names: list[str], **overrides) -> dict[str, object]:
-    """Run ``PROMPTS[name]`` for each name as one batch; outputs keyed by name."""
-    outputs = llm.generate([{"prompt_token_ids": PROMPTS[n]} for n in names], sampling(**overrides), use_tqdm=False)
+def generate(llm, names: list[str], prompts: dict | None = None, **overrides) -> dict[str, object]:
+    """Run ``prompts[name]`` (default ``PROMPTS``) for each name as one batch; outputs keyed by name."""
+    prompts = PROMPTS if prompts is None else prompts
+    outputs = llm.generate([{"prompt_token_ids": prompts[n]} for n in names], sampling(**overrides), use_tqdm=False)
     return dict(zip(names, outputs))
 
 
@@ -213,17 +217,17 @@ def compared_steps(ref: dict) -> int:
     return steps
 
 
-def assert_matches(output, ref: dict, what: str) -> None:
+def assert_matches(output, ref: dict, what: str, atol: float = ATOL) -> None:
     """vLLM's output equals the reference: prompt log-probs (when asked for), greedy tokens and
     their log-probs."""
     if output.prompt_logprobs is not None:
         prompt_diff = max_difference(prompt_logprobs(output), ref["prompt_logprobs"])
-        assert prompt_diff < ATOL, f"{what}: prompt log-probs differ by {prompt_diff:.2e}"
+        assert prompt_diff < atol, f"{what}: prompt log-probs differ by {prompt_diff:.2e}"
     steps = compared_steps(ref)
     tokens, logprobs = greedy(output)
     assert tokens[:steps] == ref["greedy"][:steps], f"{what}: greedy tokens differ"
     decode_diff = max_difference(logprobs[:steps], ref["greedy_logprobs"][:steps])
-    assert decode_diff < ATOL, f"{what}: decode log-probs differ by {decode_diff:.2e}"
+    assert decode_diff < atol, f"{what}: decode log-probs differ by {decode_diff:.2e}"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -157,7 +157,6 @@ class SelfExtendCPUBackend(CPUAttentionBackend):
     """``CPU_ATTN`` with SelfExtend; writes the KV cache inside ``forward`` (it needs the positions)."""
 
     forward_includes_kv_cache_update: bool = True
-    supported_kv_cache_dtypes = ["auto"]
 
     @staticmethod
     def get_impl_cls():
