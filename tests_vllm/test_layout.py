@@ -30,7 +30,7 @@ def test_written_keys_and_values_are_found_where_the_layout_says(isa, dtype, blo
     k, v = layout.gather(key_cache, value_cache, table, n)
     assert torch.equal(k.transpose(0, 1), keys) and torch.equal(v.transpose(0, 1), values)
     angles = torch.rand(2, block, d // 2) * 6  # a different rotation for every slot of both blocks
-    key_cache[table] = layout.rotate_key_pages(key_cache[table], angles.cos(), angles.sin())
+    key_cache[table] = layout.rotate_key_pages(key_cache[table], *layout.orient(angles.cos(), angles.sin()))
     k, v_after = layout.gather(key_cache, value_cache, table, n)
     cos = torch.cat((angles.cos(), angles.cos()), -1).reshape(2 * block, 1, d)[:n]
     sin = torch.cat((angles.sin(), angles.sin()), -1).reshape(2 * block, 1, d)[:n]

@@ -62,6 +62,8 @@ class SelfExtendCPUMetadataBuilder(CPUAttentionMetadataBuilder):
                           self.block_size, metadata.num_actual_tokens)
         plan.layout = self.layout
         if plan.decode is not None:
+            plan.decode.tail_cos, plan.decode.tail_sin = self.layout.orient(plan.decode.tail_cos, plan.decode.tail_sin)
+        if plan.decode is not None:
             if len(plan.decode.rows) == common_attn_metadata.num_reqs:
                 plan.decode.kernel_metadata = metadata.scheduler_metadata  # the whole batch decodes
             else:

@@ -95,16 +95,25 @@ class CacheLayout:
         v = v.transpose(0, 1).reshape(heads, nb * b, d)[:, :length]
         return k, v
 
+    def is_transposed(self) -> bool:
+        """Keys stored as ``[D, B]`` pages (vLLM's ``vec`` kernels)."""
+        return torch.equal(self.key_index, _transposed(*self.key_index.shape))
+
+    def orient(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-slot rotation tables ``[Mb, B, rd / 2]`` laid out as :meth:`rotate_key_pages` reads them
+        (contiguous: broadcasting strided tables is several times slower); once per step."""
+        if self.is_transposed():
+            return cos.transpose(1, 2)[:, None].contiguous(), sin.transpose(1, 2)[:, None].contiguous()
+        return cos[:, None].contiguous(), sin[:, None].contiguous()
+
     def rotate_key_pages(self, pages: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Key pages ``[Mb, Hkv, B, D]`` (raw page order, as copied out of the cache) with slot ``t``
-        of page ``m`` rotated by ``cos/sin[m, t] [rd / 2]``; returned in the same raw order."""
+        of page ``m`` rotated by the tables from :meth:`orient`; returned in the same raw order."""
         mb, heads, b, d = pages.shape
-        if torch.equal(self.key_index, _transposed(b, d)):  # [D, B] pages: rotate rows d, d + rd/2
-            out = _rotate_pairs(pages.view(mb, heads, d, b), cos.transpose(1, 2)[:, None], sin.transpose(1, 2)[:, None],
-                                dim=2)
-            return out.view(mb, heads, b, d)
+        if self.is_transposed():  # [D, B] pages: rotate rows d and d + rd/2
+            return _rotate_pairs(pages.view(mb, heads, d, b), cos, sin, dim=2).view(mb, heads, b, d)
         flat = pages.reshape(mb, heads, b * d)
-        plain = _rotate_pairs(flat[:, :, self.key_index], cos[:, None], sin[:, None], dim=3)  # [Mb, Hkv, B, D]
+        plain = _rotate_pairs(flat[:, :, self.key_index], cos, sin, dim=3)  # [Mb, Hkv, B, D]
         out = torch.empty_like(flat)
         out[:, :, self.key_index] = plain
         return out.view(mb, heads, b, d)

@@ -51,7 +51,7 @@ class DecodePlan:
     seq_lens: torch.Tensor        # [n] int32
     block_table: torch.Tensor     # [n, max_blocks] int32
     tail_blocks: torch.Tensor     # [Mb] long, the cache blocks holding neighbor keys
-    tail_cos: torch.Tensor        # [Mb, B, rd / 2] float32: the step's move of every slot in them
+    tail_cos: torch.Tensor        # [Mb, B, rd / 2] float32 (then CacheLayout.orient): every slot's move
     tail_sin: torch.Tensor        # (identity for slots that are not neighbor keys)
     kernel_metadata: object = None  # the stock kernel's scheduler metadata, set by the backend
 
