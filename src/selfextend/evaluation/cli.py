@@ -17,7 +17,8 @@ from .experiments import EXPERIMENTS, Grid, Inputs, Runner, trials
 from .methods import ALL_METHODS, check_method, parse_method, resolve_methods, selfextend_method
 
 
-def _depths(text: str) -> list[float]:
+def depth_list(text: str) -> list[float]:
+    """argparse type: comma-separated depths in [0, 1], e.g. ``0.2,0.5,0.8``."""
     try:
         values = [float(x) for x in text.split(",") if x]
     except ValueError:
@@ -40,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "covers the input) or @f=F (w = L/8, grouped distances below F*L), e.g. selfextend@f=0.5, "
                         "selfextend@f=0.5:-:512 (fixed w); -G/-w/--mode set what a bare 'selfextend' means")
     parser.add_argument("--lengths", type=positive_ints, default=d.lengths, help="prompt lengths in tokens")
-    parser.add_argument("--depths", type=_depths, default=d.depths, help="depths in [0, 1] (default 10 depths)")
+    parser.add_argument("--depths", type=depth_list, default=d.depths, help="depths in [0, 1] (default 10 depths)")
     parser.add_argument("--keys", type=positive_int, default=d.keys, help="random passkeys per (length, depth)")
     parser.add_argument("--key-digits", type=positive_ints, default=d.key_digits, help="keylength experiment: key sizes")
     parser.add_argument("--keylength-length", type=positive_int, default=d.keylength_length)
