@@ -13,8 +13,9 @@
 #   selfextend:4:1024   G = 4, w = 1024, the hand-tuned setting README and demo.sh use
 #   selfextend@f=F      w = L // 8, G the smallest with (F * L - w) * G + w >= n: every grouped
 #                       distance below F * L (F = 1 is "w = L / 8, the smallest G that covers the input")
-#   selfextend@cover    today's rule with one G for the whole input (perplexity only: tells whether
-#                       choosing G per position or per input matters)
+#   selfextend@cover    today's rule with one G for the whole input, as every @ rule is applied here
+#                       (the library chooses G per query position): tells whether that difference
+#                       matters; perplexity with the others, passkey last (the first thing to cut)
 #
 # Grid (bundled model): 12288, 16384, 24576, 32768 tokens; passkey 5 depths x 2 keys = 10 trials per
 # cell, needle 5 depths, perplexity 1 essay sequence per length. Lengths run in order, so a stopped run
@@ -29,13 +30,18 @@
 #                 12288 f=0.5 = 4:1024, 16384 f=0.75 = f=1, 24576 f=1 = 4:1024; ~1.3 h) and the
 #                 perplexity of `selfextend` already in results.jsonl (~0.2 h)   -> ~10.9 h
 #   @cover        perplexity at the four lengths                             = 0.2 h
-#   total, bundled model                                                     ~ 11 CPU hours
+#                 passkey at the four lengths, last                          = 1.6 h
+#   total, bundled model                                                     ~ 12.7 CPU hours
 #   gemma3 part   passkey at 49152, 3 depths x 2 methods (~1000 s a trial, from ~740 s measured at
 #                 40960), perplexity at 32768 (3 methods, ~450 s) and 49152 (2 methods)
 #                                                                            ~ 2.6 CPU hours
-# 65536 tokens on Gemma 3 and the plain model's perplexity at 49152 are left out: its sliding-window
-# layers build dense L x L masks on the plain path (~4 GB at 16k, growing as L^2), which does not fit
-# in 24 GiB there; add them once those layers run in linear memory.
+# These are times on an otherwise idle machine; with other jobs on the 2 cores a trial took 2-3x as
+# long (a 12288-token perplexity trial: 143 s instead of ~50 s).
+# Memory on Gemma 3: the plain model (and SelfExtend on inputs that fit, which keeps the model's own
+# attention) builds dense L x L masks in its sliding-window layers: ~4 GB at 16k, growing as L^2, so
+# ~16 GB expected at 32768 (run the gemma3 part alone) and too much at 49152. The plain model's
+# perplexity at 49152 and everything at 65536 are therefore left out; add them once those layers run
+# in linear memory on the plain path too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -48,6 +54,9 @@ study_smollm2() {
         $se passkey --methods $rules --lengths $n --depths $depths --keys 2
         $se needle --methods $rules --lengths $n --depths $depths
         $se perplexity --methods $rules,selfextend@cover --lengths $n
+    done
+    for n in 12288 16384 24576 32768; do  # one length per command: the same keys as the rules above
+        $se passkey --methods selfextend@cover --lengths $n --depths $depths --keys 2
     done
 }
 
