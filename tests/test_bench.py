@@ -25,12 +25,13 @@ def test_bench_runs_several_selfextend_settings_in_one_run(tiny, tmp_path):
     assert (out / "bench.png").stat().st_size > 1000
 
 
-def test_bench_in_bfloat16_reports_the_grouped_keys_kept(tiny, tmp_path):
+def test_bench_in_bfloat16_repeated_reports_the_best_round_and_the_grouped_keys_kept(tiny, tmp_path):
     out = tmp_path / "bench"
     assert main(["bench", "--model", str(tiny), "--lengths", "96", "--methods", "plain,selfextend:4:16",
-                 "--decode-tokens", "2", "--dtype", "bfloat16", "--out", str(out)]) == 0
+                 "--decode-tokens", "2", "--dtype", "bfloat16", "--repeat", "2", "--out", str(out)]) == 0
     report = json.loads((out / "bench.json").read_text())
     plain, extended = report["rows"]
+    assert len(plain["rounds"]) == 2 and plain["prefill_s"] == min(r["prefill_s"] for r in plain["rounds"])
     assert report["dtype"] == "bfloat16" and plain["dtype"] == extended["dtype"] == "bfloat16"
     assert plain["grouped_key_bytes"] == 0 < extended["grouped_key_bytes"]
     assert "grouped keys MiB" in (out / "bench.md").read_text()
