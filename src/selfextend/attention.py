@@ -263,12 +263,14 @@ def _group_of(settings, position):
 
 
 def _segments(settings, first_query_position, start, lq):
-    """Split rows ``start..lq-1`` into ``(row_start, row_end, group_size)`` blocks of at most
-    ``block_size`` rows that share one group size."""
+    """Split rows ``start..lq-1`` into ``(row_start, row_end, group_size)`` blocks of about
+    ``block_size`` rows (at most 1.25x) that share one group size."""
     segments, row = [], start
     while row < lq:
         g, change = _group_of(settings, first_query_position + row)
         end = min(lq, row + settings.block_size)
+        if lq - end < settings.block_size // 4:
+            end = lq  # no small last block: a few rows would cost as many kernel calls as a full one
         if change is not None:
             end = min(end, change - first_query_position)
         assert end > row, "segments must advance"
