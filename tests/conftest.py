@@ -62,6 +62,26 @@ def tiny_model(family: str, dtype=torch.float32, seed: int = 0, **overrides):
     return model.to(dtype).eval()
 
 
+def ids_of(n, batch=1, seed=1):
+    """``[batch, n]`` random token ids (no special tokens)."""
+    return torch.randint(3, 128, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, ids, **kw):
+    with torch.no_grad():
+        return model(ids, **kw).logits.float()
+
+
+def left_padded_pair():
+    """Two sequences (150 and 110 tokens) as one left-padded batch: ``(long, short, pad, batch, mask)``."""
+    long, short = ids_of(150, seed=2), ids_of(110, seed=3)
+    pad = long.shape[1] - short.shape[1]
+    batch = torch.cat([long, torch.cat([torch.zeros(1, pad, dtype=torch.long), short], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :pad] = 0
+    return long, short, pad, batch, mask
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread_everywhere():
     """Tiny models run as fast on one thread, and a suite that leaves the other core alone does not

@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import FAMILIES, FAMILY_NAMES, L, reference_logits, tiny_model
+from conftest import FAMILIES, FAMILY_NAMES, L, ids_of, left_padded_pair, logits, reference_logits, tiny_model
 from reference import reference_attention
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
@@ -18,16 +18,6 @@ from selfextend.attention import Settings, selfextend_row
 
 DTYPES = [torch.float32, torch.bfloat16]
 W = 16  # window used by the tests (L = 64)
-
-
-def logits(model, ids, **kw):
-    with torch.no_grad():
-        return model(ids, **kw).logits.float()
-
-
-def ids_of(n, batch=1, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 128, (batch, n), generator=g)
 
 
 def test_every_supported_family_is_tested():
@@ -96,9 +86,10 @@ KERNEL_CASES = [  # (Lq, Lk, key_offset, mode, G, softcap, log_scale, block)
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: f"{c[3]}-Lq{c[0]}-Lk{c[1]}-off{c[2]}")
-def test_kernel_matches_reference(case, dtype):
+def run_kernel_case(case, dtype, device="cpu"):
+    """One row of KERNEL_CASES through the fast kernel on ``device`` and through the reference (float64
+    and ``dtype``). Returns ``(fast, ref64, ref_dtype, rows)``: fast ``[Hq, Lq, D]`` on the CPU, the
+    references ``[Hq, rows, D]``, ``rows`` the queries at real positions (the others are padding)."""
     lq, lk, off, mode, g, softcap, log_scale, block = case
     torch.manual_seed(0)
     hq, hkv, d, w, Lp = 6, 2, 32, 24, 96
@@ -108,8 +99,8 @@ def test_kernel_matches_reference(case, dtype):
     v = torch.randn(hkv, lk, d).to(dtype)
     settings = Settings(Lp, w, g, mode, log_scale, block)
     first = (lk - 1 - off) - (lq - 1)
-    fast = selfextend_row(q, k, v, first, off, settings, inv_freq, d**-0.5, softcap)  # in the model's dtype
-    assert fast.dtype == dtype
+    fast = selfextend_row(q.to(device), k.to(device), v.to(device), first, off, settings, inv_freq.to(device),
+                          d**-0.5, softcap).cpu()  # in the model's dtype
     q_pos, k_pos = torch.arange(first, first + lq), torch.arange(lk) - off
     groups = torch.tensor([1.0 if settings.is_plain(int(p)) else float(settings.group_size_at(int(p)))
                            for p in q_pos.clamp(min=0)])
@@ -118,6 +109,14 @@ def test_kernel_matches_reference(case, dtype):
     rows = q_pos >= 0
     ref64 = reference_attention(*args, **kw)[:, rows]
     ref_dtype = reference_attention(*args, **kw, dtype=dtype)[:, rows]
+    return fast, ref64, ref_dtype, rows
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: f"{c[3]}-Lq{c[0]}-Lk{c[1]}-off{c[2]}")
+def test_kernel_matches_reference(case, dtype):
+    fast, ref64, ref_dtype, rows = run_kernel_case(case, dtype)
+    assert fast.dtype == dtype
     assert_close_by_rule(fast[:, rows], ref64, ref_dtype, eps=1e-6)
     assert torch.all(fast[:, ~rows] == 0)  # left-padding queries attend to nothing
 
@@ -276,11 +275,7 @@ def test_decode_does_not_rerotate_the_cache():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_left_padding_rows_match_alone(family, dtype):
     model = tiny_model(family, dtype)
-    long, short = ids_of(150, seed=2), ids_of(110, seed=3)
-    pad = long.shape[1] - short.shape[1]
-    batch = torch.cat([long, torch.cat([torch.zeros(1, pad, dtype=torch.long), short], 1)])
-    mask = torch.ones_like(batch)
-    mask[1, :pad] = 0
+    long, short, pad, batch, mask = left_padded_pair()
     with selfextend.enable(model, window=W):
         out = model.generate(batch, attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0,
                              output_logits=True, return_dict_in_generate=True)

@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import reference_logits, tiny_model
-from reference import reference_attention
-from test_attention import KERNEL_CASES, assert_close_by_rule, decode_logits, ids_of, logits
+from conftest import ids_of, logits, reference_logits, tiny_model
+from test_attention import KERNEL_CASES, assert_close_by_rule, decode_logits, run_kernel_case
 
 import selfextend
-from selfextend.attention import selfextend_row
-from selfextend.settings import Settings
 
 pytestmark = pytest.mark.cuda
 W = 16
@@ -34,24 +31,8 @@ def cuda_device():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: f"{c[3]}-Lq{c[0]}-Lk{c[1]}-off{c[2]}")
 def test_kernel_matches_reference_on_cuda(case, dtype, cuda_device):
-    lq, lk, off, mode, g, softcap, log_scale, block = case
-    hq, hkv, d, w, Lp = 6, 2, 32, 24, 96
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, 24, 2).float() / 24))
-    q = (torch.randn(hq, lq, d) * 2).to(dtype)
-    k = (torch.randn(hkv, lk, d) * 2).to(dtype)
-    v = torch.randn(hkv, lk, d).to(dtype)
-    settings = Settings(Lp, w, g, mode, log_scale, block)
-    first = (lk - 1 - off) - (lq - 1)
-    fast = selfextend_row(q.to(cuda_device), k.to(cuda_device), v.to(cuda_device), first, off, settings,
-                          inv_freq.to(cuda_device), d**-0.5, softcap).cpu()
-    q_pos, k_pos = torch.arange(first, first + lq), torch.arange(lk) - off
-    groups = torch.tensor([1.0 if settings.is_plain(int(p)) else float(settings.group_size_at(int(p)))
-                           for p in q_pos.clamp(min=0)])
-    args = (q, k, v, q_pos, k_pos, inv_freq, w, groups, mode, d**-0.5)
-    kw = dict(softcap=softcap, key_valid=k_pos >= 0, log_scale_length=Lp if log_scale else None)
-    rows = q_pos >= 0
-    ref64 = reference_attention(*args, **kw)[:, rows]
-    ref_dtype = reference_attention(*args, **kw, dtype=dtype)[:, rows]
+    fast, ref64, ref_dtype, rows = run_kernel_case(case, dtype, cuda_device)
+    assert fast.dtype == dtype
     assert_close_by_rule(fast[:, rows], ref64, ref_dtype, eps=1e-3 if dtype != torch.float32 else 1e-5)
 
 

@@ -14,7 +14,7 @@ import threading
 
 import pytest
 import torch
-from conftest import FAMILY_NAMES, L, tiny_model
+from conftest import FAMILY_NAMES, L, ids_of, left_padded_pair, logits, tiny_model
 from reference import reference_attention
 from transformers import DynamicCache, QuantizedCache, StaticCache
 
@@ -25,15 +25,6 @@ from selfextend.settings import Settings
 
 W = 16  # window used by the tests (L = 64)
 TOL = 1e-4  # float32: what the plain model's own cached decoding agrees to
-
-
-def ids_of(n, batch=1, seed=1):
-    return torch.randint(3, 128, (batch, n), generator=torch.Generator().manual_seed(seed))
-
-
-def logits(model, ids, **kw):
-    with torch.no_grad():
-        return model(ids, **kw).logits.float()
 
 
 def decode_with(model, ids, cache, prefill):
@@ -54,11 +45,7 @@ def max_diff(a, b):
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_left_padded_batch_without_position_ids_gives_each_row_as_alone(family):
     model = tiny_model(family)
-    long, short = ids_of(150, seed=2), ids_of(110, seed=3)
-    pad = long.shape[1] - short.shape[1]
-    batch = torch.cat([long, torch.cat([torch.zeros(1, pad, dtype=torch.long), short], 1)])
-    mask = torch.ones_like(batch)
-    mask[1, :pad] = 0
+    long, short, pad, batch, mask = left_padded_pair()
     with selfextend.enable(model, window=W):
         together = logits(model, batch, attention_mask=mask)  # the way a batch is scored: tok(texts, padding=True)
         alone = [logits(model, long), logits(model, short)]

@@ -51,7 +51,7 @@ DECODE_ROWS = 64  # calls with at most this many queries keep their grouped keys
 # model_type -> what was tested (tests/test_attention.py builds a tiny model of each)
 SUPPORTED_MODEL_TYPES = {
     "llama": "Llama 2/3, SmolLM, TinyLlama ...",
-    "mistral": "Mistral (sliding-window layers keep their own attention)",
+    "mistral": "Mistral, with and without sliding window (window layers: no grouping)",
     "qwen2": "Qwen2 / Qwen2.5",
     "qwen3": "Qwen3",
     "phi3": "Phi-3 / Phi-3.5",
