@@ -76,18 +76,9 @@ def rotation(delta: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor,
 def rotate_by(x: torch.Tensor, delta: float, inv_freq64: torch.Tensor) -> torch.Tensor:
     """``x [..., D]`` rotated by one position ``delta`` (the decode step's fast path: a handful of
     small ops, no position tensors). ``inv_freq64 [rotary_dim // 2]`` float64 on x's device.
-    Computed in float32, returned in x's dtype."""
-    angles = inv_freq64 * delta  # [rd/2] float64
-    cos, sin = angles.cos().float(), angles.sin().float()
-    half = cos.shape[-1]
-    x32 = x.float()
-    x1, x2 = x32[..., :half], x32[..., half : 2 * half]
-    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    torch.mul(x1, cos, out=out[..., :half]).addcmul_(x2, sin, value=-1)
-    torch.mul(x2, cos, out=out[..., half : 2 * half]).addcmul_(x1, sin)
-    if 2 * half < x.shape[-1]:
-        out[..., 2 * half :] = x32[..., 2 * half :]
-    return out.to(x.dtype)
+    Computed in float32 by :func:`rotate`, returned in x's dtype."""
+    angles = (inv_freq64 * delta).repeat(2)  # [rotary_dim] float64, both halves equal as rotate() expects
+    return rotate(x.float(), angles.cos().float(), angles.sin().float()).to(x.dtype)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
