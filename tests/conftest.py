@@ -103,8 +103,16 @@ def family(request):
 REFERENCE = {"settings": None, "dtype": torch.float64}
 
 
-def auto_group(p: int, L: int, w: int) -> float:
-    return 1.0 if p + 1 <= L else float(math.ceil((p + 1 - w) / (L - w)))
+def rule_reach(rule: str, L: int) -> int:
+    """The bound on grouped distances a rule keeps: L for "cover", int(F * L) for "f=F" (written out here,
+    independently of the library's parser)."""
+    return L if rule == "cover" else int(float(rule.split("=")[1]) * L)
+
+
+def auto_group(p: int, L: int, w: int, reach: int | None = None) -> float:
+    """G of the query at position p: 1 while p + 1 <= L, else the smallest with (reach - w) * G + w >= p + 1."""
+    reach = L if reach is None else reach
+    return 1.0 if p + 1 <= L else float(math.ceil((p + 1 - w) / (reach - w)))
 
 
 def _reference_mask(**kwargs):
@@ -126,7 +134,8 @@ def _reference_attention(module, query, key, value, attention_mask, scaling=None
             w = 10**9
         else:
             w = s["w"]
-            groups = torch.tensor([s["G"] if s["G"] is not None else auto_group(int(p), s["L"], w) for p in pos],
+            groups = torch.tensor([s["G"] if s["G"] is not None else auto_group(int(p), s["L"], w, s["reach"])
+                                   for p in pos],
                                   dtype=torch.float64)
         o = reference_attention(query[b], key[b], value[b], pos, pos, s["inv_freq"][module.layer_idx], w, groups,
                                 s["mode"] if not sliding else "floor", scaling, softcap=kwargs.get("softcap"),
@@ -159,8 +168,13 @@ AttentionInterface.register("selfextend_reference", _reference_attention)
 AttentionMaskInterface.register("selfextend_reference", _reference_mask)
 
 
-def reference_logits(model, input_ids, window, group_size, mode="floor", attention_mask=None, dtype=torch.float64):
-    """Logits of ``model`` with every full-attention layer replaced by the float64 reference."""
+def reference_logits(model, input_ids, window, group_size, mode="floor", attention_mask=None, dtype=torch.float64,
+                     rule=None):
+    """Logits of ``model`` with every full-attention layer replaced by the float64 reference; an automatic
+    G follows ``rule`` (default: the library's default for SelfExtend, "cover" for the other modes)."""
+    from selfextend.positions import DEFAULT_RULE
+
+    rule = rule or (DEFAULT_RULE if mode == "floor" else "cover")
     from selfextend.integration import _attention_modules
     from selfextend.rope import inv_freq_for_layer
 
@@ -169,7 +183,7 @@ def reference_logits(model, input_ids, window, group_size, mode="floor", attenti
     inv = {m.layer_idx: inv_freq_for_layer(model, config, layer_types[m.layer_idx] if layer_types else None)
            for m in _attention_modules(model)}
     REFERENCE["settings"] = dict(L=L, w=window, G=(math.inf if mode == "rerope" else group_size), mode=mode,
-                                 inv_freq=inv)
+                                 inv_freq=inv, reach=rule_reach(rule, L))
     REFERENCE["dtype"] = dtype
     original = model.config._attn_implementation
     model.set_attn_implementation("selfextend_reference")

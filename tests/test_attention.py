@@ -351,9 +351,11 @@ def test_limits_warn_and_raise_if_too_long():
         logits(model, ids_of(130))
     assert handle.group_size_for(1000) == 2 and "G=2" in handle.describe()
     handle.disable()
-    auto = selfextend.enable(model, window=W)
-    assert auto.group_size is None and auto.group_size_for(L) == 1 and auto.group_size_for(L + 1) == 2
-    assert auto.max_length == (L - W) * 64 + W
+    auto = selfextend.enable(model, window=W)  # default rule f=0.5: grouped distances below 32
+    assert auto.group_size is None and auto.group_size_for(L) == 1 and auto.group_size_for(L + 1) == 4
+    assert auto.rule == "f=0.5" and auto.max_length == (L - W) * 64 + W
+    cover = selfextend.enable(model, window=W, rule="cover")
+    assert cover.group_size_for(L + 1) == 2 and cover.rule == "cover"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         logits(model, ids_of(200))  # auto G never exceeds its limit here

@@ -16,12 +16,14 @@ def test_bench_runs_several_selfextend_settings_in_one_run(tiny, tmp_path):
     assert main(["bench", "--model", str(tiny), "--lengths", "96", "--methods", "plain,selfextend,selfextend:4:16",
                  "-w", "8", "--decode-tokens", "2", "--out", str(out)]) == 0
     rows = json.loads((out / "bench.json").read_text())["rows"]
-    assert [(r["method"], r["length"]) for r in rows] == [("plain", 96), ("selfextend:-:8", 96), ("selfextend:4:16", 96)]
+    assert [(r["method"], r["length"]) for r in rows] == [("plain", 96), ("selfextend@f=0.5:-:8", 96),
+                                                          ("selfextend:4:16", 96)]
     assert all(r["prefill_s"] > 0 and r["decode_s_per_token"] > 0 for r in rows)
-    assert [(r["group_size"], r["window"]) for r in rows[1:]] == [(2, 8), (4, 16)]  # (64 - 8) * 2 + 8 >= 96
+    # the default rule f=0.5 keeps grouped distances below 32: (32 - 8) * 4 + 8 >= 96
+    assert [(r["group_size"], r["window"]) for r in rows[1:]] == [(4, 8), (4, 16)]
     table = (out / "bench.md").read_text()
     assert "| 96 | plain |  |" in table
-    assert "| 96 | selfextend:-:8 | 2 |" in table and "| 96 | selfextend:4:16 | 4 |" in table
+    assert "| 96 | selfextend@f=0.5:-:8 | 4 |" in table and "| 96 | selfextend:4:16 | 4 |" in table
     assert (out / "bench.png").stat().st_size > 1000
 
 
@@ -61,4 +63,4 @@ def test_naive_cell_leaves_the_selfextend_attention_registered(tiny):
     registered = ALL_ATTENTION_FUNCTIONS["selfextend"]
     row = run_cell(str(tiny), "naive", 96, 2, Method("selfextend"))
     assert ALL_ATTENTION_FUNCTIONS["selfextend"] is registered
-    assert row["prefill_s"] > 0 and row["group_size"] == 2  # (64 - 16) * 2 + 16 >= 96
+    assert row["prefill_s"] > 0 and row["group_size"] == 4  # the default rule f=0.5: (32 - 8) * 4 + 8 >= 96

@@ -56,7 +56,9 @@ def test_calibrate_stops_at_the_first_failing_length_and_prints_usable_settings(
     # E = 160 > L = 64, so f = 1: w = 64 // 8 = 8, G = ceil((400 - 8) / (64 - 8)) = 7
     settings = json.loads(stdout.strip().splitlines()[-1])
     assert settings == {"group_size": 7, "window": 8}
-    assert "| recommended | 7 | 8 |" in stdout and "| default (selfextend) | 3 | 16 |" in stdout
+    # the default rule f=0.5 at 128 tokens: w = 8, reach 32, G = ceil((128 - 8) / (32 - 8)) = 5
+    assert "| recommended | 7 | 8 |" in stdout and "| default (selfextend) | 5 | 8 |" in stdout
+    assert "selfextend.enable(model, rule='f=1', window=8)" in stdout
     summary = json.loads((out / "calibration.json").read_text())
     assert summary["effective_length"] == 160 and summary["settings"] == settings
     assert [r["trial"]["length"] for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())

@@ -59,7 +59,7 @@ def test_generate_reads_stdin_and_refuses_beyond_limit(tiny, monkeypatch, capsys
     monkeypatch.setattr(sys, "stdin", io.StringIO("The sky is blue. " * 40))
     assert main(["generate", "--model", str(tiny), "-p", "q", "-G", "2"]) == 2
     err = capsys.readouterr().err
-    assert "extended limit is 112 tokens" in err  # (64 - 16) * 2 + 16
+    assert "extended limit is 120 tokens" in err  # (64 - 8) * 2 + 8, w = L // 8 (the default rule's window)
 
 
 @pytest.mark.parametrize("content", [bytes(range(256)), "caf\u00e9".encode("latin-1"), b"text\x00with a NUL"])

@@ -12,7 +12,7 @@ import selfextend
 from selfextend.cli import main
 from selfextend.evaluation.experiments import Grid, Inputs, Runner, load_results, trials
 from selfextend.evaluation.methods import Method, applied, log_likelihoods, parse_methods
-from selfextend.positions import choose_group_size, choose_settings, max_extended_length
+from selfextend.positions import DEFAULT_RULE, choose_group_size, choose_settings, max_extended_length
 from selfextend.testing import TINY_LENGTH
 from tiny_fixtures import error_lines, essay_cache, essays, loaded, tiny  # noqa: F401  (fixtures)
 
@@ -55,11 +55,18 @@ def test_unknown_method_is_refused():
 
 
 @pytest.mark.parametrize("spec, expected", [
-    ("selfextend", Method("selfextend")), ("selfextend:4:1024", Method("selfextend", 4, 1024)),
+    ("selfextend@cover", Method("selfextend", rule="cover")), ("selfextend:4:1024", Method("selfextend", 4, 1024)),
+    ("selfextend@f=0.5:-:512", Method("selfextend", None, 512, "f=0.5")),
     ("leaky:-:512", Method("leaky", None, 512)), ("yarn", Method("yarn")),
 ])
 def test_method_specs_round_trip(spec, expected):
     assert parse_methods(spec) == [expected] and expected.spec == spec
+
+
+def test_bare_selfextend_is_recorded_under_the_default_rule():
+    # a record names the rule it ran, so it keeps its meaning if the default ever changes
+    assert parse_methods("selfextend") == [Method("selfextend", rule=DEFAULT_RULE)]
+    assert parse_methods("selfextend")[0].spec == f"selfextend@{DEFAULT_RULE}"
 
 
 @pytest.mark.parametrize("spec", ["yarn:2:8", "selfextend:4", "selfextend:x:8"])
@@ -121,47 +128,54 @@ def test_bad_rule_methods_are_refused(spec, message):
         parse_methods(spec)
 
 
-def test_eval_rule_method_records_the_settings_it_resolved_per_length(tiny, tmp_path, essays):
-    # tiny L = 64, f = 0.5: w = 8, reach 32; at 128 tokens G = ceil((128 - 8) / (32 - 8)) = 5
+def test_eval_rule_method_records_the_settings_it_resolved_per_length(tiny, loaded, tmp_path, essays):
+    # tiny L = 64, f = 0.5: w = 8, reach 32; the last of 128 tokens has G = ceil((128 - 8) / (32 - 8)) = 5
     out = tmp_path / "eval"
     assert main(["eval", "perplexity", "--model", str(tiny), "--out", str(out), "--lengths", "32,128",
                  "--methods", "plain,selfextend@f=0.5,selfextend:5:8"]) == 0
     records = {(r["trial"]["method"], r["trial"]["length"]): r for r in
                (json.loads(line) for line in (out / "results.jsonl").read_text().splitlines())}
-    assert records[("selfextend@f=0.5", 32)]["settings"] == {"G": 1, "w": 8}
-    assert records[("selfextend@f=0.5", 32)]["ppl"] == records[("plain", 32)]["ppl"]
-    assert records[("selfextend@f=0.5", 128)]["settings"] == {"G": 5, "w": 8}
-    assert records[("selfextend@f=0.5", 128)]["ppl"] == records[("selfextend:5:8", 128)]["ppl"]
+    assert records[("selfextend@f=0.5", 32)]["settings"] == {"G": 1, "w": 8, "rule": "f=0.5"}
+    assert records[("selfextend@f=0.5", 128)]["settings"] == {"G": 5, "w": 8, "rule": "f=0.5"}
+    # the rule chooses G per query position, as the library does: not one G for the whole input
+    model, tok = loaded
+    ids = torch.tensor(Inputs(tok).build(
+        dict(experiment="perplexity", method="plain", length=128, sequence=0)))
+    with selfextend.enable(model, rule="f=0.5"):
+        expected = float(log_likelihoods(model, ids).mean().exp())
+    assert records[("selfextend@f=0.5", 128)]["ppl"] == pytest.approx(expected, rel=1e-6)
+    assert records[("selfextend@f=0.5", 128)]["ppl"] != records[("selfextend:5:8", 128)]["ppl"]
     assert "selfextend@f=0.5" in (out / "report.md").read_text()
 
 
 def test_eval_does_not_run_a_computation_twice_under_two_method_names(tiny, tmp_path, essays):
-    # at 128 tokens selfextend@f=0.5 is G = 5, w = 8: the same call as selfextend:5:8, so its result is
-    # copied (seconds 0, same_as names the method that ran); at 96 tokens the rule picks G = 4 and runs
+    # tiny L = 64. Within L a rule has G = 1 everywhere: the plain model's computation, copied (seconds 0,
+    # same_as names the method that ran); past L it groups and runs. selfextend:4:- is selfextend:4:8
+    # (the default window L // 8 = 8): one fixed G and w, spelled twice
     out = tmp_path / "eval"
-    argv = ["eval", "perplexity", "--model", str(tiny), "--out", str(out), "--lengths", "96,128"]
-    assert main([*argv, "--methods", "selfextend:5:8,selfextend@f=0.5"]) == 0
+    argv = ["eval", "perplexity", "--model", str(tiny), "--out", str(out), "--lengths", "48,128"]
+    assert main([*argv, "--methods", "plain,selfextend@f=0.5,selfextend:4:8"]) == 0
     records = {(r["trial"]["method"], r["trial"]["length"]): r for r in
                (json.loads(line) for line in (out / "results.jsonl").read_text().splitlines())}
-    copied, ran = records[("selfextend@f=0.5", 128)], records[("selfextend:5:8", 128)]
-    assert copied["same_as"] == "selfextend:5:8" and copied["seconds"] == 0.0 and copied["ppl"] == ran["ppl"]
-    assert "same_as" not in records[("selfextend@f=0.5", 96)] and records[("selfextend@f=0.5", 96)]["settings"]["G"] == 4
+    copied, ran = records[("selfextend@f=0.5", 48)], records[("plain", 48)]
+    assert copied["same_as"] == "plain" and copied["seconds"] == 0.0 and copied["ppl"] == ran["ppl"]
+    assert "same_as" not in records[("selfextend@f=0.5", 128)]
     # the copy is what running it gives
     alone = tmp_path / "alone"
-    assert main(["eval", "perplexity", "--model", str(tiny), "--out", str(alone), "--lengths", "128",
+    assert main(["eval", "perplexity", "--model", str(tiny), "--out", str(alone), "--lengths", "48",
                  "--methods", "selfextend@f=0.5"]) == 0
     assert json.loads((alone / "results.jsonl").read_text())["ppl"] == copied["ppl"]
     # a later run finds the earlier computations in results.jsonl too
-    assert main([*argv, "--methods", "selfextend:5:8,selfextend@f=0.5,selfextend:4:8"]) == 0
-    new = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()[4:]]
-    assert [(r["trial"]["length"], r.get("same_as")) for r in new] == [(96, "selfextend@f=0.5"), (128, None)]
+    assert main([*argv, "--methods", "selfextend:4:-"]) == 0
+    new = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()[6:]]
+    assert [(r["trial"]["length"], r.get("same_as")) for r in new] == [(48, "selfextend:4:8"), (128, "selfextend:4:8")]
 
 
 def test_eval_runner_writes_one_line_per_trial_and_resumes(loaded, tmp_path):
     model, tok = loaded
     grid = Grid(methods=parse_methods("plain,selfextend"), lengths=[200], depths=[0.5], keys=1, ppl_sequences=1)
     todo = trials("passkey", grid) + trials("perplexity", grid)
-    assert len(todo) == 4 and {t["method"] for t in todo} == {"plain", "selfextend"}
+    assert len(todo) == 4 and {t["method"] for t in todo} == {"plain", f"selfextend@{DEFAULT_RULE}"}
     haystack = torch.randint(3, len(tok), (500,), generator=torch.Generator().manual_seed(2)).tolist()
     Runner(model, tok, tmp_path, max_new_tokens=2, inputs=Inputs(tok, haystack)).run(todo[:3])
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 3
@@ -200,7 +214,9 @@ def test_eval_command_writes_report_and_plots(tiny, tmp_path, capsys, essays):
     (["passkey", "--methods", "plain,rerope", "-w", "8"], "no bare 'selfextend'"),
     (["passkey", "--methods", "plain,selfextend@f=0.1"], "must be more than the window"),  # reach 6 <= w 8
     (["passkey", "--methods", "plain,selfextend@f=2"], "unknown rule"),
-    (["passkey", "--methods", "plain,selfextend@f=0.5:-:64"], "must be more than the window w=64"),
+    (["passkey", "--methods", "plain,selfextend@f=0.5:-:40"], "must be more than the window w=40"),
+    (["passkey", "--methods", "plain,selfextend", "--rule", "f=0.5", "-G", "4"], "--rule chooses G"),
+    (["passkey", "--methods", "plain,selfextend", "--rule", "f=3"], "unknown rule"),
 ])
 def test_eval_validates_everything_before_any_work(tiny, tmp_path, capsys, essays, argv, message):
     out = tmp_path / "eval"
@@ -217,6 +233,10 @@ def test_eval_group_size_and_window_define_the_selfextend_method(tiny, tmp_path,
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["trial"]["method"] for r in records] == ["plain", "selfextend:4:8", "rerope"]
     assert records[1]["settings"] == {"G": 4, "w": 8} and records[2]["settings"] == {"G": "inf", "w": 16}
+    assert main(["eval", "perplexity", "--model", str(tiny), "--out", str(out), "--lengths", "128",
+                 "--methods", "selfextend", "--rule", "cover"]) == 0
+    last = json.loads((out / "results.jsonl").read_text().splitlines()[-1])
+    assert last["trial"]["method"] == "selfextend@cover" and last["settings"] == {"G": 3, "w": 16, "rule": "cover"}
     assert main(["eval", "perplexity", "--model", str(tiny), "--out", str(out), "--lengths", "128",
                  "--methods", "selfextend", "--mode", "leaky", "-w", "8"]) == 0
     last = json.loads((out / "results.jsonl").read_text().splitlines()[-1])

@@ -110,13 +110,13 @@ def test_cli_with_limit_warn_finishes_past_the_automatic_limit(tmp_path):
 
     folder = make_tiny_checkpoint(tmp_path / "tiny")
     doc = tmp_path / "long.txt"
-    doc.write_text("The grass is green. The sky is blue. " * 400)  # > 3088 tokens of the tiny tokenizer
+    doc.write_text("The grass is green. The sky is blue. " * 400)  # > 3592 tokens of the tiny tokenizer
     proc = subprocess.run(
         [sys.executable, "-m", "selfextend.cli", "generate", "--model", str(folder), "-f", str(doc), "-p", "Color?",
          "--limit", "warn", "--max-new-tokens", "2", "--no-chat"],
         capture_output=True, text=True, timeout=600)  # it used to never return
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "extended limit is 3088 tokens" in proc.stderr  # (64 - 16) * 64 + 16
+    assert "extended limit is 3592 tokens" in proc.stderr  # (64 - 8) * 64 + 8 (w = L // 8, the default rule's)
 
 
 # ------------------------------------------------------------------------------------------------

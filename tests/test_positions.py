@@ -65,3 +65,40 @@ def test_automatic_group_size_is_capped_where_the_stated_limit_says():
     assert choose_group_size(limit, L, w) == DEFAULT_MAX_GROUP_SIZE
     assert choose_group_size(limit + 1, L, w) == DEFAULT_MAX_GROUP_SIZE  # capped, not 65
     assert choose_group_size(10**9, L, w) == DEFAULT_MAX_GROUP_SIZE
+
+
+@pytest.mark.parametrize("rule, reach", [("f=0.5", 32), ("f=0.75", 48), ("f=1", 64), ("cover", 64)])
+def test_a_rule_keeps_every_grouped_distance_below_its_reach_and_leaves_inputs_that_fit_exact(rule, reach):
+    """Per query position p the rule's G is 1 while p < L (the plain model), and past L the smallest G whose
+    largest grouped distance stays below the reach; next_group_change is exactly where G next changes."""
+    from selfextend.settings import Settings
+
+    L = 64
+    settings = Settings.from_config(None, pretrained_length=L, rule=rule)
+    w = settings.window
+    assert w == (L // 4 if rule == "cover" else L // 8)
+    groups = [settings.group_size_at(p) for p in range(1500)]
+    assert set(groups[:L]) == {1}
+    for p in range(L, 1500):
+        g = groups[p]
+        # the farthest key has the largest grouped distance: below the reach, or (when G does not divide w,
+        # as with the paper's formula, see test_max_length_formula) at most equal to it
+        assert relative_distance(p, 0, w, g) <= reach - (w % g == 0)
+        assert (reach - w) * (g - 1) + w < p + 1 <= (reach - w) * g + w  # the smallest such G
+    changes = [p for p in range(1, 1500) if groups[p] != groups[p - 1]]
+    assert changes[0] == L
+    assert all(settings.next_group_change(p - 1) == p for p in changes)
+    assert all(settings.next_group_change(p) in changes or settings.next_group_change(p) >= 1500
+               for p in range(0, 1500, 37))
+
+
+def test_a_rule_and_a_fixed_group_size_exclude_each_other_and_bad_rules_are_named():
+    from selfextend.settings import Settings
+
+    with pytest.raises(ValueError, match="not both"):
+        Settings.from_config(None, pretrained_length=64, group_size=4, rule="f=0.5")
+    with pytest.raises(ValueError, match="unknown rule 'f=2'"):
+        Settings.from_config(None, pretrained_length=64, rule="f=2")
+    with pytest.raises(ValueError, match="must be more than the window w=40"):
+        Settings.from_config(None, pretrained_length=64, window=40, rule="f=0.5")
+    assert Settings.from_config(None, pretrained_length=64, rule="f=0.50").rule == "f=0.5"

@@ -87,17 +87,17 @@ def write(tmp_path, records):
 
 
 def _study(tmp_path):
-    """Three rules at two lengths past L = 8192: today's, a fixed one and a fraction rule."""
+    """Three rules at two lengths past L = 8192: the paper's, a fixed one and a fraction rule."""
     records = []
     for n, g in ((12288, 2), (16384, 3)):
-        records += _passkeys("selfextend", n, 5, 10, {"G": g, "w": 2048})
+        records += _passkeys("selfextend@cover", n, 5, 10, {"G": g, "w": 2048})
         records += _passkeys("selfextend:4:1024", n, 9, 10, {"G": 4, "w": 1024})
         records += _passkeys("selfextend@f=0.5", n, 10, 10, {"G": g + 2, "w": 1024})
-        records += [_record("perplexity", "selfextend", n, {"G": g, "w": 2048}, sequence=0, ppl=20.0),
+        records += [_record("perplexity", "selfextend@cover", n, {"G": g, "w": 2048}, sequence=0, ppl=20.0),
                     _record("perplexity", "selfextend:4:1024", n, {"G": 4, "w": 1024}, sequence=0, ppl=20.2),
                     _record("perplexity", "selfextend@f=0.5", n, {"G": g + 2, "w": 1024}, sequence=0, ppl=20.6)]
         records += [_record("needle", "selfextend@f=0.5", n, {"G": g + 2, "w": 1024}, depth=0.5, score=0.5)]
-    records += _passkeys("plain", 12288, 0, 10) + _passkeys("selfextend", 4096, 3, 3)  # not part of the study
+    records += _passkeys("plain", 12288, 0, 10) + _passkeys("selfextend@cover", 4096, 3, 3)  # not part of the study
     return records
 
 
@@ -107,7 +107,7 @@ def test_study_section_compares_rules_and_names_the_best_within_the_perplexity_b
     # summary: all lengths pooled, with the 95% interval, and the worst perplexity change
     assert "| selfextend:4:1024 | 18/20 | 0.70-0.97 |" in study and "+1.0% | yes |" in study
     assert "| selfextend@f=0.5 | 20/20 | 0.84-1.00 | 0/2 (0.5) | +3.0% | no |" in study
-    # per length: the resolved G and w, k/n, perplexity change against today's rule
+    # per length: the resolved G and w, k/n, perplexity change against the paper's rule
     assert "| selfextend@f=0.5 | 16384 | 5 | 1024 | 10/10 | 0/1 (0.5) | 20.6 | +3.0% |" in study
     assert "| plain |" not in study and "| 4096 |" not in study
     # f=0.5 retrieves best but costs 3% perplexity: the criterion picks the fixed rule
@@ -123,5 +123,5 @@ def test_study_section_pastes_the_hand_written_notes(tmp_path):
 
 
 def test_no_study_section_without_a_rule_method(tmp_path):
-    records = _passkeys("selfextend", 12288, 5, 10) + _passkeys("selfextend:4:1024", 12288, 9, 10)
+    records = _passkeys("selfextend:2:2048", 12288, 5, 10) + _passkeys("selfextend:4:1024", 12288, 9, 10)
     assert "## Study" not in write(tmp_path, records).read_text()

@@ -38,7 +38,7 @@ def test_bad_port_exits_2(checkpoint, no_loading, capsys, port):
 
 @pytest.mark.parametrize("options, message", [
     (["-w", "64"], "window must be an integer with 1 <= window < pretrained length (64), got 64"),
-    (["-G", "2", "--max-input-tokens", "113"], "--max-input-tokens 113 is above SelfExtend's extended limit of 112"),
+    (["-G", "2", "--max-input-tokens", "121"], "--max-input-tokens 121 is above SelfExtend's extended limit of 120"),  # w = 8
     (["--mode", "rerope", "-G", "2"], "mode='rerope' uses an infinite group size"),
 ])
 def test_bad_settings_exit_2_with_one_line_before_loading(checkpoint, no_loading, capsys, options, message):
@@ -60,4 +60,5 @@ def test_serve_takes_the_shared_model_and_selfextend_options(checkpoint, served)
 
 def test_default_max_input_tokens_from_the_command(checkpoint, served):
     assert cli.main(["serve", "--model", str(checkpoint), "--group-size", "2"]) == 0
-    assert served[0][0].state.service.max_input_tokens == 112  # 4 x 64 = 256 is above the extended limit (112)
+    # 4 x 64 = 256 is above the extended limit (64 - 8) * 2 + 8 = 120 (w = L // 8, the default rule's window)
+    assert served[0][0].state.service.max_input_tokens == 120

@@ -24,7 +24,7 @@ from selfextend.testing import TINY_LENGTH, make_tiny_checkpoint
 
 NAME = "tiny"
 GROUP_SIZE = 2
-WINDOW = TINY_LENGTH // 4  # the default window
+WINDOW = TINY_LENGTH // 4  # the paper's window (the default rule's is L // 8)
 LIMIT = (TINY_LENGTH - WINDOW) * GROUP_SIZE + WINDOW  # 112 tokens
 SENTENCES = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 LONG_PROMPT = SENTENCES * 2  # longer than the trained 64 tokens: SelfExtend groups positions
@@ -55,7 +55,7 @@ def checkpoint(tmp_path_factory) -> Path:
 
 def load_extended(folder: Path):
     model, tokenizer = load_model(folder)
-    handle = selfextend.enable(model, group_size=GROUP_SIZE)
+    handle = selfextend.enable(model, group_size=GROUP_SIZE, window=WINDOW)
     return model, tokenizer, handle
 
 

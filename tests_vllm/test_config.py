@@ -33,10 +33,14 @@ def test_engine_args_carry_the_settings_and_cap_max_model_len(tmp_path, monkeypa
     assert os.environ[SWITCH_ENV] == "1"  # worker processes started from here inherit the switch
 
 
-def test_group_size_defaults_to_the_smallest_that_covers_max_model_len(tmp_path):
-    kwargs = engine_args(model_folder(tmp_path), window=2048, max_model_len=20000)
-    assert kwargs["hf_overrides"]["selfextend"]["group_size"] == 3  # (8192 - 2048) * 3 + 2048 = 20480
-    assert kwargs["max_model_len"] == 20000
+def test_group_size_defaults_to_what_the_rule_picks_for_max_model_len(tmp_path):
+    # default rule f=0.5: w = 8192 // 8, grouped distances below 4096: (4096 - 1024) * 7 + 1024 >= 20000
+    kwargs = engine_args(model_folder(tmp_path), max_model_len=20000)
+    assert kwargs["hf_overrides"]["selfextend"]["group_size"] == 7
+    assert kwargs["hf_overrides"]["selfextend"]["window"] == 1024 and kwargs["max_model_len"] == 20000
+    # the paper's rule: the smallest G that covers it, (8192 - 2048) * 3 + 2048 = 20480
+    kwargs = engine_args(model_folder(tmp_path), window=2048, max_model_len=20000, rule="cover")
+    assert kwargs["hf_overrides"]["selfextend"]["group_size"] == 3
 
 
 def test_user_hf_overrides_are_kept(tmp_path):
@@ -106,4 +110,4 @@ def test_vllm_serve_prints_the_vllm_command(tmp_path, capsys):
 def test_vllm_serve_refuses_bad_settings_in_one_line(tmp_path, capsys):
     assert cli_main(["vllm-serve", "--model", model_folder(tmp_path), "-G", "4", "--max-model-len", "99999"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "extended limit 26624" in err
+    assert "\n" not in err and "extended limit 29696" in err  # (8192 - 1024) * 4 + 1024, w = L // 8

@@ -249,17 +249,12 @@ def grouped_keys(key_cache: dict, group_size: float, first: int, first_position:
 
 def _group_of(settings, position):
     """(group size, first later position where it changes, or None) for a query at ``position``."""
-    L, w = settings.pretrained_length, settings.window
-    if settings.is_plain(position):
-        if position < w and (settings.mode == "rerope" or settings.group_size not in (None, 1)):
-            return 1, w
-        if settings.group_size is None:
-            return 1, L  # auto: plain while the input fits the trained length
-        return 1, None
-    g = settings.group_size_at(position)
-    if settings.group_size is None and g < settings.limit_group_size:
-        return g, (L - w) * g + w  # auto: first position that needs G + 1
-    return g, None  # fixed G, rerope, or the automatic G at its cap: it stays
+    w = settings.window
+    if settings.is_plain(position) and position < w and (settings.mode == "rerope"
+                                                         or settings.group_size not in (None, 1)):
+        return 1, w
+    change = None if settings.mode == "rerope" else settings.next_group_change(position)
+    return (1 if settings.is_plain(position) else settings.group_size_at(position)), change
 
 
 def _segments(settings, first_query_position, start, lq):

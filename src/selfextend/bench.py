@@ -7,7 +7,7 @@ keeps beside the KV cache (its rotated grouped keys, ``cache_state.decode_stats`
 ``--dtype`` and ``--device`` choose the model's precision and device. Methods:
 
     plain       the model's own attention (SDPA)
-    selfextend  this library with -G/-w/--mode (default: automatic G, w = L // 4); several settings
+    selfextend  this library with -G/-w/--mode (default: G per position by the rule f=0.5, w = L // 8); several settings
                 in one run as ``selfextend:G:w`` (``-`` for a default), also ``rerope``, ``leaky:-:w``
     naive       the official implementation's merge with the settings of ``selfextend``: two full
                 L x L score matrices per head, ``torch.where`` by distance, one softmax -- O(L^2)
@@ -175,9 +175,9 @@ def _naive_bytes(length: int, heads: int) -> float:
 
 
 def _selfextend_options(args) -> list[str]:
-    """-G/-w/--mode as given, to pass on to the cell subprocesses."""
+    """-G/--rule/-w/--mode as given, to pass on to the cell subprocesses."""
     options = ["--mode", args.mode]
-    for flag, value in (("-G", args.group_size), ("-w", args.window)):
+    for flag, value in (("-G", args.group_size), ("--rule", args.rule), ("-w", args.window)):
         if value is not None:
             options += [flag, str(value)]
     return options
@@ -188,7 +188,8 @@ def run(args) -> int:
 
     from .evaluation.methods import selfextend_method
 
-    selfextend = selfextend_method(args.group_size, args.window, args.mode)
+    with bad_input():
+        selfextend = selfextend_method(args.group_size, args.window, args.mode, args.rule)
     if args.cell:
         method, length = args.cell.rsplit(":", 1)
         row = run_cell(args.model, method, int(length), args.decode_tokens, selfextend, dtype=args.dtype,

@@ -350,6 +350,11 @@ class SelfExtendHandle:
         return self.settings.mode
 
     @property
+    def rule(self) -> str | None:
+        """The rule that chooses G per query position; None when G is fixed (or infinite: rerope)."""
+        return self.settings.rule if self.group_size is None and self.mode != "rerope" else None
+
+    @property
     def max_length(self) -> int | None:
         """Longest input whose distances stay inside the trained range; None = unbounded (rerope).
 
@@ -409,14 +414,20 @@ def _unsupported(model, reason: str) -> UnsupportedModelError:
 
 def enable(model: nn.Module, group_size: int | None = None, window: int | None = None,
            pretrained_length: int | None = None, mode: str = "floor", log_scale: bool = False,
-           block_size: int | None = None) -> SelfExtendHandle:
+           block_size: int | None = None, rule: str | None = None) -> SelfExtendHandle:
     """Switch SelfExtend on for ``model`` and return a handle (also a context manager).
 
     Args:
-        group_size: ``G``; None picks, for each query position ``p``, the smallest ``G`` with
-            ``(L - w) * G + w >= p + 1`` -- so an input that fits the trained length is left exactly
-            as the plain model computes it.
-        window: neighbor window ``w`` (default ``L // 4``), ``1 <= w < L``.
+        group_size: ``G``; None lets ``rule`` choose, for each query position ``p``, the G it picks for
+            an input of ``p + 1`` tokens -- G = 1 up to the trained length, so an input that fits is
+            left exactly as the plain model computes it.
+        rule: how an automatic G is chosen (not with ``group_size``). Default
+            :data:`~selfextend.positions.DEFAULT_RULE` ``"f=0.5"``: w = L // 8 and the smallest G with
+            ``(L / 2 - w) * G + w >= p + 1``, so every grouped distance stays within the first half of
+            the trained range (chosen by measurement, see the README). ``"f=F"`` for another fraction
+            (``selfextend calibrate`` recommends one for your model); ``"cover"`` is the paper's rule
+            (w = L // 4, the smallest G with ``(L - w) * G + w >= p + 1``).
+        window: neighbor window ``w`` (default: the rule's, ``L // 8`` for "f=F"), ``1 <= w < L``.
         pretrained_length: ``L`` (default ``config.max_position_embeddings``).
         mode: "floor" (SelfExtend), "rerope" (G = infinity) or "leaky" (no floor).
         log_scale: multiply each query by ``max(1, log(p + 1) / log(L))`` (off by default).
@@ -431,7 +442,8 @@ def enable(model: nn.Module, group_size: int | None = None, window: int | None =
     if config is None or not hasattr(model, "set_attn_implementation"):
         raise _unsupported(model, "is not a transformers PreTrainedModel")
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    settings = Settings.from_config(text_config, group_size, window, pretrained_length, mode, log_scale, block_size)
+    settings = Settings.from_config(text_config, group_size, window, pretrained_length, mode, log_scale, block_size,
+                                    rule)
     modules = _attention_modules(model)
     if not modules:
         raise _unsupported(model, "has no attention layers that transformers' attention interface drives")

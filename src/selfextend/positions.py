@@ -107,10 +107,12 @@ def relative_distance(q_pos: int, k_pos: int, window: int, group_size: float, mo
 
 # -- rules that choose G and w from the input length ---------------------------------------------------
 # A rule is text, so a command line, a results file and the library can all name it:
-#     "cover"   w = L // 4, G = the smallest that covers the input (the paper's choice; today's default)
+#     "cover"   w = L // 4, G = the smallest that covers the input (the paper's choice; the default until
+#               the study of results/eval/smollm2-135m chose f=0.5)
 #     "f=F"     w = L // 8, G = the smallest with (F * L - w) * G + w >= n: the largest grouped distance
 #               stays below F * L, where a model that retrieves poorly far out still retrieves (0 < F <= 1)
 COVER_RULE = "cover"
+DEFAULT_RULE = "f=0.5"  # chosen by the study in results/eval/smollm2-135m/study.md
 
 
 def parse_rule(rule: str) -> tuple[float, int]:
@@ -135,13 +137,18 @@ def rule_name(rule: str) -> str:
     return COVER_RULE if divisor == 4 else f"f={reach:g}"
 
 
+def rule_window(rule: str, pretrained_length: int) -> int:
+    """The window ``rule`` uses unless one is given: ``L // 4`` for "cover", ``L // 8`` for "f=F"."""
+    _, divisor = parse_rule(rule)
+    return default_window(pretrained_length) if divisor == 4 else max(1, pretrained_length // divisor)
+
+
 def rule_window_and_reach(rule: str, pretrained_length: int, window: int | None = None) -> tuple[int, int]:
     """(w, R) of ``rule`` for a model trained on ``pretrained_length`` tokens: its window (``window``
     overrides it) and its reach ``R = int(F * L)``, the bound on grouped distances. ValueError if the
     reach is not larger than the window (no G could cover anything)."""
-    reach, divisor = parse_rule(rule)
-    w = default_window(pretrained_length) if divisor == 4 else max(1, pretrained_length // divisor)
-    w = w if window is None else window
+    reach, _ = parse_rule(rule)
+    w = rule_window(rule, pretrained_length) if window is None else window
     reach_tokens = int(reach * pretrained_length)
     if reach_tokens <= w:
         raise ValueError(f"rule {rule_name(rule)!r} keeps grouped distances below {reach_tokens} tokens, "

@@ -3,7 +3,9 @@
     L  pretrained_length   the trained context (``config.max_position_embeddings`` by default)
     w  window              pairs closer than ``w`` keep ordinary positions; ``1 <= w < L``
     G  group_size          pairs ``w`` or more apart use floor-divided positions; None = chosen per
-                           query position (the smallest G that covers it), ``inf`` for rerope
+                           query position by ``rule``, ``inf`` for rerope
+       rule                how an automatic G (and the default w) is chosen (``positions``):
+                           DEFAULT_RULE for SelfExtend, "cover" (the paper's) for leaky and rerope
 
 ``Settings.from_config(config, ...)`` fills the defaults from a model config (no weights needed), so
 a command can refuse bad settings before it loads or runs anything.
@@ -14,7 +16,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .positions import DEFAULT_MAX_GROUP_SIZE, MODES, choose_group_size, default_window, max_extended_length
+from .positions import (COVER_RULE, DEFAULT_MAX_GROUP_SIZE, DEFAULT_RULE, MODES, choose_settings, max_extended_length,
+                        rule_name, rule_window, rule_window_and_reach)
 
 
 BLOCK_ROWS = 4096  # queries per block: large blocks keep the kernel efficient; memory is O(block x keys)
@@ -34,10 +37,11 @@ class Settings:
 
     pretrained_length: int
     window: int
-    group_size: float | None = None  # None = auto, per query position; math.inf for rerope
+    group_size: float | None = None  # None = auto, per query position by `rule`; math.inf for rerope
     mode: str = "floor"
     log_scale: bool = False
     block_size: int = 1024  # queries per block of the exact merge
+    rule: str = DEFAULT_RULE  # how an automatic G is chosen (canonical name, positions.rule_name)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -57,6 +61,11 @@ class Settings:
                 raise ValueError(f"group_size must be a whole number >= 1 (or None for automatic), got {g!r}")
             if isinstance(g, bool) or not isinstance(g, (int, float)) or not g >= 1 or math.isinf(g):
                 raise ValueError(f"group_size must be a finite number >= 1 (or None for automatic), got {g!r}")
+        if not isinstance(self.rule, str):
+            raise ValueError(f"rule must be a string such as {DEFAULT_RULE!r} or {COVER_RULE!r}, got {self.rule!r}")
+        object.__setattr__(self, "rule", rule_name(self.rule))  # one spelling per rule
+        if self.group_size is None:  # the rule chooses G: its reach must exceed the window
+            rule_window_and_reach(self.rule, self.pretrained_length, self.window)
         if not isinstance(self.log_scale, bool):
             raise ValueError(f"log_scale must be True or False, got {self.log_scale!r}")
         if not _is_int(self.block_size) or self.block_size < 1:
@@ -65,29 +74,48 @@ class Settings:
     @classmethod
     def from_config(cls, config, group_size: int | None = None, window: int | None = None,
                     pretrained_length: int | None = None, mode: str = "floor", log_scale: bool = False,
-                    block_size: int | None = None) -> Settings:
-        """Settings for a model with this config; defaults: ``L = max_position_embeddings``,
-        ``w = L // 4``, ``block_size`` about :data:`BLOCK_ROWS`, a multiple of ``w - 1`` (near keys are
-        processed in sub-blocks shorter than ``w``). Raises ValueError naming what to change."""
+                    block_size: int | None = None, rule: str | None = None) -> Settings:
+        """Settings for a model with this config; defaults: ``L = max_position_embeddings``, ``rule``
+        :data:`~selfextend.positions.DEFAULT_RULE` for SelfExtend ("cover", the paper's, for the leaky
+        and rerope variants), ``w`` the rule's window, ``block_size`` about :data:`BLOCK_ROWS`, a
+        multiple of ``w - 1`` (near keys are processed in sub-blocks shorter than ``w``). A fixed
+        ``group_size`` and a ``rule`` exclude each other. Raises ValueError naming what to change."""
         if hasattr(config, "get_text_config"):
             config = config.get_text_config()
         if pretrained_length is None:
             pretrained_length = getattr(config, "max_position_embeddings", None)
             if not _is_int(pretrained_length):
                 raise ValueError("the model config has no max_position_embeddings; pass pretrained_length=")
-        if window is None and _is_int(pretrained_length) and pretrained_length >= 2:
-            window = default_window(pretrained_length)
+        if rule is not None and group_size is not None:
+            raise ValueError(f"give group_size={group_size!r} or rule={rule!r}, not both: the rule chooses G")
+        if rule is None:
+            rule = DEFAULT_RULE if mode == "floor" else COVER_RULE
+        if window is None and _is_int(pretrained_length) and pretrained_length >= 2 and isinstance(rule, str):
+            window = rule_window(rule, pretrained_length)
         if block_size is None and _is_int(window):
             near = min(BLOCK_ROWS, max(1, window - 1))  # near keys go in sub-blocks shorter than w
             block_size = near * max(1, BLOCK_ROWS // near)
-        return cls(pretrained_length, window, group_size, mode, log_scale, block_size)
+        return cls(pretrained_length, window, group_size, mode, log_scale, block_size, rule)
 
     # -- which group size applies where -----------------------------------------------------------
     def group_size_at(self, position: int) -> float:
         """Group size used by a query at ``position`` (0-based)."""
         if self.group_size is not None:
             return self.group_size
-        return choose_group_size(position + 1, self.pretrained_length, self.window)
+        return choose_settings(position + 1, self.pretrained_length, self.rule, self.window)[0]
+
+    def next_group_change(self, position: int) -> int | None:
+        """The first position after ``position`` whose automatic G differs from the G at ``position``;
+        None when G never changes again (fixed, rerope, or at the cap)."""
+        if self.group_size is not None:
+            return None
+        g = self.group_size_at(position)
+        if g == 1:
+            return max(position + 1, self.pretrained_length)  # plain while the input fits
+        if g >= DEFAULT_MAX_GROUP_SIZE:
+            return None
+        _, reach = rule_window_and_reach(self.rule, self.pretrained_length, self.window)
+        return (reach - self.window) * g + self.window  # first position that needs G + 1
 
     def group_size_for(self, length: int) -> float:
         """Group size used by the last token of an input of ``length`` tokens."""
@@ -124,7 +152,7 @@ class Settings:
     def describe(self, length: int | None = None) -> str:
         """One line: mode, L, w, G (for ``length`` if given) and the limit."""
         g = self.group_size_for(length) if length is not None else self.group_size
-        g_text = "auto" if g is None else ("inf" if math.isinf(g) else f"{g:g}")
+        g_text = f"auto({self.rule})" if g is None else ("inf" if math.isinf(g) else f"{g:g}")
         limit = self.max_length
         return (f"SelfExtend {self.mode} L={self.pretrained_length} w={self.window} G={g_text} "
                 f"(limit {'none' if limit is None else limit})")

@@ -10,8 +10,9 @@ distances the model still handles. The command:
    half of the depths: E is the longest length before that;
 2. derives G and w for the target length from E (w = L // 8, G the smallest with (E - w) * G + w >=
    target);
-3. measures perplexity on the essays at one check length: plain, today's default, the recommendation;
-4. prints the numbers, then the settings as one JSON line for ``selfextend.enable(model, **settings)``.
+3. measures perplexity on the essays at one check length: plain, the library's default, the recommendation;
+4. prints the numbers, the same advice as a rule for any length (``enable(model, rule="f=E/L")``), then
+   the settings for the target as one JSON line for ``selfextend.enable(model, **settings)``.
 
 Trials run through the evaluation's runner: with ``--out`` they are kept (``results.jsonl``) and a
 rerun skips the finished ones.
@@ -53,8 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # -- the recommendation (pure: numbers in, settings out) -------------------------------------------
 @dataclass(frozen=True)
 class Recommendation:
-    settings: dict   # keyword arguments of selfextend.enable: {} = the library's default
+    settings: dict   # keyword arguments of selfextend.enable for the target length: {} = the library's default
     reason: str      # one line: where the settings come from
+    rule: dict | None = None  # the same advice for any length: enable(model, **rule), G chosen per position
 
 
 def effective_length(passkey: list[tuple[int, int, int]]) -> int | None:
@@ -90,7 +92,8 @@ def recommend(effective: int | None, L: int, target: int) -> Recommendation:
     return Recommendation({"group_size": group_size, "window": window},
                           f"rule {rule} (largest grouped distance below {int(reach * L)} tokens = E): w = {window}, "
                           f"G = the smallest with ({int(reach * L)} - {window}) * G + {window} >= {target} -> "
-                          f"G = {group_size} (extended limit {limit})")
+                          f"G = {group_size} (extended limit {limit})",
+                          {"rule": rule, "window": window})
 
 
 # -- the command -----------------------------------------------------------------------------------
@@ -129,6 +132,7 @@ def run(args) -> int:
     summary = {"model": model_name(args.model), "trained_length": L, "target_length": target,
                "passkey": [dict(length=n, correct=k, trials=t) for n, k, t in passkey],
                "effective_length": effective, "reason": advice.reason, "settings": advice.settings,
+               "rule_settings": advice.rule,
                "perplexity": {label: {"length": ppl_trial["length"], **r["settings"], "ppl": r["ppl"]}
                               for label, r in ppl.items()}}
     _print(summary, args.model, len(args.depths))
@@ -191,4 +195,8 @@ def _print(summary: dict, model: str, depths: int) -> None:
     if settings:
         print(f"(check it: selfextend passkey --model {model} --length {target} "
               f"-G {settings['group_size']} -w {settings['window']})")
+    if summary.get("rule_settings"):
+        rule = summary["rule_settings"]
+        print(f"For any length, G chosen per position: selfextend.enable(model, rule={rule['rule']!r}, "
+              f"window={rule['window']})  (commands: --rule {rule['rule']} -w {rule['window']})")
     print(json.dumps(settings))

@@ -70,11 +70,17 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_selfextend_arguments(parser: argparse.ArgumentParser) -> None:
-    """SelfExtend's settings, the same on every command: -G/--group-size, -w/--window, --mode."""
+    """SelfExtend's settings, the same on every command: -G/--group-size, --rule, -w/--window, --mode."""
+    from ..positions import DEFAULT_RULE
+
     parser.add_argument("--group-size", "-G", type=positive_int, default=None,
-                        help="SelfExtend group size G (default: the smallest G that covers the input)")
+                        help="SelfExtend group size G (default: chosen per position by --rule)")
+    parser.add_argument("--rule", default=None,
+                        help=f"how G is chosen when -G is not given: 'f=F' keeps grouped distances below F x "
+                        f"the trained length, 'cover' is the paper's rule (default {DEFAULT_RULE}; "
+                        "`selfextend calibrate` recommends one for a model)")
     parser.add_argument("--window", "-w", type=positive_int, default=None,
-                        help="neighbor window w (default: trained length // 4)")
+                        help="neighbor window w (default: the rule's, trained length // 8 for f=F)")
     parser.add_argument("--mode", choices=("floor", "rerope", "leaky"), default="floor",
                         help="floor = SelfExtend (default); rerope = G infinite; leaky = no floor")
 
@@ -94,7 +100,8 @@ def settings_from_args(args, config):
     from ..settings import Settings
 
     with bad_input():
-        return Settings.from_config(config, group_size=args.group_size, window=args.window, mode=args.mode)
+        return Settings.from_config(config, group_size=args.group_size, window=args.window, mode=args.mode,
+                                    rule=args.rule)
 
 
 def enable_from_args(model, args):
@@ -103,7 +110,8 @@ def enable_from_args(model, args):
     import selfextend
 
     with bad_input():
-        return selfextend.enable(model, group_size=args.group_size, window=args.window, mode=args.mode)
+        return selfextend.enable(model, group_size=args.group_size, window=args.window, mode=args.mode,
+                                 rule=args.rule)
 
 
 def load_or_exit(spec: str):

@@ -58,8 +58,8 @@ def run(args) -> int:
     from .report import write_report
 
     # every check (methods, settings, experiments, each input) before the weights load
-    selfextend = selfextend_method(args.group_size, args.window, args.mode)
     with bad_input():
+        selfextend = selfextend_method(args.group_size, args.window, args.mode, args.rule)
         methods = resolve_methods(args.methods, selfextend)
     experiments = args.experiments or list(EXPERIMENTS)
     unknown = [e for e in experiments if e not in EXPERIMENTS]

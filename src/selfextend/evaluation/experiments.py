@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .. import prompts
 from ..generation import generate
-from .methods import Method, applied, fixed_settings, log_likelihoods, parse_method
+from .methods import Method, applied, computation, log_likelihoods, parse_method, recorded_settings
 
 EXPERIMENTS = ("passkey", "keylength", "needle", "perplexity", "ablation")
 
@@ -209,9 +209,10 @@ class Inputs:
 class Runner:
     """Runs trials on one model, appending a JSON line per finished trial to ``results.jsonl``.
 
-    A trial that computes exactly what a finished one computed (the same input, and the same fixed G
-    and w reached by another method, e.g. a rule and a fixed setting) is not run again: its record
-    copies that result, with ``"seconds": 0`` and ``"same_as"`` naming the method that was run."""
+    A trial that computes exactly what a finished one computed (the same input and the same
+    ``methods.computation``: a rule that has not started grouping and the plain model, or two spellings
+    of one fixed G and w) is not run again: its record copies that result, with ``"seconds": 0`` and
+    ``"same_as"`` naming the method that was run."""
 
     def __init__(self, model, tokenizer, out_dir: Path, max_new_tokens: int = 12, inputs: Inputs | None = None):
         from ..assets import trained_length
@@ -231,13 +232,17 @@ class Runner:
     def same_computation(self, trial: dict) -> str | None:
         """A key shared by the trials that compute exactly the same thing, or None if only this trial's
         method computes it (its settings are not fixed for the whole input)."""
+        # a generating trial decodes at most max_new_tokens + len(answer) // 2 tokens (run_one); answers
+        # are at most 100 digits, so 64 more positions bound every one of them
+        generated = self.max_new_tokens + 64 if RESULT_FIELD[trial["experiment"]] == "score" else 0
         try:
-            settings = fixed_settings(parse_method(trial["method"]), self.pretrained_length, trial["length"])
+            computed = computation(parse_method(trial["method"]), self.pretrained_length,
+                                   trial["length"] + generated - 1)
         except ValueError:  # a rule this model cannot run (a record from another model): nothing is shared
             return None
-        if settings is None:
+        if computed is None:
             return None
-        return trial_key({**{k: v for k, v in trial.items() if k != "method"}, "computed_with": list(settings)})
+        return trial_key({**{k: v for k, v in trial.items() if k != "method"}, "computed_with": list(computed)})
 
     def _remember(self, record: dict) -> None:
         key = self.same_computation(record["trial"])
@@ -248,7 +253,9 @@ class Runner:
         """The record of ``trial``: copied from an equal computation if there is one, else run now."""
         earlier = self.computed.get(self.same_computation(trial))
         if earlier is not None:
-            return {**earlier, "trial": trial, "seconds": 0.0, "same_as": earlier["trial"]["method"]}
+            settings = recorded_settings(parse_method(trial["method"]), self.pretrained_length, trial["length"])
+            return {**earlier, "trial": trial, "settings": settings, "seconds": 0.0,
+                    "same_as": earlier["trial"]["method"]}
         t0 = time.perf_counter()
         result = self.run_one(trial)
         return {"trial": trial, **result, "seconds": round(time.perf_counter() - t0, 2)}

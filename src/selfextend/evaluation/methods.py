@@ -4,8 +4,9 @@
     linear      position interpolation      } transformers' own RoPE scaling: the rotary embedding
     dynamic     dynamic NTK                 } modules are rebuilt from a copy of the config with
     yarn        YaRN                        } ``rope_parameters`` set; factor = length / L (>= 1)
-    selfextend  SelfExtend, G chosen from the length (or fixed), w = L // 4 unless given; with a rule
-                (``selfextend@f=0.5``) G and w are what ``positions.choose_settings`` picks for the length
+    selfextend  SelfExtend as ``selfextend.enable`` runs it: G chosen per query position by a rule
+                (``selfextend@f=0.5``, ``selfextend@cover``; a bare ``selfextend`` is the library's default
+                rule and is recorded under its name) or fixed (``selfextend:4:1024``)
     rerope      SelfExtend with G = infinity (every far key at distance w)
     leaky       SelfExtend without the floor (positions divided by G, not floored)
 """
@@ -22,7 +23,7 @@ import torch
 import selfextend
 
 from ..assets import trained_length
-from ..positions import choose_settings, default_window, rule_name
+from ..positions import DEFAULT_RULE, rule_name
 from ..settings import Settings
 
 ROPE_SCALING = {"linear": "linear", "dynamic": "dynamic", "yarn": "yarn"}
@@ -34,8 +35,8 @@ ALL_METHODS = ("plain", *ROPE_SCALING, *SELFEXTEND_MODES)
 class Method:
     name: str                      # one of ALL_METHODS
     group_size: int | None = None  # SelfExtend modes only: fixed G (None = chosen from the length)
-    window: int | None = None      # SelfExtend modes only: w (None = L // 4, or the rule's w)
-    rule: str | None = None        # selfextend only: the rule that picks G and w per input length
+    window: int | None = None      # SelfExtend modes only: w (None = the rule's, L // 4 for rerope/leaky)
+    rule: str | None = None        # selfextend only: the rule that picks G per query position
 
     @property
     def spec(self) -> str:
@@ -47,9 +48,15 @@ class Method:
         return ":".join([head] + ["-" if x is None else str(x) for x in (self.group_size, self.window)])
 
 
-def selfextend_method(group_size: int | None = None, window: int | None = None, mode: str = "floor") -> Method:
-    """The method that -G/-w/--mode describe: what a bare ``selfextend`` in ``--methods`` stands for."""
+def selfextend_method(group_size: int | None = None, window: int | None = None, mode: str = "floor",
+                      rule: str | None = None) -> Method:
+    """The method that -G/--rule/-w/--mode describe: what a bare ``selfextend`` in ``--methods`` stands
+    for, with the rule written out (default :data:`DEFAULT_RULE`) so a record names what it ran."""
     name = {mode_: name for name, mode_ in SELFEXTEND_MODES.items()}[mode]
+    if rule is not None and (mode != "floor" or group_size is not None):
+        raise ValueError("--rule chooses G for --mode floor; it cannot go with -G or another mode")
+    if mode == "floor" and group_size is None:
+        return Method(name, None, window, rule_name(rule or DEFAULT_RULE))
     return Method(name, group_size, window)
 
 
@@ -68,7 +75,7 @@ def parse_method(spec: str, names: tuple[str, ...] = ALL_METHODS) -> Method:
     except ValueError:
         raise ValueError(f"method {spec!r}: G and w must be integers or '-'") from None
     if not at:
-        return Method(name, g, w)
+        return selfextend_method(g, w) if name == "selfextend" else Method(name, g, w)
     if name != "selfextend":
         raise ValueError(f"method {spec!r}: only selfextend takes a rule (selfextend@RULE)")
     if g is not None:
@@ -86,7 +93,7 @@ def parse_methods(specs: str, selfextend: Method | None = None, names: tuple[str
     for spec in specs.split(","):
         if spec.strip():
             method = parse_method(spec, names)
-            if selfextend is not None and method == Method("selfextend"):
+            if selfextend is not None and spec.strip() == "selfextend":
                 method = selfextend
             if method not in methods:
                 methods.append(method)
@@ -117,38 +124,44 @@ def check_method(method: Method, config) -> None:
 
 
 def selfextend_settings(method: Method, config, length: int | None = None) -> Settings:
-    """The Settings of a SelfExtend method (selfextend, rerope, leaky) on a model with ``config``; a rule
-    method's G and w are those of its rule for ``length`` tokens (default: one past the trained length,
-    the first length it groups)."""
-    L = trained_length(config)
-    g, w = group_size_and_window(method, L, L + 1 if length is None else length)
-    return Settings.from_config(config, group_size=g, window=w, mode=SELFEXTEND_MODES[method.name])
+    """The Settings of a SelfExtend method (selfextend, rerope, leaky) on a model with ``config``."""
+    return Settings.from_config(config, **_enable_arguments(method))
 
 
-def group_size_and_window(method: Method, pretrained_length: int, length: int) -> tuple[int | None, int | None]:
-    """(G, w) that a SelfExtend method passes to ``enable`` for an input of ``length`` tokens: its own
-    (None = the library's default), or those its rule picks (``positions.choose_settings``)."""
-    if method.rule is None:
-        return method.group_size, method.window
-    return choose_settings(length, pretrained_length, method.rule, method.window)
+def _enable_arguments(method: Method) -> dict:
+    return dict(group_size=method.group_size, window=method.window, mode=SELFEXTEND_MODES[method.name],
+                rule=method.rule)
 
 
-def fixed_settings(method: Method, pretrained_length: int, length: int) -> tuple[str, int, int] | None:
-    """(mode, G, w) when ``method`` runs SelfExtend with one G and w for a whole input of ``length``
-    tokens (a fixed G, or the choice of a rule); methods with equal tuples compute exactly the same thing
-    (``selfextend:4:1024`` and ``selfextend@f=0.5`` at 12288 tokens of a model trained on 8192). None for
-    every other method (plain, the rope scalings, and G chosen per query position)."""
-    if method.name not in SELFEXTEND_MODES or (method.group_size is None and method.rule is None):
+def computation(method: Method, pretrained_length: int, last_position: int) -> tuple | None:
+    """What ``method`` computes on an input whose queries reach ``last_position`` (0-based), as a tuple
+    that equal computations share: ``("plain",)`` for the plain model and for a rule that has not
+    started grouping there (G = 1 up to the trained length: exactly the plain model), ``(mode, G, w)``
+    for a fixed G; None for everything else (the rope scalings, a rule that groups)."""
+    if method.name == "plain":
+        return ("plain",)
+    if method.name not in SELFEXTEND_MODES or method.group_size is None and method.name != "selfextend":
         return None
-    g, w = group_size_and_window(method, pretrained_length, length)
-    return SELFEXTEND_MODES[method.name], g, default_window(pretrained_length) if w is None else w
+    if method.group_size is None:
+        return ("plain",) if last_position < pretrained_length else None
+    settings = Settings.from_config(None, pretrained_length=pretrained_length, **_enable_arguments(method))
+    return settings.mode, settings.group_size, settings.window
+
+
+def recorded_settings(method: Method, pretrained_length: int, length: int) -> dict:
+    """What a trial of ``method`` records as its settings, without running it (for a copied result)."""
+    if method.name not in SELFEXTEND_MODES:
+        return {}
+    settings = Settings.from_config(None, pretrained_length=pretrained_length, **_enable_arguments(method))
+    return settings_record(settings, length)
 
 
 def settings_record(settings: Settings, length: int) -> dict:
     """G and w used for an input of ``length`` tokens, as results record them (rerope's infinite G is
     written "inf", so the JSON stays strict)."""
     g = settings.group_size_for(length)
-    return {"G": g if math.isfinite(g) else "inf", "w": settings.window}
+    rule = {"rule": settings.rule} if settings.group_size is None else {}
+    return {"G": g if math.isfinite(g) else "inf", "w": settings.window, **rule}
 
 
 def _single_rope_parameters(config) -> dict:
@@ -171,8 +184,7 @@ def applied(model, method: Method, length: int):
         yield {}
         return
     if method.name in SELFEXTEND_MODES:
-        g, w = group_size_and_window(method, trained_length(model), length)
-        with selfextend.enable(model, group_size=g, window=w, mode=SELFEXTEND_MODES[method.name]) as handle:
+        with selfextend.enable(model, **_enable_arguments(method)) as handle:
             yield settings_record(handle.settings, length)
         return
     config = model.config.get_text_config()

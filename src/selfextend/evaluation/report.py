@@ -16,7 +16,8 @@ from .methods import ALL_METHODS, parse_method
 from .render import Panel, markdown_table, new_figure, save_line_plots
 
 STUDY_NOTES = "study.md"  # hand-written conclusion of the study, next to results.jsonl; pasted into the report
-PPL_TOLERANCE = 0.02      # a rule may cost at most this much perplexity against today's rule to be the default
+PPL_TOLERANCE = 0.02      # a rule may cost at most this much perplexity against the paper's rule to be the default
+REFERENCE = "selfextend@cover"  # the paper's rule (the library's default before the study): perplexity baseline
 
 
 def _mean(xs):
@@ -196,8 +197,8 @@ STUDY_EXPERIMENTS = ("passkey", "needle", "perplexity")
 
 
 def _study_cells(records, L: int) -> dict:
-    """experiment -> (method, length) -> records, for the SelfExtend (floor) methods past ``L``: today's
-    rule ``selfextend``, fixed settings ``selfextend:G:w`` and rules ``selfextend@...``."""
+    """experiment -> (method, length) -> records, for the SelfExtend (floor) methods past ``L``: rules
+    ``selfextend@...`` and fixed settings ``selfextend:G:w``."""
     study = [r for r in records if r["trial"]["experiment"] in STUDY_EXPERIMENTS and r["trial"]["length"] > L
              and parse_method(r["trial"]["method"]).name == "selfextend"]
     return {e: _by(study, e, "method", "length") for e in STUDY_EXPERIMENTS}
@@ -209,14 +210,14 @@ def _ppl(cells, method, length) -> float | None:
 
 
 def _ppl_changes(cells, method, lengths) -> list[float]:
-    """Relative perplexity change against today's rule ``selfextend`` at each length both have."""
-    pairs = [(_ppl(cells, method, n), _ppl(cells, "selfextend", n)) for n in lengths]
+    """Relative perplexity change against the paper's rule (REFERENCE) at each length both have."""
+    pairs = [(_ppl(cells, method, n), _ppl(cells, REFERENCE, n)) for n in lengths]
     return [value / today - 1 for value, today in pairs if value is not None and today is not None]
 
 
 def _study_summary(cells, methods, lengths) -> tuple[list[list], str | None]:
     """(rows of the summary table, the best rule by the issue's criterion or None): retrieval first
-    (passkey, then needle), among rules whose perplexity stays within PPL_TOLERANCE of today's rule at
+    (passkey, then needle), among rules whose perplexity stays within PPL_TOLERANCE of the paper's rule at
     every length where perplexity was measured for both."""
     rows, ranked = [], []
     ppl_lengths = sorted({n for (_, n) in cells["perplexity"]})
@@ -252,7 +253,7 @@ def study_section(records, out_dir: Path, L: int) -> str:
             if not any(found):
                 continue
             settings = next(g for g in found if g)[0].get("settings", {})
-            value, today = _ppl(cells, m, n), _ppl(cells, "selfextend", n)
+            value, today = _ppl(cells, m, n), _ppl(cells, REFERENCE, n)
             change = f"{value / today - 1:+.1%}" if value is not None and today is not None else "-"
             detail.append([m, n, settings.get("G", "-"), settings.get("w", "-"), _k_of_n(found[0]),
                            _needle_cell(found[1]), "-" if value is None else value, change])
@@ -270,22 +271,22 @@ def study_section(records, out_dir: Path, L: int) -> str:
         Panel(ppl, dict(xlabel="sequence length (tokens)", ylabel="perplexity", title="Perplexity (essays)"),
               xticks=lengths),
     ], panel_size=(5.5, 4))
-    criterion = (f"By the criterion for the default (retrieval first; perplexity at most {PPL_TOLERANCE:.0%} above today's "
-                 f"rule at every measured length) the best measured rule is **{best}**." if best else
-                 f"No rule has perplexity measured at every length and within {PPL_TOLERANCE:.0%} of today's rule yet.")
+    criterion = (f"By the criterion for the default (retrieval first; perplexity at most {PPL_TOLERANCE:.0%} above the "
+                 f"paper's rule at every measured length) the best measured rule is **{best}**." if best else
+                 f"No rule has perplexity measured at every length and within {PPL_TOLERANCE:.0%} of the paper's rule yet.")
     notes_path = out_dir / STUDY_NOTES
     notes = (notes_path.read_text().strip() if notes_path.exists()
              else f"_The chosen rule and why: to be written in `{STUDY_NOTES}` next to results.jsonl._")
     return (f"## Study: choosing G and w (past the trained length {L})\n\n"
-            "Rules, as methods of `selfextend eval`: `selfextend` is today's default (w = L // 4, G per query "
-            "position, the smallest that covers it; G shown for the last token); `selfextend:G:w` fixes both; "
-            "`selfextend@cover` is today's rule with one G for the whole input; `selfextend@f=F` keeps the largest "
-            "grouped distance below F * L with w = L // 8 (`positions.choose_settings`; `:-:w` fixes w). "
-            "Passkey and needle as correct / trials (needle: mean score in brackets); perplexity change against "
-            "`selfextend` at the same length.\n\n"
+            "Rules, as methods of `selfextend eval`, each choosing G per query position as `selfextend.enable` "
+            "does (G shown for the last token): `selfextend@cover` is the paper's rule (w = L // 4, the smallest G "
+            "that covers the position; the library's default before this study); `selfextend@f=F` keeps the "
+            "largest grouped distance below F * L with w = L // 8 (`positions.choose_settings`; `:-:w` fixes w); "
+            "`selfextend:G:w` fixes both. Passkey and needle as correct / trials (needle: mean score in brackets); "
+            f"perplexity change against `{REFERENCE}` at the same length.\n\n"
             + markdown_table(["rule", "passkey (all lengths)", "95% interval", "needle", "worst perplexity change",
                               f"within {PPL_TOLERANCE:.0%}"], summary) + "\n\n"
-            + markdown_table(["rule", "length", "G", "w", "passkey", "needle", "perplexity", "vs selfextend"], detail,
+            + markdown_table(["rule", "length", "G", "w", "passkey", "needle", "perplexity", "vs cover"], detail,
                              align="lrrrllrr") + "\n\n![study](study.png)\n\n" + criterion + "\n\n" + notes + "\n")
 
 

@@ -35,13 +35,15 @@ __all__ = ["engine_args", "EngineSettings", "UnsupportedConfigError", "register"
 
 
 def engine_args(model: str | os.PathLike, *, group_size: int | None = None, window: int | None = None,
-                max_model_len: int | None = None, pretrained_length: int | None = None, **other) -> dict:
+                max_model_len: int | None = None, pretrained_length: int | None = None, rule: str | None = None,
+                **other) -> dict:
     """Keyword arguments for ``vllm.LLM(...)`` / ``EngineArgs(...)`` that run SelfExtend.
 
     model              a local Hugging Face folder, a .gguf file or a built-in name (GGUF files are
                        dequantised once to a cached folder, see ``selfextend.vllm.models``)
-    group_size         G, fixed for the engine; default: the smallest G whose limit covers max_model_len
-    window             w, default L // 4
+    group_size         G, fixed for the engine; default: the G that ``rule`` picks for max_model_len
+    rule               how that G is chosen (default "f=0.5", as ``selfextend.enable``; "cover" = the paper's)
+    window             w, default the rule's (L // 8 for "f=F", L // 4 for "cover")
     max_model_len      longest request (prompt + output); default and maximum: (L - w) * G + w
     pretrained_length  L, default the model's max_position_embeddings
     **other            any other vLLM engine argument, passed through (hf_overrides are merged)
@@ -57,7 +59,7 @@ def engine_args(model: str | os.PathLike, *, group_size: int | None = None, wind
     L = pretrained_length if pretrained_length is not None else getattr(config, "max_position_embeddings", None)
     if not isinstance(L, int):
         raise ValueError("the model config has no max_position_embeddings; pass pretrained_length=")
-    settings, max_model_len = choose_settings(L, group_size, window, max_model_len)
+    settings, max_model_len = choose_settings(L, group_size, window, max_model_len, rule)
     overrides = hf_overrides_for(settings, max_model_len, other.pop("hf_overrides", None))
     if _on_cuda():
         other.setdefault("attention_backend", "FLASH_ATTN")  # the backend SelfExtend replaces there

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ..positions import choose_group_size, default_window
+from ..positions import DEFAULT_RULE, rule_window
+from ..positions import choose_settings as rule_settings  # not this module's choose_settings
 from ..settings import Settings
 
 SETTINGS_KEY = "selfextend"  # the key in hf_overrides / the model config
@@ -134,20 +135,24 @@ def check_engine_options(options: dict) -> None:
 
 
 def choose_settings(pretrained_length: int, group_size: int | None, window: int | None,
-                    max_model_len: int | None) -> tuple[EngineSettings, int]:
+                    max_model_len: int | None, rule: str | None = None) -> tuple[EngineSettings, int]:
     """(settings, max_model_len) for the requested values.
 
-    ``window`` defaults to ``L // 4``. ``group_size`` defaults to the smallest ``G`` whose limit
-    covers ``max_model_len``; ``max_model_len`` defaults to the limit and may not exceed it."""
+    ``group_size`` defaults to the G that ``rule`` (default ``positions.DEFAULT_RULE``, as in
+    ``selfextend.enable``) picks for ``max_model_len`` tokens, and ``window`` to the rule's window;
+    ``max_model_len`` defaults to the limit ``(L - w) * G + w`` and may not exceed it."""
     L = pretrained_length
-    w = default_window(L) if window is None else window
+    if rule is not None and group_size is not None:
+        raise ValueError(f"give group_size={group_size!r} or rule={rule!r}, not both: the rule chooses G")
+    rule = rule or DEFAULT_RULE
+    w = rule_window(rule, L) if window is None else window
     if group_size is None:
         if max_model_len is None:
             raise ValueError("give group_size, max_model_len, or both (one G serves the whole engine)")
         if not isinstance(max_model_len, int) or max_model_len < 1:
             raise ValueError(f"max_model_len must be a positive integer, got {max_model_len!r}")
-        Settings(L, w)  # the library's own message for a bad L or w
-        group_size = choose_group_size(max_model_len, L, w)
+        Settings(L, w, rule=rule)  # the library's own message for a bad L, w or rule
+        group_size = rule_settings(max_model_len, L, rule, w)[0]
     settings = EngineSettings(L, w, group_size)
     if max_model_len is None:
         max_model_len = settings.limit

@@ -30,10 +30,12 @@ from ..commands.common import add_model_argument, positive_int
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_argument(parser)
     parser.add_argument("--group-size", "-G", type=positive_int, default=None,
-                        help="SelfExtend group size G, fixed for the server (default: the smallest G whose "
-                             "limit covers --max-model-len)")
+                        help="SelfExtend group size G, fixed for the server (default: the G that --rule "
+                             "picks for --max-model-len)")
+    parser.add_argument("--rule", default=None,
+                        help="how G is chosen when -G is not given: f=F or cover (default f=0.5, as the library)")
     parser.add_argument("--window", "-w", type=positive_int, default=None,
-                        help="neighbor window w (default: trained length // 4)")
+                        help="neighbor window w (default: the rule's, trained length // 8 for f=F)")
     parser.add_argument("--max-model-len", type=positive_int, default=None,
                         help="longest request, prompt + output (default and maximum: (L - w) * G + w)")
     parser.add_argument("--print-command", action="store_true",
@@ -47,7 +49,7 @@ def serve_command(args) -> list[str]:
     from . import engine_args
 
     kwargs = engine_args(args.model, group_size=args.group_size, window=args.window,
-                         max_model_len=args.max_model_len)
+                         max_model_len=args.max_model_len, rule=args.rule)
     return ["serve", kwargs["model"], "--max-model-len", str(kwargs["max_model_len"]),
             "--hf-overrides", json.dumps(kwargs["hf_overrides"], separators=(",", ":")), *args.vllm_args]
 
