@@ -8,7 +8,8 @@
 #   bash scripts/study.sh gemma3 RULE  Gemma 3 270M (L = 32768) past its trained length: the paper's
 #                                      rule and RULE, the rule the first part chose (selfextend@f=0.5)
 #
-# Rules (methods of `selfextend eval`; each chooses G per query position, as `selfextend.enable` does):
+# Rules (methods of `selfextend eval`; each chooses G once from the input length, as `selfextend.enable` does,
+# so past L a rule computes exactly the fixed G it picks and shares that G's trials):
 #   selfextend@cover    the paper's rule, the library's default before the study: w = L // 4, G the
 #                       smallest that covers the position
 #   selfextend:4:1024   G = 4, w = 1024, the hand-tuned setting README and demo.sh used to pass

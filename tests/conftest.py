@@ -72,6 +72,20 @@ def logits(model, ids, **kw):
         return model(ids, **kw).logits.float()
 
 
+def sequence_logits(model, ids, prefill: int, window: int):
+    """Logits of one forward pass over ``ids`` with the G SelfExtend's default rule chooses for a sequence
+    whose first call (prefill) holds ``prefill`` tokens, as a fixed G (formula written out in this file).
+    What decoding after such a prefill must give while the sequence stays within that G's limit."""
+    import selfextend
+    from selfextend.positions import DEFAULT_RULE
+
+    g = int(auto_group(prefill - 1, L, window, rule_reach(DEFAULT_RULE, L)))
+    assert ids.shape[1] <= (L - window) * g + window
+    assert not selfextend.is_enabled(model), "compute the reference before enabling the settings under test"
+    with selfextend.enable(model, group_size=g, window=window):
+        return logits(model, ids)
+
+
 def left_padded_pair():
     """Two sequences (150 and 110 tokens) as one left-padded batch: ``(long, short, pad, batch, mask)``."""
     long, short = ids_of(150, seed=2), ids_of(110, seed=3)
@@ -115,6 +129,13 @@ def auto_group(p: int, L: int, w: int, reach: int | None = None) -> float:
     return 1.0 if p + 1 <= L else float(math.ceil((p + 1 - w) / (reach - w)))
 
 
+def sequence_group(p: int, last: int, L: int, w: int, reach: int | None = None) -> float:
+    """G of the query at position p of a sequence whose first forward pass ends at position ``last``: the
+    rule's G for the whole sequence (last + 1 tokens) up to that G's limit (L - w) * G + w, then per position."""
+    g = auto_group(last, L, w, reach)
+    return g if p + 1 <= (L - w) * g + w else auto_group(p, L, w, reach)
+
+
 def _reference_mask(**kwargs):
     return sdpa_mask(**{**kwargs, "allow_is_causal_skip": False})
 
@@ -134,7 +155,8 @@ def _reference_attention(module, query, key, value, attention_mask, scaling=None
             w = 10**9
         else:
             w = s["w"]
-            groups = torch.tensor([s["G"] if s["G"] is not None else auto_group(int(p), s["L"], w, s["reach"])
+            groups = torch.tensor([s["G"] if s["G"] is not None else sequence_group(int(p), int(pos.max()), s["L"], w,
+                                                                                      s["reach"])
                                    for p in pos],
                                   dtype=torch.float64)
         o = reference_attention(query[b], key[b], value[b], pos, pos, s["inv_freq"][module.layer_idx], w, groups,

@@ -9,12 +9,14 @@ import warnings
 
 import pytest
 import torch
-from conftest import FAMILIES, FAMILY_NAMES, L, ids_of, left_padded_pair, logits, reference_logits, tiny_model
+from conftest import (FAMILIES, FAMILY_NAMES, L, ids_of, left_padded_pair, logits, reference_logits, sequence_logits,
+                      tiny_model)
 from reference import reference_attention
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 import selfextend
 from selfextend.attention import Settings, selfextend_row
+from selfextend.cache_state import plan_sequence
 
 DTYPES = [torch.float32, torch.bfloat16]
 W = 16  # window used by the tests (L = 64)
@@ -205,33 +207,64 @@ def test_sliding_window_layers_at_64k_hold_no_length_squared_tensor():
 # 3. KV-cache decoding == one forward pass
 # ------------------------------------------------------------------------------------------------
 def decode_logits(model, ids, prefill, chunk=None):
-    """Logits for every position: prefill ``prefill`` tokens (in chunks), then one token at a time."""
+    """Logits for every position: prefill ``prefill`` tokens (in chunks, announced first as the library's
+    own prefill does), then one token at a time."""
     cache = DynamicCache(config=model.config)
     out, pos = [], 0
     steps = list(range(0, prefill, chunk or prefill)) + list(range(prefill, ids.shape[1]))
     bounds = steps + [ids.shape[1]]
+    plan_sequence(cache, prefill)
     with torch.no_grad():
         for s, e in zip(bounds[:-1], bounds[1:]):
             r = model(ids[:, s:e], cache=cache, use_cache=True)
             out.append(r.logits.float())
             pos = e
+            if e == prefill:
+                plan_sequence(cache, None)
     assert pos == ids.shape[1]
     return torch.cat(out, dim=1)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_matches_full_forward(family, dtype):
+    """Decoding gives what one forward pass with the sequence's G gives: a fixed G, or the G the rule
+    chose from the prefill (which stays while the sequence is within its limit)."""
     model = tiny_model(family, dtype)
     ids = ids_of(140)
     # how far the plain model's own cached decode drifts from its full forward, in this dtype
     plain_drift = (decode_logits(model, ids[:, :L], 40) - logits(model, ids[:, :L])).abs().max().item()
-    for group_size in (3, None):
+    for group_size, prefill, chunk in ((3, 100, None), (3, 90, 32), (None, 100, None), (None, 90, 32)):
+        if group_size is None:
+            full = sequence_logits(model, ids, prefill, W)
+        else:
+            with selfextend.enable(model, group_size=group_size, window=W):
+                full = logits(model, ids)
         with selfextend.enable(model, group_size=group_size, window=W):
-            full = logits(model, ids)
-            for prefill, chunk in ((100, None), (90, 32)):
-                err = (decode_logits(model, ids, prefill, chunk) - full).abs().max().item()
-                tol = 1e-4 if dtype == torch.float32 else 2 * plain_drift + 0.05
-                assert err <= tol, f"G={group_size} prefill={prefill} chunk={chunk}: {err}"
+            err = (decode_logits(model, ids, prefill, chunk) - full).abs().max().item()
+        tol = 1e-4 if dtype == torch.float32 else 2 * plain_drift + 0.05
+        assert err <= tol, f"G={group_size} prefill={prefill} chunk={chunk}: {err}"
+
+
+def test_a_prefill_in_unannounced_chunks_groups_per_position_from_the_first_chunk():
+    """Raw calls that bring a sequence in chunks, unannounced: G is chosen from the first call (G = 1 for
+    a chunk that fits), so past L each query gets the rule's G for its own position, which a decode of
+    the same sequence in one-token steps also gives."""
+    model = tiny_model("llama")
+    ids = ids_of(140)
+    with selfextend.enable(model, window=W):
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            chunked = torch.cat([model(ids[:, s:s + 32], cache=cache).logits.float() for s in range(0, 140, 32)], 1)
+        stepped = decode_logits_unannounced(model, ids, 32)
+    assert (chunked - stepped).abs().max().item() <= 1e-4
+
+
+def decode_logits_unannounced(model, ids, first):
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        out = [model(ids[:, :first], cache=cache).logits.float()]
+        out += [model(ids[:, t:t + 1], cache=cache).logits.float() for t in range(first, ids.shape[1])]
+    return torch.cat(out, dim=1)
 
 
 def test_generate_greedy_equals_argmax_of_full_forward(family):

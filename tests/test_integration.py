@@ -14,7 +14,7 @@ import threading
 
 import pytest
 import torch
-from conftest import FAMILY_NAMES, L, ids_of, left_padded_pair, logits, tiny_model
+from conftest import FAMILY_NAMES, L, ids_of, left_padded_pair, logits, sequence_logits, tiny_model
 from reference import reference_attention
 from transformers import DynamicCache, QuantizedCache, StaticCache
 
@@ -126,8 +126,8 @@ def test_cli_with_limit_warn_finishes_past_the_automatic_limit(tmp_path):
 def test_static_cache_decoding_matches_one_forward_pass(family):
     model = tiny_model(family)
     ids = ids_of(140)
+    full = sequence_logits(model, ids, 100, W)  # the G the rule chooses from the 100-token prefill
     with selfextend.enable(model, window=W):
-        full = logits(model, ids)
         stepped = decode_with(model, ids, StaticCache(config=model.config, max_cache_len=160), 100)
     assert max_diff(stepped, full) <= TOL
 
@@ -154,9 +154,10 @@ def test_quantized_cache_is_as_close_as_the_plain_model_gets_with_it():
     short = ids[:, :L]
     plain_drift = max_diff(decode_with(model, short, QuantizedCache(backend="fp8", config=model.config), 40),
                            logits(model, short))
+    full = sequence_logits(model, ids, 100, W)
     with selfextend.enable(model, window=W):
         cache = QuantizedCache(backend="fp8", config=model.config)
-        drift = max_diff(decode_with(model, ids, cache, 100), logits(model, ids))
+        drift = max_diff(decode_with(model, ids, cache, 100), full)
     assert 0 < drift <= 2 * plain_drift + 1e-3
     assert decode_stats(cache)["grouped_key_bytes"] == 0
 
@@ -203,12 +204,12 @@ def test_beam_search_matches_beam_search_without_cache():
 def test_reused_static_cache_after_reset_is_fresh():
     model = tiny_model("llama")
     a, b = ids_of(130, seed=8), ids_of(130, seed=9)
+    expected = sequence_logits(model, b, 100, W)
     with selfextend.enable(model, window=W):
         cache = StaticCache(config=model.config, max_cache_len=140)
         decode_with(model, a, cache, 100)
         cache.reset()
         again = decode_with(model, b, cache, 100)
-        expected = logits(model, b)
     assert max_diff(again, expected) <= TOL
 
 

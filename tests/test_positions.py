@@ -102,3 +102,25 @@ def test_a_rule_and_a_fixed_group_size_exclude_each_other_and_bad_rules_are_name
     with pytest.raises(ValueError, match="must be more than the window w=40"):
         Settings.from_config(None, pretrained_length=64, window=40, rule="f=0.5")
     assert Settings.from_config(None, pretrained_length=64, rule="f=0.50").rule == "f=0.5"
+
+
+@pytest.mark.parametrize("rule", ["f=0.5", "cover"])
+def test_a_sequence_keeps_the_group_size_its_rule_chose_from_its_length(rule):
+    """Settings.for_sequence(n): past L the G the rule picks for n tokens serves every position of the
+    sequence (as a fixed G would) up to that G's limit, then G follows the rule per position; n <= L is
+    the plain model (G = 1) up to L."""
+    from selfextend.settings import Settings
+
+    L = 64
+    auto = Settings.from_config(None, pretrained_length=L, rule=rule)
+    w = auto.window
+    for n in (40, 64, 65, 100, 300):
+        seq = auto.for_sequence(n)
+        g = auto.group_size_at(n - 1)
+        end = int(max_extended_length(L, w, g))
+        assert seq.group_size_at(0) == (1 if g == 1 else g)
+        assert all(seq.group_size_at(p) == g for p in range(end))
+        assert all(seq.group_size_at(p) == auto.group_size_at(p) for p in range(end, end + 200))
+        assert seq.next_group_change(0) == end if g > 1 else seq.next_group_change(0) == L
+    fixed = Settings.from_config(None, pretrained_length=L, group_size=3)
+    assert fixed.for_sequence(300) is fixed

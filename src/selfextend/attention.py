@@ -250,8 +250,7 @@ def grouped_keys(key_cache: dict, group_size: float, first: int, first_position:
 def _group_of(settings, position):
     """(group size, first later position where it changes, or None) for a query at ``position``."""
     w = settings.window
-    if settings.is_plain(position) and position < w and (settings.mode == "rerope"
-                                                         or settings.group_size not in (None, 1)):
+    if position < w and settings.group_size_at(position) != 1:  # nothing grouped yet, G > 1 from w on
         return 1, w
     change = None if settings.mode == "rerope" else settings.next_group_change(position)
     return (1 if settings.is_plain(position) else settings.group_size_at(position)), change

@@ -121,3 +121,37 @@ def decode_stats(cache) -> dict[str, int]:
         return {"grouped_key_bytes": 0, "rotated_keys": 0}
     return {"grouped_key_bytes": state.nbytes(),
             "rotated_keys": sum(g.rotated for per_group in state.buffers.values() for g in per_group.values())}
+
+
+# -- the G chosen for each sequence (Settings.for_sequence), kept with its KV cache ------------------
+class SequenceGroups:
+    """Per row of one KV cache: the length its G was chosen for (None = not chosen yet), and the length
+    announced for the next sequence written from position 0 (``planned``: a prefill in chunks)."""
+
+    def __init__(self, owner: str, batch: int):
+        self.owner, self.lengths, self.planned = owner, [None] * batch, None
+
+
+_SEQUENCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache object -> SequenceGroups
+
+
+def sequence_groups(cache, owner: str, batch: int) -> SequenceGroups:
+    """The SequenceGroups of ``cache`` for the enable() call ``owner`` (fresh if another call or batch
+    size wrote it)."""
+    with _LOCK:
+        groups = _SEQUENCES.get(cache)
+        if groups is None or groups.owner != owner or len(groups.lengths) != batch:
+            planned = groups.planned if groups is not None else None
+            groups = _SEQUENCES[cache] = SequenceGroups(owner, batch)
+            groups.planned = planned
+        return groups
+
+
+def plan_sequence(cache, length: int | None) -> None:
+    """Announce that the next sequence written into ``cache`` from position 0 will have ``length``
+    tokens although it arrives in chunks (None: forget it): its G is chosen for the whole of it."""
+    with _LOCK:
+        groups = _SEQUENCES.get(cache)
+        if groups is None:
+            groups = _SEQUENCES[cache] = SequenceGroups("", 0)
+        groups.planned = length

@@ -102,6 +102,7 @@ class RowLayout:
     first_key: int  # index of the row's first real key: its position 0 (= left-padding keys before it)
     shift: int  # the model rotated q/k at ``position + shift`` (position_ids need not start at 0)
     last_position: int  # position of this call's last query
+    length: int  # tokens of the sequence so far: last_position + 1 less any right padding
 
 
 class DeferredMask:
@@ -155,10 +156,10 @@ def row_layouts(padding, position_ids, q_offset: int, batch: int, lq: int) -> li
     and any constant offset from the real positions is handled as ``shift``."""
     total = q_offset + lq
     if padding is None:
-        starts = [0] * batch
+        starts, ends = [0] * batch, [total] * batch
     else:
         real = padding[:, :total].to("cpu", torch.bool)  # [B, total]
-        starts = []
+        starts, ends = [], []
         for b in range(batch):
             where = real[b].nonzero().flatten()
             if len(where) and not bool(real[b, int(where[0]) : int(where[-1]) + 1].all()):
@@ -166,6 +167,7 @@ def row_layouts(padding, position_ids, q_offset: int, batch: int, lq: int) -> li
                     "SelfExtend needs each sequence's tokens to be contiguous in the attention mask (left or "
                     "right padding is fine); this mask has a gap inside a sequence")
             starts.append(int(where[0]) if len(where) else total)
+            ends.append(int(where[-1]) + 1 if len(where) else total)
     if position_ids is None:
         rotated = torch.arange(q_offset, total)[None].expand(batch, lq)
     else:
@@ -180,7 +182,7 @@ def row_layouts(padding, position_ids, q_offset: int, batch: int, lq: int) -> li
                 "packed sequences or custom position_ids are not supported")
         last_position = total - 1 - first_key
         shift = int(rotated[b, -1]) - last_position if len(own) else 0
-        layouts.append(RowLayout(first_key, shift, last_position))
+        layouts.append(RowLayout(first_key, shift, last_position, max(0, ends[b] - first_key)))
     return layouts
 
 
@@ -193,7 +195,8 @@ _CALL = threading.local()  # the KV cache of the attention module call running i
 
 def _hand_over_cache(module, args, kwargs):
     """Forward pre-hook on each attention module: the call's KV cache, for selfextend_attention."""
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))  # "past_key_values" before transformers 5.24
+    # "past_key_values" before transformers 5.24; GPT-NeoX hands it to its attention as "layer_past"
+    cache = kwargs.get("cache", kwargs.get("past_key_values", kwargs.get("layer_past")))
     _CALL.module, _CALL.cache = module, (weakref.ref(cache) if cache is not None else None)
 
 
@@ -227,8 +230,9 @@ def selfextend_attention(module, query, key, value, attention_mask, dropout=0.0,
     layouts = (mask.layouts(position_ids, batch, lq) if mask is not None
                else row_layouts(None, position_ids, q_offset, batch, lq))
     state = None if sliding else _decode_state(module, setup, mask, q_offset, batch, lq)
+    per_row = _sequence_settings(module, setup, layouts, lq)
 
-    plain = all(settings.is_plain(row.last_position) for row in layouts)
+    plain = all(rs.is_plain(row.last_position) for rs, row in zip(per_row, layouts))
     if plain or (sliding and mask.local_size > settings.pretrained_length):
         # Nothing is grouped: take the original path, bit-identical to the plain model.
         original_mask = mask.build(_mask_impl(setup.model.original_impl)) if mask is not None else None
@@ -242,17 +246,38 @@ def selfextend_attention(module, query, key, value, attention_mask, dropout=0.0,
             if limit_error:
                 _warn_once(setup.model, "limit", limit_error)
         kv_offset = mask.kv_offset if mask is not None else 0
-        out = _rows(module, setup, query, key, value, layouts, kv_offset, scaling, kwargs.get("softcap"), state,
-                    window=mask.local_size if sliding else None)
+        out = _rows(module, setup, query, key, value, layouts, per_row, kv_offset, scaling, kwargs.get("softcap"),
+                    state, window=mask.local_size if sliding else None)
     if state is not None and module.layer_idx == setup.model.records_keys_layer:
         state.end_call(key, q_offset + lq)
     return out
 
 
-def _rows(module, setup, query, key, value, layouts, kv_offset, scaling, softcap, state, window=None):
-    """SelfExtend (or, with ``window``, sliding-window attention) for every batch row, in the model's
-    dtype. ``key`` index ``j`` is absolute key index ``kv_offset + j``. Returns ``([B, Lq, Hq, D], None)``."""
+def _sequence_settings(module, setup, layouts, lq) -> list[Settings]:
+    """The settings of each batch row's sequence (``Settings.for_sequence``): a call that holds a row from
+    its position 0 chooses the row's G from its length (or the length ``cache_state.plan_sequence``
+    announced) and keeps that length with the KV cache; later calls on the cache read it back."""
     settings = setup.model.settings
+    if settings.group_size is not None or settings.mode == "rerope":
+        return [settings] * len(layouts)
+    cache = _call_cache(module)
+    kept = cache_state.sequence_groups(cache, setup.model.owner, len(layouts)) if cache is not None else None
+    out = []
+    for b, row in enumerate(layouts):
+        if row.last_position - (lq - 1) <= 0:  # the whole sequence so far is in this call
+            length = max(row.length, (kept.planned or 0) if kept is not None else 0)
+            if kept is not None:
+                kept.lengths[b] = length
+        else:
+            length = kept.lengths[b] if kept is not None else None
+        out.append(settings.for_sequence(length) if length else settings)
+    return out
+
+
+def _rows(module, setup, query, key, value, layouts, per_row, kv_offset, scaling, softcap, state, window=None):
+    """SelfExtend (or, with ``window``, sliding-window attention) for every batch row, in the model's
+    dtype, with ``per_row`` settings. ``key`` index ``j`` is absolute key index ``kv_offset + j``.
+    Returns ``([B, Lq, Hq, D], None)``."""
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     batch, hq, lq, _ = query.shape
     out = torch.empty(batch, lq, hq, value.shape[-1], dtype=query.dtype, device=query.device)
@@ -265,7 +290,7 @@ def _rows(module, setup, query, key, value, layouts, kv_offset, scaling, softcap
                                out=target)
             continue
         key_cache = state.key_cache(module.layer_idx, b) if state is not None and lq <= DECODE_ROWS else {}
-        selfextend_row(query[b], key[b], value[b], first_query_position, key_offset, settings, setup.inv_freq, scale,
+        selfextend_row(query[b], key[b], value[b], first_query_position, key_offset, per_row[b], setup.inv_freq, scale,
                        softcap=softcap, key_cache=key_cache, shift=row.shift, out=target)
     return out, None
 
@@ -351,7 +376,7 @@ class SelfExtendHandle:
 
     @property
     def rule(self) -> str | None:
-        """The rule that chooses G per query position; None when G is fixed (or infinite: rerope)."""
+        """The rule that chooses G for each sequence; None when G is fixed (or infinite: rerope)."""
         return self.settings.rule if self.group_size is None and self.mode != "rerope" else None
 
     @property
@@ -418,9 +443,11 @@ def enable(model: nn.Module, group_size: int | None = None, window: int | None =
     """Switch SelfExtend on for ``model`` and return a handle (also a context manager).
 
     Args:
-        group_size: ``G``; None lets ``rule`` choose, for each query position ``p``, the G it picks for
-            an input of ``p + 1`` tokens -- G = 1 up to the trained length, so an input that fits is
-            left exactly as the plain model computes it.
+        group_size: ``G``; None lets ``rule`` choose it once per sequence, from the length of the
+            sequence's first forward call (the prompt; ``generation.prefill`` announces a prompt that
+            comes in chunks), for every position up to that G's limit; past it (decoding far beyond the
+            prompt) G follows the rule per position. A prompt that fits the trained length gets G = 1:
+            it is computed exactly as the plain model computes it.
         rule: how an automatic G is chosen (not with ``group_size``). Default
             :data:`~selfextend.positions.DEFAULT_RULE` ``"f=0.5"``: w = L // 8 and the smallest G with
             ``(L / 2 - w) * G + w >= p + 1``, so every grouped distance stays within the first half of

@@ -96,6 +96,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         raise NotImplementedError("the naive merge covers full-attention layers only (no sliding window)")
     settings, inv_freq = _MODULES[module]
     lq, lk = query.shape[2], key.shape[2]
+    settings = settings.for_sequence(lk)  # no KV state here: G from the keys the call sees (a prompt: as enable)
     k_pos = torch.arange(lk)
     q_pos = k_pos[lk - lq:]
     groups = torch.tensor([float(settings.group_size_at(int(p))) for p in q_pos], dtype=torch.float64)  # [Lq]

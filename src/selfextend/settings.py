@@ -2,8 +2,8 @@
 
     L  pretrained_length   the trained context (``config.max_position_embeddings`` by default)
     w  window              pairs closer than ``w`` keep ordinary positions; ``1 <= w < L``
-    G  group_size          pairs ``w`` or more apart use floor-divided positions; None = chosen per
-                           query position by ``rule``, ``inf`` for rerope
+    G  group_size          pairs ``w`` or more apart use floor-divided positions; None = chosen by
+                           ``rule`` once per sequence (``for_sequence``), ``inf`` for rerope
        rule                how an automatic G (and the default w) is chosen (``positions``):
                            DEFAULT_RULE for SelfExtend, "cover" (the paper's) for leaky and rerope
 
@@ -14,7 +14,7 @@ a command can refuse bad settings before it loads or runs anything.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .positions import (COVER_RULE, DEFAULT_MAX_GROUP_SIZE, DEFAULT_RULE, MODES, choose_settings, max_extended_length,
                         rule_name, rule_window, rule_window_and_reach)
@@ -37,11 +37,12 @@ class Settings:
 
     pretrained_length: int
     window: int
-    group_size: float | None = None  # None = auto, per query position by `rule`; math.inf for rerope
+    group_size: float | None = None  # None = auto: by `rule`, per sequence (per position for leaky); inf for rerope
     mode: str = "floor"
     log_scale: bool = False
     block_size: int = 1024  # queries per block of the exact merge
     rule: str = DEFAULT_RULE  # how an automatic G is chosen (canonical name, positions.rule_name)
+    sequence_group: int | None = None  # G the rule chose for one sequence (see `for_sequence`); None = per position
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -98,10 +99,32 @@ class Settings:
         return cls(pretrained_length, window, group_size, mode, log_scale, block_size, rule)
 
     # -- which group size applies where -----------------------------------------------------------
+    def for_sequence(self, length: int) -> Settings:
+        """These settings for one sequence whose first forward call holds ``length`` tokens.
+
+        With an automatic G the rule chooses it once per sequence, from that length, and it serves
+        every position of the sequence (those below L too, as a fixed G does) up to its extended limit
+        ``(L - w) * G + w``; a sequence that outgrows it (decoding far past the prompt) goes on with
+        the G the rule picks per position. ``length <= L`` gives G = 1: the plain model, exactly, while
+        the sequence fits. Per-position G alone (plain below L, larger G further on) lost passkeys
+        placed near L that the same G applied to the whole sequence found (README, Study)."""
+        if self.group_size is not None or self.mode != "floor" or length < 1:
+            return self  # the leaky and rerope variants keep a G per position (baselines, as measured)
+        g = choose_settings(length, self.pretrained_length, self.rule, self.window)[0]
+        return replace(self, sequence_group=g)
+
+    @property
+    def _sequence_end(self) -> int:
+        """First position past the range the sequence's G serves (0 without one)."""
+        g = self.sequence_group
+        return int(max_extended_length(self.pretrained_length, self.window, g)) if g else 0
+
     def group_size_at(self, position: int) -> float:
         """Group size used by a query at ``position`` (0-based)."""
         if self.group_size is not None:
             return self.group_size
+        if position < self._sequence_end:
+            return self.sequence_group
         return choose_settings(position + 1, self.pretrained_length, self.rule, self.window)[0]
 
     def next_group_change(self, position: int) -> int | None:
@@ -109,6 +132,8 @@ class Settings:
         None when G never changes again (fixed, rerope, or at the cap)."""
         if self.group_size is not None:
             return None
+        if position < self._sequence_end:
+            return self._sequence_end
         g = self.group_size_at(position)
         if g == 1:
             return max(position + 1, self.pretrained_length)  # plain while the input fits

@@ -56,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 class Recommendation:
     settings: dict   # keyword arguments of selfextend.enable for the target length: {} = the library's default
     reason: str      # one line: where the settings come from
-    rule: dict | None = None  # the same advice for any length: enable(model, **rule), G chosen per position
+    rule: dict | None = None  # the same advice for any length: enable(model, **rule), G chosen per input
 
 
 def effective_length(passkey: list[tuple[int, int, int]]) -> int | None:
@@ -197,6 +197,6 @@ def _print(summary: dict, model: str, depths: int) -> None:
               f"-G {settings['group_size']} -w {settings['window']})")
     if summary.get("rule_settings"):
         rule = summary["rule_settings"]
-        print(f"For any length, G chosen per position: selfextend.enable(model, rule={rule['rule']!r}, "
+        print(f"For any length, G chosen from each input's length: selfextend.enable(model, rule={rule['rule']!r}, "
               f"window={rule['window']})  (commands: --rule {rule['rule']} -w {rule['window']})")
     print(json.dumps(settings))

@@ -74,7 +74,7 @@ def add_selfextend_arguments(parser: argparse.ArgumentParser) -> None:
     from ..positions import DEFAULT_RULE
 
     parser.add_argument("--group-size", "-G", type=positive_int, default=None,
-                        help="SelfExtend group size G (default: chosen per position by --rule)")
+                        help="SelfExtend group size G (default: chosen by --rule from the input length)")
     parser.add_argument("--rule", default=None,
                         help=f"how G is chosen when -G is not given: 'f=F' keeps grouped distances below F x "
                         f"the trained length, 'cover' is the paper's rule (default {DEFAULT_RULE}; "

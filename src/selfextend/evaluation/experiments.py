@@ -236,8 +236,7 @@ class Runner:
         # are at most 100 digits, so 64 more positions bound every one of them
         generated = self.max_new_tokens + 64 if RESULT_FIELD[trial["experiment"]] == "score" else 0
         try:
-            computed = computation(parse_method(trial["method"]), self.pretrained_length,
-                                   trial["length"] + generated - 1)
+            computed = computation(parse_method(trial["method"]), self.pretrained_length, trial["length"], generated)
         except ValueError:  # a rule this model cannot run (a record from another model): nothing is shared
             return None
         if computed is None:

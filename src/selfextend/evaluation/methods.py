@@ -4,7 +4,7 @@
     linear      position interpolation      } transformers' own RoPE scaling: the rotary embedding
     dynamic     dynamic NTK                 } modules are rebuilt from a copy of the config with
     yarn        YaRN                        } ``rope_parameters`` set; factor = length / L (>= 1)
-    selfextend  SelfExtend as ``selfextend.enable`` runs it: G chosen per query position by a rule
+    selfextend  SelfExtend as ``selfextend.enable`` runs it: G chosen by a rule from the input's length
                 (``selfextend@f=0.5``, ``selfextend@cover``; a bare ``selfextend`` is the library's default
                 rule and is recorded under its name) or fixed (``selfextend:4:1024``)
     rerope      SelfExtend with G = infinity (every far key at distance w)
@@ -36,7 +36,7 @@ class Method:
     name: str                      # one of ALL_METHODS
     group_size: int | None = None  # SelfExtend modes only: fixed G (None = chosen from the length)
     window: int | None = None      # SelfExtend modes only: w (None = the rule's, L // 4 for rerope/leaky)
-    rule: str | None = None        # selfextend only: the rule that picks G per query position
+    rule: str | None = None        # selfextend only: the rule that picks G from the input length
 
     @property
     def spec(self) -> str:
@@ -133,18 +133,26 @@ def _enable_arguments(method: Method) -> dict:
                 rule=method.rule)
 
 
-def computation(method: Method, pretrained_length: int, last_position: int) -> tuple | None:
-    """What ``method`` computes on an input whose queries reach ``last_position`` (0-based), as a tuple
-    that equal computations share: ``("plain",)`` for the plain model and for a rule that has not
-    started grouping there (G = 1 up to the trained length: exactly the plain model), ``(mode, G, w)``
-    for a fixed G; None for everything else (the rope scalings, a rule that groups)."""
+def computation(method: Method, pretrained_length: int, length: int, generated: int = 0) -> tuple | None:
+    """What ``method`` computes on an input of ``length`` tokens followed by at most ``generated`` decoded
+    ones, as a tuple that equal computations share: ``("plain",)`` for the plain model and for a rule
+    whose sequence stays within L (G = 1: exactly the plain model), ``(mode, G, w)`` for a fixed G and for
+    a rule on a longer input (its G is chosen once from the input and serves the whole sequence while it
+    stays within that G's limit: exactly the fixed G); None for everything else (the rope scalings)."""
     if method.name == "plain":
         return ("plain",)
-    if method.name not in SELFEXTEND_MODES or method.group_size is None and method.name != "selfextend":
+    if method.name not in SELFEXTEND_MODES:
         return None
-    if method.group_size is None:
-        return ("plain",) if last_position < pretrained_length else None
     settings = Settings.from_config(None, pretrained_length=pretrained_length, **_enable_arguments(method))
+    last = length + generated - 1
+    if settings.group_size is None:
+        sequence = settings.for_sequence(length)  # the same settings for leaky and rerope: G per position
+        if last < pretrained_length and sequence.group_size_at(last) == 1:
+            return ("plain",)
+        g = sequence.sequence_group
+        if g is None or sequence.group_size_at(last) != g:  # G per position, or the sequence outgrows its G
+            return None
+        return settings.mode, g, settings.window
     return settings.mode, settings.group_size, settings.window
 
 

@@ -278,11 +278,11 @@ def study_section(records, out_dir: Path, L: int) -> str:
     notes = (notes_path.read_text().strip() if notes_path.exists()
              else f"_The chosen rule and why: to be written in `{STUDY_NOTES}` next to results.jsonl._")
     return (f"## Study: choosing G and w (past the trained length {L})\n\n"
-            "Rules, as methods of `selfextend eval`, each choosing G per query position as `selfextend.enable` "
-            "does (G shown for the last token): `selfextend@cover` is the paper's rule (w = L // 4, the smallest G "
-            "that covers the position; the library's default before this study); `selfextend@f=F` keeps the "
-            "largest grouped distance below F * L with w = L // 8 (`positions.choose_settings`; `:-:w` fixes w); "
-            "`selfextend:G:w` fixes both. Passkey and needle as correct / trials (needle: mean score in brackets); "
+            "Rules, as methods of `selfextend eval`, each choosing G once for the input from its length, as "
+            "`selfextend.enable` does (so a rule past L computes exactly the fixed G it picks, and shares its "
+            "trials): `selfextend@cover` is the paper's rule (w = L // 4, the smallest G that covers the input; "
+            "the library's default before this study); `selfextend@f=F` keeps the largest grouped distance below "
+            "F * L with w = L // 8 (`positions.choose_settings`; `:-:w` fixes w); `selfextend:G:w` fixes both. Passkey and needle as correct / trials (needle: mean score in brackets); "
             f"perplexity change against `{REFERENCE}` at the same length.\n\n"
             + markdown_table(["rule", "passkey (all lengths)", "95% interval", "needle", "worst perplexity change",
                               f"within {PPL_TOLERANCE:.0%}"], summary) + "\n\n"
