@@ -125,3 +125,13 @@ def test_study_section_pastes_the_hand_written_notes(tmp_path):
 def test_no_study_section_without_a_rule_method(tmp_path):
     records = _passkeys("selfextend:2:2048", 12288, 5, 10) + _passkeys("selfextend:4:1024", 12288, 9, 10)
     assert "## Study" not in write(tmp_path, records).read_text()
+
+
+def test_method_tables_show_selfextend_by_rule_and_leave_missing_cells_as_dashes(tmp_path):
+    # fixed-G variants belong to the Study section; a length a method has no trial at shows "-"
+    ppl = [("plain", 4096, 20.0), ("plain", 12288, 30.0), ("selfextend@cover", 12288, 21.0),
+           ("selfextend:4:1024", 12288, 21.5)]
+    records = [_record("perplexity", m, n, {}, sequence=0, ppl=p) for m, n, p in ppl]
+    table = write(tmp_path, records).read_text().split("## Perplexity vs length")[1].split("##")[0]
+    assert "| selfextend@cover | - | 21 |" in table and "selfextend:4:1024" not in table
+    assert "nan" not in table

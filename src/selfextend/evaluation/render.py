@@ -16,7 +16,7 @@ def markdown_table(header: list[str], rows: list[list], align: str = "") -> str:
     """A Markdown table; floats are shown with 3 significant digits. ``align`` has one letter per
     column, ``l`` or ``r`` (default: all left)."""
     def cell(x) -> str:
-        return f"{x:.3g}" if isinstance(x, float) else str(x)
+        return "-" if x is None else f"{x:.3g}" if isinstance(x, float) else str(x)
 
     rule = "".join("---:|" if a == "r" else "---|" for a in align.ljust(len(header), "l"))
     lines = ["| " + " | ".join(header) + " |", "|" + rule]

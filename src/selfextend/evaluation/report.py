@@ -45,9 +45,14 @@ def _k_of_n(records) -> str:
     return "-" if not records else "{}/{}".format(*_correct(records))
 
 
-def _methods(records):
-    """Method specs present, in the order of ALL_METHODS (a kind's fixed-G and rule variants after it)."""
+def _methods(records, fixed: bool = False):
+    """Method specs present, in the order of ALL_METHODS (a kind's rule variants after it). SelfExtend
+    with a fixed G (``selfextend:G:w``) only with ``fixed``: the Study section compares those; the
+    sections that compare methods show SelfExtend as the library runs it, by a rule."""
     present = {r["trial"]["method"] for r in records}
+    if not fixed:
+        present = {spec for spec in present
+                   if not (parse_method(spec).name == "selfextend" and parse_method(spec).group_size is not None)}
     return sorted(present, key=lambda spec: (ALL_METHODS.index(parse_method(spec).name), spec))
 
 
@@ -66,8 +71,8 @@ def _per_length(records, experiment: str, field: str):
     if not cells:
         return None
     methods, lengths = _methods([r for g in cells.values() for r in g]), sorted({k[1] for k in cells})
-    return methods, lengths, [[m] + [_mean([r[field] for r in cells.get((m, n), [])]) for n in lengths]
-                              for m in methods]
+    return methods, lengths, [[m] + [_mean([r[field] for r in cells[(m, n)]]) if cells.get((m, n)) else None
+                                     for n in lengths] for m in methods]
 
 
 def _curves(path: Path, lengths, methods, rows, L: int, **axes) -> None:
@@ -245,7 +250,7 @@ def study_section(records, out_dir: Path, L: int) -> str:
     present = [r for e in cells.values() for g in e.values() for r in g]
     if not present:
         return ""
-    methods, lengths = _methods(present), sorted({r["trial"]["length"] for r in present})
+    methods, lengths = _methods(present, fixed=True), sorted({r["trial"]["length"] for r in present})
     detail = []
     for m in methods:
         for n in lengths:
