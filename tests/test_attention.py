@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 import selfextend
 from selfextend.attention import Settings, selfextend_row
 from selfextend.cache_state import plan_sequence
+from selfextend.positions import DEFAULT_RULE
 
 DTYPES = [torch.float32, torch.bfloat16]
 W = 16  # window used by the tests (L = 64)
@@ -384,7 +385,8 @@ def test_limits_warn_and_raise_if_too_long():
         logits(model, ids_of(130))
     assert handle.group_size_for(1000) == 2 and "G=2" in handle.describe()
     handle.disable()
-    auto = selfextend.enable(model, window=W)  # default rule f=0.5: grouped distances below 32
+    assert selfextend.enable(model, window=W).rule == DEFAULT_RULE
+    auto = selfextend.enable(model, window=W, rule="f=0.5")  # grouped distances below 32
     assert auto.group_size is None and auto.group_size_for(L) == 1 and auto.group_size_for(L + 1) == 4
     assert auto.rule == "f=0.5" and auto.max_length == (L - W) * 64 + W
     cover = selfextend.enable(model, window=W, rule="cover")

@@ -14,7 +14,7 @@ from tiny_fixtures import error_lines, tiny  # noqa: F401  (fixtures)
 def test_bench_runs_several_selfextend_settings_in_one_run(tiny, tmp_path):
     out = tmp_path / "bench"
     assert main(["bench", "--model", str(tiny), "--lengths", "96", "--methods", "plain,selfextend,selfextend:4:16",
-                 "-w", "8", "--decode-tokens", "2", "--out", str(out)]) == 0
+                 "--rule", "f=0.5", "-w", "8", "--decode-tokens", "2", "--out", str(out)]) == 0
     rows = json.loads((out / "bench.json").read_text())["rows"]
     assert [(r["method"], r["length"]) for r in rows] == [("plain", 96), ("selfextend@f=0.5:-:8", 96),
                                                           ("selfextend:4:16", 96)]
@@ -61,6 +61,6 @@ def test_naive_cell_leaves_the_selfextend_attention_registered(tiny):
     from selfextend.evaluation.methods import Method
 
     registered = ALL_ATTENTION_FUNCTIONS["selfextend"]
-    row = run_cell(str(tiny), "naive", 96, 2, Method("selfextend"))
+    row = run_cell(str(tiny), "naive", 96, 2, Method("selfextend", rule="f=0.5"))
     assert ALL_ATTENTION_FUNCTIONS["selfextend"] is registered
-    assert row["prefill_s"] > 0 and row["group_size"] == 4  # the default rule f=0.5: (32 - 8) * 4 + 8 >= 96
+    assert row["prefill_s"] > 0 and row["group_size"] == 4  # the rule f=0.5: (32 - 8) * 4 + 8 >= 96

@@ -11,6 +11,7 @@ import selfextend
 from selfextend import prompts
 from selfextend.cli import main
 from selfextend.commands.calibrate import effective_length, recommend
+from selfextend.positions import DEFAULT_RULE, choose_settings
 from tiny_fixtures import error_lines, essay_cache, essays, loaded, tiny  # noqa: F401  (fixtures)
 
 
@@ -56,8 +57,8 @@ def test_calibrate_stops_at_the_first_failing_length_and_prints_usable_settings(
     # E = 160 > L = 64, so f = 1: w = 64 // 8 = 8, G = ceil((400 - 8) / (64 - 8)) = 7
     settings = json.loads(stdout.strip().splitlines()[-1])
     assert settings == {"group_size": 7, "window": 8}
-    # the default rule f=0.5 at 128 tokens: w = 8, reach 32, G = ceil((128 - 8) / (32 - 8)) = 5
-    assert "| recommended | 7 | 8 |" in stdout and "| default (selfextend) | 5 | 8 |" in stdout
+    g, w = choose_settings(128, 64, DEFAULT_RULE)  # the default rule at the 128-token check length
+    assert "| recommended | 7 | 8 |" in stdout and f"| default (selfextend) | {g} | {w} |" in stdout
     assert "selfextend.enable(model, rule='f=1', window=8)" in stdout
     summary = json.loads((out / "calibration.json").read_text())
     assert summary["effective_length"] == 160 and summary["settings"] == settings

@@ -34,8 +34,8 @@ def test_engine_args_carry_the_settings_and_cap_max_model_len(tmp_path, monkeypa
 
 
 def test_group_size_defaults_to_what_the_rule_picks_for_max_model_len(tmp_path):
-    # default rule f=0.5: w = 8192 // 8, grouped distances below 4096: (4096 - 1024) * 7 + 1024 >= 20000
-    kwargs = engine_args(model_folder(tmp_path), max_model_len=20000)
+    # rule f=0.5: w = 8192 // 8, grouped distances below 4096: (4096 - 1024) * 7 + 1024 >= 20000
+    kwargs = engine_args(model_folder(tmp_path), max_model_len=20000, rule="f=0.5")
     assert kwargs["hf_overrides"]["selfextend"]["group_size"] == 7
     assert kwargs["hf_overrides"]["selfextend"]["window"] == 1024 and kwargs["max_model_len"] == 20000
     # the paper's rule: the smallest G that covers it, (8192 - 2048) * 3 + 2048 = 20480
