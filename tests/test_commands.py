@@ -11,6 +11,7 @@ import torch
 
 import selfextend
 from selfextend.cli import main
+from selfextend.positions import DEFAULT_RULE, rule_window
 from selfextend.testing import TINY_LENGTH
 from tiny_fixtures import error_lines, loaded, tiny  # noqa: F401  (fixtures)
 
@@ -59,7 +60,8 @@ def test_generate_reads_stdin_and_refuses_beyond_limit(tiny, monkeypatch, capsys
     monkeypatch.setattr(sys, "stdin", io.StringIO("The sky is blue. " * 40))
     assert main(["generate", "--model", str(tiny), "-p", "q", "-G", "2"]) == 2
     err = capsys.readouterr().err
-    assert "extended limit is 120 tokens" in err  # (64 - 8) * 2 + 8, w = L // 8 (the default rule's window)
+    w = rule_window(DEFAULT_RULE, 64)  # the default window
+    assert f"extended limit is {(64 - w) * 2 + w} tokens" in err
 
 
 @pytest.mark.parametrize("content", [bytes(range(256)), "caf\u00e9".encode("latin-1"), b"text\x00with a NUL"])

@@ -21,6 +21,7 @@ from transformers import DynamicCache, QuantizedCache, StaticCache
 import selfextend
 from selfextend.attention import selfextend_row
 from selfextend.cache_state import decode_stats
+from selfextend.positions import DEFAULT_RULE, rule_window
 from selfextend.settings import Settings
 
 W = 16  # window used by the tests (L = 64)
@@ -111,12 +112,13 @@ def test_cli_with_limit_warn_finishes_past_the_automatic_limit(tmp_path):
     folder = make_tiny_checkpoint(tmp_path / "tiny")
     doc = tmp_path / "long.txt"
     doc.write_text("The grass is green. The sky is blue. " * 400)  # > 3592 tokens of the tiny tokenizer
+    w = rule_window(DEFAULT_RULE, L)  # the default window
     proc = subprocess.run(
         [sys.executable, "-m", "selfextend.cli", "generate", "--model", str(folder), "-f", str(doc), "-p", "Color?",
          "--limit", "warn", "--max-new-tokens", "2", "--no-chat"],
         capture_output=True, text=True, timeout=600)  # it used to never return
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "extended limit is 3592 tokens" in proc.stderr  # (64 - 8) * 64 + 8 (w = L // 8, the default rule's)
+    assert f"extended limit is {(L - w) * 64 + w} tokens" in proc.stderr
 
 
 # ------------------------------------------------------------------------------------------------

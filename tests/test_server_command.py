@@ -8,7 +8,12 @@ import pytest
 import selfextend.commands.common
 import selfextend.serve.app
 from selfextend import cli
+from selfextend.positions import DEFAULT_RULE, rule_window
+
 from test_server_support import checkpoint  # noqa: F401  (fixture)
+
+W_DEFAULT = rule_window(DEFAULT_RULE, 64)  # the default window of the tiny model (L = 64)
+LIMIT_G2 = (64 - W_DEFAULT) * 2 + W_DEFAULT  # extended limit with -G 2 and that window
 
 
 @pytest.fixture
@@ -38,7 +43,8 @@ def test_bad_port_exits_2(checkpoint, no_loading, capsys, port):
 
 @pytest.mark.parametrize("options, message", [
     (["-w", "64"], "window must be an integer with 1 <= window < pretrained length (64), got 64"),
-    (["-G", "2", "--max-input-tokens", "121"], "--max-input-tokens 121 is above SelfExtend's extended limit of 120"),  # w = 8
+    (["-G", "2", "--max-input-tokens", str(LIMIT_G2 + 1)],
+     f"--max-input-tokens {LIMIT_G2 + 1} is above SelfExtend's extended limit of {LIMIT_G2}"),
     (["--mode", "rerope", "-G", "2"], "mode='rerope' uses an infinite group size"),
 ])
 def test_bad_settings_exit_2_with_one_line_before_loading(checkpoint, no_loading, capsys, options, message):
@@ -60,5 +66,4 @@ def test_serve_takes_the_shared_model_and_selfextend_options(checkpoint, served)
 
 def test_default_max_input_tokens_from_the_command(checkpoint, served):
     assert cli.main(["serve", "--model", str(checkpoint), "--group-size", "2"]) == 0
-    # 4 x 64 = 256 is above the extended limit (64 - 8) * 2 + 8 = 120 (w = L // 8, the default rule's window)
-    assert served[0][0].state.service.max_input_tokens == 120
+    assert served[0][0].state.service.max_input_tokens == LIMIT_G2  # 4 x 64 = 256 is above the extended limit

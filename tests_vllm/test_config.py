@@ -9,6 +9,7 @@ import shlex
 import pytest
 
 from selfextend.cli import main as cli_main
+from selfextend.positions import DEFAULT_RULE, rule_window
 from selfextend.vllm import SWITCH_ENV, UnsupportedConfigError, engine_args
 from selfextend.vllm.config import EngineSettings
 
@@ -110,4 +111,5 @@ def test_vllm_serve_prints_the_vllm_command(tmp_path, capsys):
 def test_vllm_serve_refuses_bad_settings_in_one_line(tmp_path, capsys):
     assert cli_main(["vllm-serve", "--model", model_folder(tmp_path), "-G", "4", "--max-model-len", "99999"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "extended limit 29696" in err  # (8192 - 1024) * 4 + 1024, w = L // 8
+    w = rule_window(DEFAULT_RULE, 8192)  # the default window
+    assert "\n" not in err and f"extended limit {(8192 - w) * 4 + w}" in err
