@@ -12,7 +12,7 @@ import selfextend
 from selfextend.cli import main
 from selfextend.evaluation.experiments import Grid, Inputs, Runner, load_results, trials
 from selfextend.evaluation.methods import Method, applied, log_likelihoods, parse_methods
-from selfextend.positions import DEFAULT_RULE, choose_group_size, choose_settings, max_extended_length
+from selfextend.positions import DEFAULT_RULE, choose_group_size, choose_settings, max_extended_length, rule_window
 from selfextend.testing import TINY_LENGTH
 from tiny_fixtures import error_lines, essay_cache, essays, loaded, tiny  # noqa: F401  (fixtures)
 
@@ -151,11 +151,13 @@ def test_eval_rule_method_records_the_settings_it_resolved_per_length(tiny, load
 
 def test_eval_does_not_run_a_computation_twice_under_two_method_names(tiny, tmp_path, essays):
     # tiny L = 64. Within L a rule has G = 1 everywhere: the plain model's computation, copied (seconds 0,
-    # same_as names the method that ran); past L it groups and runs. selfextend:4:- is selfextend:4:8
-    # (the default window L // 8 = 8): one fixed G and w, spelled twice
+    # same_as names the method that ran); past L it groups and runs. selfextend:4:- is selfextend:4:w with
+    # w the default window
+    # (L // 4 = 16 for "cover", L // 8 = 8 for "f=F"): one fixed G and w, spelled twice
     out = tmp_path / "eval"
     argv = ["eval", "perplexity", "--model", str(tiny), "--out", str(out), "--lengths", "48,128"]
-    assert main([*argv, "--methods", "plain,selfextend@f=0.5,selfextend:4:8"]) == 0
+    w = rule_window(DEFAULT_RULE, 64)
+    assert main([*argv, "--methods", f"plain,selfextend@f=0.5,selfextend:4:{w}"]) == 0
     records = {(r["trial"]["method"], r["trial"]["length"]): r for r in
                (json.loads(line) for line in (out / "results.jsonl").read_text().splitlines())}
     copied, ran = records[("selfextend@f=0.5", 48)], records[("plain", 48)]
@@ -169,7 +171,7 @@ def test_eval_does_not_run_a_computation_twice_under_two_method_names(tiny, tmp_
     # a later run finds the earlier computations in results.jsonl too
     assert main([*argv, "--methods", "selfextend:4:-"]) == 0
     new = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()[6:]]
-    assert [(r["trial"]["length"], r.get("same_as")) for r in new] == [(48, "selfextend:4:8"), (128, "selfextend:4:8")]
+    assert [(r["trial"]["length"], r.get("same_as")) for r in new] == [(48, f"selfextend:4:{w}"), (128, f"selfextend:4:{w}")]
 
 
 def test_eval_runner_writes_one_line_per_trial_and_resumes(loaded, tmp_path):

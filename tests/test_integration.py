@@ -127,7 +127,7 @@ def test_cli_with_limit_warn_finishes_past_the_automatic_limit(tmp_path):
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_static_cache_decoding_matches_one_forward_pass(family):
     model = tiny_model(family)
-    ids = ids_of(140)
+    ids = ids_of(112)  # within the limit of the G a rule picks for 100 tokens ((64 - 16) * 2 + 16 for "cover")
     full = sequence_logits(model, ids, 100, W)  # the G the rule chooses from the 100-token prefill
     with selfextend.enable(model, window=W):
         stepped = decode_with(model, ids, StaticCache(config=model.config, max_cache_len=160), 100)
@@ -152,7 +152,7 @@ def test_quantized_cache_is_as_close_as_the_plain_model_gets_with_it():
     more than the plain model drifts with it (here within the trained length), and it must not keep
     grouped keys it cannot check against the cache."""
     model = tiny_model("llama")
-    ids = ids_of(140)
+    ids = ids_of(112)  # within the limit of the G a rule picks for 100 tokens
     short = ids[:, :L]
     plain_drift = max_diff(decode_with(model, short, QuantizedCache(backend="fp8", config=model.config), 40),
                            logits(model, short))
@@ -205,7 +205,7 @@ def test_beam_search_matches_beam_search_without_cache():
 
 def test_reused_static_cache_after_reset_is_fresh():
     model = tiny_model("llama")
-    a, b = ids_of(130, seed=8), ids_of(130, seed=9)
+    a, b = ids_of(112, seed=8), ids_of(112, seed=9)  # within the limit of the G a rule picks for 100 tokens
     expected = sequence_logits(model, b, 100, W)
     with selfextend.enable(model, window=W):
         cache = StaticCache(config=model.config, max_cache_len=140)
