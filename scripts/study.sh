@@ -6,7 +6,8 @@
 #
 #   bash scripts/study.sh              the bundled SmolLM2-135M (L = 8192), every rule below
 #   bash scripts/study.sh gemma3 RULE  Gemma 3 270M (L = 32768) past its trained length: the paper's
-#                                      rule and RULE, the rule the first part chose (selfextend@f=0.5)
+#                                      rule and RULE, another rule to compare (e.g. selfextend@f=0.5)
+#   bash scripts/study.sh cut          what the committed study ran (a cut of the grid; see study_cut)
 #
 # Rules (methods of `selfextend eval`; each chooses G once from the input length, as `selfextend.enable` does,
 # so past L a rule computes exactly the fixed G it picks and shares that G's trials):
@@ -59,10 +60,46 @@ study_gemma3() {
     $se perplexity --methods selfextend@cover,"$rule" --lengths 49152
 }
 
+study_cut() {
+    # What was run for the committed study (about 3.8 CPU hours in all): each rule as the fixed G and w it
+    # picks (cover: 3:2048 at 16384, 4:2048 at 24576, 5:2048 at 32768, 2:2048 at 12288; f=0.75: 3:1024,
+    # 5:1024, 7:1024; f=0.5: 5:1024, 8:1024, 11:1024, 4:1024 at 12288; Gemma 3 at 49152: 2:8192,
+    # 3:4096, 4:4096), then the rules themselves, which copy those trials (same_as) and the plain
+    # model's within L
+    local se=".venv/bin/selfextend eval --out results/eval/smollm2-135m"
+    local g=".venv/bin/selfextend eval --model gemma3-270m --out results/eval/gemma3-270m"
+    local d10="--depths 0.1,0.3,0.5,0.7,0.9 --keys 2" d3="--depths 0.2,0.5,0.8 --keys 1"
+    $se passkey --methods selfextend:2:1024,selfextend:3:1024,selfextend:4:1024 --lengths 12288 $d10
+    $se passkey --methods selfextend:2:2048 --lengths 12288 $d10
+    $se passkey --methods selfextend:4:1024,selfextend:5:1024,selfextend:3:2048 --lengths 16384 $d10
+    $se passkey --methods selfextend:8:1024,selfextend:4:2048,selfextend:5:1024 --lengths 24576 $d3
+    $se perplexity --methods selfextend:5:1024,selfextend:3:2048,selfextend:3:1024 --lengths 16384
+    $se perplexity --methods selfextend:8:1024,selfextend:4:2048,selfextend:5:1024 --lengths 24576
+    $se perplexity --methods selfextend:11:1024,selfextend:5:2048,selfextend:7:1024 --lengths 32768
+    $g passkey --methods selfextend:4:4096,selfextend:3:4096,selfextend:2:8192 --lengths 49152 $d3
+    bash "$0" copies
+}
+
+study_copies() {
+    local se=".venv/bin/selfextend eval --out results/eval/smollm2-135m"
+    local g=".venv/bin/selfextend eval --model gemma3-270m --out results/eval/gemma3-270m"
+    local rules=selfextend@cover,selfextend@f=0.75,selfextend@f=0.5
+    $se passkey --methods $rules --lengths 4096 --depths 0.2,0.5,0.8 --keys 1
+    # one length per command: the keys are drawn per command, so these match the fixed settings' trials
+    $se passkey --methods $rules --lengths 12288 --depths 0.1,0.3,0.5,0.7,0.9 --keys 2
+    $se passkey --methods $rules --lengths 16384 --depths 0.1,0.3,0.5,0.7,0.9 --keys 2
+    $se passkey --methods $rules --lengths 24576 --depths 0.2,0.5,0.8 --keys 1
+    $se perplexity --methods $rules --lengths 2048,4096,8192,16384,24576,32768
+    $se needle --methods $rules --lengths 4096 --depths 0.2,0.8
+    $g passkey --methods $rules --lengths 49152 --depths 0.2,0.5,0.8 --keys 1
+}
+
 case "${1:-smollm2}" in
     smollm2) study_smollm2 ;;
+    cut) study_cut ;;
+    copies) study_copies ;;
     gemma3)
         [ $# -eq 2 ] || { echo "usage: bash scripts/study.sh gemma3 RULE  (e.g. selfextend@f=0.5)" >&2; exit 2; }
         study_gemma3 "$2" ;;
-    *) echo "usage: bash scripts/study.sh [smollm2 | gemma3 RULE]" >&2; exit 2 ;;
+    *) echo "usage: bash scripts/study.sh [smollm2 | gemma3 RULE | cut | copies]" >&2; exit 2 ;;
 esac

@@ -7,7 +7,7 @@ keeps beside the KV cache (its rotated grouped keys, ``cache_state.decode_stats`
 ``--dtype`` and ``--device`` choose the model's precision and device. Methods:
 
     plain       the model's own attention (SDPA)
-    selfextend  this library with -G/-w/--mode (default: G chosen by the rule f=0.5 from the input length, w = L // 8); several settings
+    selfextend  this library with -G/-w/--mode (default: G chosen by the paper's rule from the input length, w = L // 4); several settings
                 in one run as ``selfextend:G:w`` (``-`` for a default), also ``rerope``, ``leaky:-:w``
     naive       the official implementation's merge with the settings of ``selfextend``: two full
                 L x L score matrices per head, ``torch.where`` by distance, one softmax -- O(L^2)

@@ -449,12 +449,12 @@ def enable(model: nn.Module, group_size: int | None = None, window: int | None =
             prompt) G follows the rule per position. A prompt that fits the trained length gets G = 1:
             it is computed exactly as the plain model computes it.
         rule: how an automatic G is chosen (not with ``group_size``). Default
-            :data:`~selfextend.positions.DEFAULT_RULE` ``"f=0.5"``: w = L // 8 and the smallest G with
-            ``(L / 2 - w) * G + w >= p + 1``, so every grouped distance stays within the first half of
-            the trained range (chosen by measurement, see the README). ``"f=F"`` for another fraction
-            (``selfextend calibrate`` recommends one for your model); ``"cover"`` is the paper's rule
-            (w = L // 4, the smallest G with ``(L - w) * G + w >= p + 1``).
-        window: neighbor window ``w`` (default: the rule's, ``L // 8`` for "f=F"), ``1 <= w < L``.
+            :data:`~selfextend.positions.DEFAULT_RULE` ``"cover"``, the paper's: w = L // 4 and the
+            smallest G with ``(L - w) * G + w >= n`` (kept by measurement, see the README's Study).
+            ``"f=F"``: w = L // 8 and the smallest G with ``(F * L - w) * G + w >= n``, every grouped
+            distance below ``F * L``, for models that retrieve only well inside their trained length
+            (``selfextend calibrate`` recommends F).
+        window: neighbor window ``w`` (default: the rule's, ``L // 4`` for "cover"), ``1 <= w < L``.
         pretrained_length: ``L`` (default ``config.max_position_embeddings``).
         mode: "floor" (SelfExtend), "rerope" (G = infinity) or "leaky" (no floor).
         log_scale: multiply each query by ``max(1, log(p + 1) / log(L))`` (off by default).

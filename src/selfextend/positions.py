@@ -107,12 +107,11 @@ def relative_distance(q_pos: int, k_pos: int, window: int, group_size: float, mo
 
 # -- rules that choose G and w from the input length ---------------------------------------------------
 # A rule is text, so a command line, a results file and the library can all name it:
-#     "cover"   w = L // 4, G = the smallest that covers the input (the paper's choice; the default until
-#               the study of results/eval/smollm2-135m chose f=0.5)
+#     "cover"   w = L // 4, G = the smallest that covers the input (the paper's choice; the default)
 #     "f=F"     w = L // 8, G = the smallest with (F * L - w) * G + w >= n: the largest grouped distance
 #               stays below F * L, where a model that retrieves poorly far out still retrieves (0 < F <= 1)
 COVER_RULE = "cover"
-DEFAULT_RULE = "f=0.5"  # chosen by the study in results/eval/smollm2-135m/study.md
+DEFAULT_RULE = "cover"  # kept by the study in results/eval/smollm2-135m/study.md
 
 
 def parse_rule(rule: str) -> tuple[float, int]:

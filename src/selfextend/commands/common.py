@@ -80,7 +80,7 @@ def add_selfextend_arguments(parser: argparse.ArgumentParser) -> None:
                         f"the trained length, 'cover' is the paper's rule (default {DEFAULT_RULE}; "
                         "`selfextend calibrate` recommends one for a model)")
     parser.add_argument("--window", "-w", type=positive_int, default=None,
-                        help="neighbor window w (default: the rule's, trained length // 8 for f=F)")
+                        help="neighbor window w (default: the rule's, trained length // 4 for cover, // 8 for f=F)")
     parser.add_argument("--mode", choices=("floor", "rerope", "leaky"), default="floor",
                         help="floor = SelfExtend (default); rerope = G infinite; leaky = no floor")
 

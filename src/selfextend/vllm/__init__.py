@@ -42,7 +42,7 @@ def engine_args(model: str | os.PathLike, *, group_size: int | None = None, wind
     model              a local Hugging Face folder, a .gguf file or a built-in name (GGUF files are
                        dequantised once to a cached folder, see ``selfextend.vllm.models``)
     group_size         G, fixed for the engine; default: the G that ``rule`` picks for max_model_len
-    rule               how that G is chosen (default "f=0.5", as ``selfextend.enable``; "cover" = the paper's)
+    rule               how that G is chosen (default "cover", the paper's, as ``selfextend.enable``; or "f=F")
     window             w, default the rule's (L // 8 for "f=F", L // 4 for "cover")
     max_model_len      longest request (prompt + output); default and maximum: (L - w) * G + w
     pretrained_length  L, default the model's max_position_embeddings

@@ -33,9 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="SelfExtend group size G, fixed for the server (default: the G that --rule "
                              "picks for --max-model-len)")
     parser.add_argument("--rule", default=None,
-                        help="how G is chosen when -G is not given: f=F or cover (default f=0.5, as the library)")
+                        help="how G is chosen when -G is not given: cover (the paper's, the default) or f=F")
     parser.add_argument("--window", "-w", type=positive_int, default=None,
-                        help="neighbor window w (default: the rule's, trained length // 8 for f=F)")
+                        help="neighbor window w (default: the rule's, trained length // 4 for cover)")
     parser.add_argument("--max-model-len", type=positive_int, default=None,
                         help="longest request, prompt + output (default and maximum: (L - w) * G + w)")
     parser.add_argument("--print-command", action="store_true",
