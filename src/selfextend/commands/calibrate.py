@@ -162,7 +162,10 @@ def _perplexity(runner, ppl_trial: dict, advice: Recommendation) -> dict[str, di
     """label -> record of the perplexity trial: the plain model, the library's default, the advice."""
     from ..evaluation.experiments import trial_key
 
-    methods = {"plain": "plain", "default (selfextend)": "selfextend"}
+    from ..evaluation.methods import parse_method
+
+    # the default under the name of its rule, so a record never stands for another default
+    methods = {"plain": "plain", "default (selfextend)": parse_method("selfextend").spec}
     if advice.settings:
         methods["recommended"] = f"selfextend:{advice.settings['group_size']}:{advice.settings['window']}"
     runner.run([{**ppl_trial, "method": spec} for spec in methods.values()])
