@@ -252,8 +252,8 @@ def _group_of(settings, position):
     w = settings.window
     if position < w and settings.group_size_at(position) != 1:  # nothing grouped yet, G > 1 from w on
         return 1, w
-    change = None if settings.mode == "rerope" else settings.next_group_change(position)
-    return (1 if settings.is_plain(position) else settings.group_size_at(position)), change
+    g = 1 if settings.is_plain(position) else settings.group_size_at(position)
+    return g, settings.next_group_change(position)
 
 
 def _segments(settings, first_query_position, start, lq):

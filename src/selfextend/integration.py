@@ -258,7 +258,7 @@ def _sequence_settings(module, setup, layouts, lq) -> list[Settings]:
     its position 0 chooses the row's G from its length (or the length ``cache_state.plan_sequence``
     announced) and keeps that length with the KV cache; later calls on the cache read it back."""
     settings = setup.model.settings
-    if settings.group_size is not None or settings.mode == "rerope":
+    if not settings.chooses_per_sequence:
         return [settings] * len(layouts)
     cache = _call_cache(module)
     kept = cache_state.sequence_groups(cache, setup.model.owner, len(layouts)) if cache is not None else None

@@ -108,10 +108,16 @@ class Settings:
         the G the rule picks per position. ``length <= L`` gives G = 1: the plain model, exactly, while
         the sequence fits. Per-position G alone (plain below L, larger G further on) lost passkeys
         placed near L that the same G applied to the whole sequence found (README, Study)."""
-        if self.group_size is not None or self.mode != "floor" or length < 1:
-            return self  # the leaky and rerope variants keep a G per position (baselines, as measured)
+        if not self.chooses_per_sequence or length < 1:
+            return self
         g = choose_settings(length, self.pretrained_length, self.rule, self.window)[0]
         return replace(self, sequence_group=g)
+
+    @property
+    def chooses_per_sequence(self) -> bool:
+        """Whether the rule chooses G once per sequence: an automatic G in SelfExtend's own mode (the leaky
+        and rerope variants keep a G per position, as their baselines were measured)."""
+        return self.group_size is None and self.mode == "floor"
 
     @property
     def _sequence_end(self) -> int:

@@ -123,9 +123,10 @@ def check_method(method: Method, config) -> None:
         raise ValueError(f"method {method.spec!r}: {e}") from None
 
 
-def selfextend_settings(method: Method, config, length: int | None = None) -> Settings:
-    """The Settings of a SelfExtend method (selfextend, rerope, leaky) on a model with ``config``."""
-    return Settings.from_config(config, **_enable_arguments(method))
+def selfextend_settings(method: Method, config=None, pretrained_length: int | None = None) -> Settings:
+    """The Settings of a SelfExtend method (selfextend, rerope, leaky) on a model with ``config``, or
+    trained on ``pretrained_length`` tokens."""
+    return Settings.from_config(config, pretrained_length=pretrained_length, **_enable_arguments(method))
 
 
 def _enable_arguments(method: Method) -> dict:
@@ -143,10 +144,10 @@ def computation(method: Method, pretrained_length: int, length: int, generated: 
         return ("plain",)
     if method.name not in SELFEXTEND_MODES:
         return None
-    settings = Settings.from_config(None, pretrained_length=pretrained_length, **_enable_arguments(method))
+    settings = selfextend_settings(method, pretrained_length=pretrained_length)
     last = length + generated - 1
     if settings.group_size is None:
-        sequence = settings.for_sequence(length)  # the same settings for leaky and rerope: G per position
+        sequence = settings.for_sequence(length)  # leaky and rerope: the same settings, G per position
         if last < pretrained_length and sequence.group_size_at(last) == 1:
             return ("plain",)
         g = sequence.sequence_group
@@ -160,8 +161,7 @@ def recorded_settings(method: Method, pretrained_length: int, length: int) -> di
     """What a trial of ``method`` records as its settings, without running it (for a copied result)."""
     if method.name not in SELFEXTEND_MODES:
         return {}
-    settings = Settings.from_config(None, pretrained_length=pretrained_length, **_enable_arguments(method))
-    return settings_record(settings, length)
+    return settings_record(selfextend_settings(method, pretrained_length=pretrained_length), length)
 
 
 def settings_record(settings: Settings, length: int) -> dict:
