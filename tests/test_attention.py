@@ -4,6 +4,7 @@ decoding, left padding, and enable/disable leaving the model untouched."""
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -244,6 +245,27 @@ def test_decode_matches_full_forward(family, dtype):
             err = (decode_logits(model, ids, prefill, chunk) - full).abs().max().item()
         tol = 1e-4 if dtype == torch.float32 else 2 * plain_drift + 0.05
         assert err <= tol, f"G={group_size} prefill={prefill} chunk={chunk}: {err}"
+
+
+def test_a_copied_cache_keeps_the_g_chosen_for_its_sequence():
+    """Copies of a KV cache (``copy.deepcopy``: transformers' prompt-reuse pattern) continue as the original
+    would: after the first chunk of an announced prefill (the rest must still use the G chosen for the
+    whole prompt, although its first queries are below L) and after the whole prompt (decoding)."""
+    model = tiny_model("llama")
+    ids = ids_of(112)
+    full = sequence_logits(model, ids, 100, W)  # one pass with the G the rule picks for 100 tokens
+    with selfextend.enable(model, window=W):
+        original = DynamicCache(config=model.config)
+        plan_sequence(original, 100)
+        with torch.no_grad():
+            first = model(ids[:, :40], cache=original).logits.float()
+            cache = copy.deepcopy(original)  # mid-prefill
+            rest = model(ids[:, 40:100], cache=cache).logits.float()
+            plan_sequence(cache, None)
+            cache = copy.deepcopy(cache)  # the prompt's cache, reused
+            steps = [model(ids[:, p:p + 1], cache=cache).logits.float() for p in range(100, 112)]
+    err = (torch.cat([first, rest] + steps, dim=1) - full).abs().max().item()
+    assert err <= 1e-4, err
 
 
 def test_a_prefill_in_unannounced_chunks_groups_per_position_from_the_first_chunk():

@@ -278,6 +278,21 @@ def test_eval_skips_a_bad_middle_line_with_a_warning_and_keeps_the_file(tiny, tm
     assert len(after) == 5 and json.loads(after[4])["trial"] == lost
 
 
+def test_report_only_does_not_check_methods_it_does_not_run(tiny, tmp_path, essays):
+    """A report is written from the results whatever methods the command line names (the default list
+    holds `linear`, which Gemma 3 refuses); a run with the same methods refuses them, changing nothing."""
+    out = tmp_path / "eval"
+    argv = [*EVAL_PPL, "--model", str(tiny), "--out", str(out)]
+    assert main(argv) == 0
+    before = (out / "results.jsonl").read_bytes()
+    (out / "report.md").unlink()
+    unfit = [*argv[:3], "selfextend:2:64", *argv[4:]]  # w = 64 is not below the tiny model's L = 64
+    assert main([*unfit, "--report-only"]) == 0
+    assert "plain" in (out / "report.md").read_text()
+    assert main(unfit) == 2
+    assert (out / "results.jsonl").read_bytes() == before
+
+
 def test_eval_records_a_resumed_command_once(tiny, tmp_path, essays):
     out = tmp_path / "eval"
     argv = [*EVAL_PPL, "--model", str(tiny), "--out", str(out)]

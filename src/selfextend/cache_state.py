@@ -132,18 +132,20 @@ class SequenceGroups:
         self.owner, self.lengths, self.planned = owner, [None] * batch, None
 
 
-_SEQUENCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache object -> SequenceGroups
+_SEQUENCES_ATTR = "_selfextend_sequences"  # kept on the cache object itself, so copies of the cache carry it
 
 
 def sequence_groups(cache, owner: str, batch: int) -> SequenceGroups:
     """The SequenceGroups of ``cache`` for the enable() call ``owner`` (fresh if another call or batch
-    size wrote it)."""
+    size wrote it). Kept as an attribute of the cache, so a copy (``copy.deepcopy(cache)``, the prompt
+    reuse pattern of transformers' docs) keeps the G chosen for its rows."""
     with _LOCK:
-        groups = _SEQUENCES.get(cache)
+        groups = getattr(cache, _SEQUENCES_ATTR, None)
         if groups is None or groups.owner != owner or len(groups.lengths) != batch:
             planned = groups.planned if groups is not None else None
-            groups = _SEQUENCES[cache] = SequenceGroups(owner, batch)
+            groups = SequenceGroups(owner, batch)
             groups.planned = planned
+            setattr(cache, _SEQUENCES_ATTR, groups)
         return groups
 
 
@@ -151,7 +153,8 @@ def plan_sequence(cache, length: int | None) -> None:
     """Announce that the next sequence written into ``cache`` from position 0 will have ``length``
     tokens although it arrives in chunks (None: forget it): its G is chosen for the whole of it."""
     with _LOCK:
-        groups = _SEQUENCES.get(cache)
+        groups = getattr(cache, _SEQUENCES_ATTR, None)
         if groups is None:
-            groups = _SEQUENCES[cache] = SequenceGroups("", 0)
+            groups = SequenceGroups("", 0)
+            setattr(cache, _SEQUENCES_ATTR, groups)
         groups.planned = length

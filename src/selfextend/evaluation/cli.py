@@ -67,6 +67,12 @@ def run(args) -> int:
         raise CommandError(f"unknown experiment {unknown[0]!r}; choose from {', '.join(EXPERIMENTS)}")
     config = load_config(args.model)
     L = trained_length(config)
+    out = args.out or Path("results") / "eval" / model_name(args.model)
+    if args.report_only:  # runs nothing: the methods asked for need not suit this model
+        if not (out / "results.jsonl").exists():
+            raise CommandError(f"{out} has no results.jsonl; run the experiments first")
+        print(f"report: {write_report(out, L, _header(out, model_name(args.model), L))}")
+        return 0
     grid = Grid(methods=methods, lengths=args.lengths, depths=args.depths, keys=args.keys,
                 key_digits=args.key_digits, keylength_length=args.keylength_length,
                 ppl_sequences=args.ppl_sequences, ablation_length=args.ablation_length,
@@ -75,12 +81,6 @@ def run(args) -> int:
     with bad_input():
         for spec in dict.fromkeys([selfextend.spec] + [t["method"] for ts in todo.values() for t in ts]):
             check_method(parse_method(spec), config)
-    out = args.out or Path("results") / "eval" / model_name(args.model)
-    if args.report_only:
-        if not (out / "results.jsonl").exists():
-            raise CommandError(f"{out} has no results.jsonl; run the experiments first")
-        print(f"report: {write_report(out, L, _header(out, model_name(args.model), L))}")
-        return 0
     tokenizer = load_tokenizer(args.model)
     inputs = Inputs(tokenizer)
     with bad_input():
