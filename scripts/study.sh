@@ -15,28 +15,25 @@
 #                       smallest that covers the position
 #   selfextend:4:1024   G = 4, w = 1024, the hand-tuned setting README and demo.sh used to pass
 #   selfextend@f=F      w = L // 8, G the smallest with (F * L - w) * G + w >= p + 1: every grouped
-#                       distance below F * L (F = 0.5 is the default the study chose; a bare
-#                       `selfextend` is recorded under the default rule's name)
+#                       distance below F * L (f=1 is the paper's rule with the smaller window L // 8;
+#                       a bare `selfextend` is recorded under the default rule's name)
 #
 # Grid (bundled model): 12288, 16384, 24576, 32768 tokens; passkey 5 depths x 2 keys = 10 trials per
 # cell, needle 5 depths, perplexity 1 essay sequence per length. Lengths run in order, so a stopped run
 # leaves complete short lengths.
 #
 # CPU estimate, from the per-trial "seconds" of results/eval/smollm2-135m/results.jsonl (2 cores,
-# float32; one trial takes ~49 s at 12288 tokens, ~81 s at 16384, ~161 s at 24576, ~267 s at 32768,
-# i.e. ~558 s for one trial at each of the four lengths):
-#   one rule      (10 passkey + 5 needle + 1 perplexity) x 558 s            = 2.5 h
-#   five rules    @cover, 4:1024, @f=1, @f=0.75, @f=0.5                     = 12.4 h
+# float32, idle machine; a SelfExtend trial takes ~45 s at 12288 tokens, ~65 s at 16384, ~125 s at
+# 24576, ~220 s at 32768, i.e. ~455 s for one trial at each of the four lengths):
+#   one rule      (10 passkey + 5 needle + 1 perplexity) x 455 s            = 2.0 h
+#   five rules    @cover, 4:1024, @f=1, @f=0.75, @f=0.5                     = 10 h
 #                 minus what results.jsonl already holds (see the report's Compute line)
-#   gemma3 part   passkey at 49152, 3 depths x 2 methods (~1000 s a trial, from ~740 s measured at
-#                 40960), perplexity at 32768 (3 methods, ~450 s) and 49152 (2 methods)
-#                                                                            ~ 2.6 CPU hours
-# These are times on an otherwise idle machine; with other jobs on the 2 cores a trial took 2-3x as
-# long (a 12288-token perplexity trial: 143 s instead of ~50 s).
+#   gemma3 part   ~130 s a SelfExtend trial at 49152 tokens (its sliding-window layers run blocked)
+# With other jobs on the 2 cores a trial takes up to 2-3x as long.
 # Memory on Gemma 3: the plain model (and SelfExtend on inputs that fit, which keeps the model's own
 # attention) builds dense L x L masks in its sliding-window layers: ~4 GB at 16k, growing as L^2, so
-# ~16 GB expected at 32768 (run the gemma3 part alone) and too much at 49152, where only SelfExtend
-# runs (its sliding-window layers are blocked, linear in memory). 65536 is left out for time.
+# ~16 GB expected at 32768 and too much at 49152, where only SelfExtend runs (its sliding-window
+# layers are blocked, linear in memory).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -62,37 +59,60 @@ study_gemma3() {
 
 study_cut() {
     # The committed study's cut of the grid: each rule as the fixed G and w it picks (cover: 2:2048 at
-    # 12288, 3:2048 at 16384, 4:2048 at 24576, 5:2048 at 32768; f=0.75: 3:1024, 3:1024, 5:1024, 7:1024;
-    # f=0.5: 4:1024, 5:1024, 8:1024, 11:1024; Gemma 3 at 49152: 2:8192, 3:4096, 4:4096), then the rules
-    # themselves, which copy those trials (same_as) and the plain model's within L. Not reached in the
-    # committed results: the passkey cells marked "not yet run" (they run when this is run again)
+    # 12288, 3:2048 at 16384, 4:2048 at 24576, 5:2048 at 32768; f=1: 2:1024, 3:1024, 4:1024, 5:1024;
+    # f=0.75: 3:1024, 3:1024, 5:1024, 7:1024; f=0.5: 4:1024, 5:1024, 8:1024, 11:1024; Gemma 3 at 49152:
+    # 2:8192, 3:4096, 4:4096), then the rules themselves, which copy those trials (same_as) and the plain
+    # model's within L. At 32768 the ten passkey trials are two commands of 5 depths x 1 key (seeds 0
+    # and 1), so a stopped run leaves every depth covered. Lines of the default's cells come first
+    # where time ran short (f=1 at 32768 and the needle for the other rules were not run).
     local se=".venv/bin/selfextend eval --out results/eval/smollm2-135m"
     local g=".venv/bin/selfextend eval --model gemma3-270m --out results/eval/gemma3-270m"
     local d10="--depths 0.1,0.3,0.5,0.7,0.9 --keys 2" d3="--depths 0.2,0.5,0.8 --keys 1"
+    local d5="--depths 0.1,0.3,0.5,0.7,0.9"
     $se passkey --methods selfextend:2:1024,selfextend:3:1024,selfextend:4:1024 --lengths 12288 $d10
-    $se passkey --methods selfextend:2:2048 --lengths 12288 $d10  # not yet run
+    $se passkey --methods selfextend:2:2048 --lengths 12288 $d10
     $se passkey --methods selfextend:4:1024,selfextend:5:1024,selfextend:3:2048 --lengths 16384 $d10
-    $se passkey --methods selfextend:3:1024 --lengths 16384 $d10  # not yet run
+    $se passkey --methods selfextend:3:1024 --lengths 16384 $d10
     $se passkey --methods selfextend:8:1024,selfextend:4:2048,selfextend:5:1024 --lengths 24576 $d3
+    $se passkey --methods selfextend:4:1024,selfextend:4:2048 --lengths 24576 $d10
+    $se passkey --methods selfextend:4:1024 --lengths 24576 $d3
+    $se passkey --methods selfextend:5:2048 --lengths 32768 $d5 --keys 1
+    $se passkey --methods selfextend:5:2048 --lengths 32768 $d5 --keys 1 --seed 1
+    $se needle --methods selfextend:2:2048 --lengths 12288 $d5
+    $se needle --methods selfextend:3:2048 --lengths 16384 $d5
+    $se needle --methods selfextend:4:2048 --lengths 24576 $d5
+    $se perplexity --methods selfextend:2:1024,selfextend:2:2048 --lengths 12288
     $se perplexity --methods selfextend:5:1024,selfextend:3:2048,selfextend:3:1024 --lengths 16384
     $se perplexity --methods selfextend:8:1024,selfextend:4:2048,selfextend:5:1024 --lengths 24576
-    $se perplexity --methods selfextend:11:1024,selfextend:5:2048,selfextend:7:1024 --lengths 32768
+    $se perplexity --methods selfextend:11:1024,selfextend:5:2048,selfextend:7:1024,selfextend:5:1024 --lengths 32768
     $g passkey --methods selfextend:4:4096,selfextend:3:4096,selfextend:2:8192 --lengths 49152 $d3
+    $g perplexity --methods selfextend:2:8192 --lengths 49152
+    $g perplexity --methods selfextend:3:8192 --lengths 65536
+    $g passkey --methods selfextend:3:8192 --lengths 65536 $d3
     bash "$0" copies
 }
 
 study_copies() {
     local se=".venv/bin/selfextend eval --out results/eval/smollm2-135m"
     local g=".venv/bin/selfextend eval --model gemma3-270m --out results/eval/gemma3-270m"
-    local rules=selfextend@cover,selfextend@f=0.75,selfextend@f=0.5
+    local rules=selfextend@cover,selfextend@f=1,selfextend@f=0.75,selfextend@f=0.5
+    local d10="--depths 0.1,0.3,0.5,0.7,0.9 --keys 2" d5="--depths 0.1,0.3,0.5,0.7,0.9"
     $se passkey --methods $rules --lengths 4096 --depths 0.2,0.5,0.8 --keys 1
     # one length per command: the keys are drawn per command, so these match the fixed settings' trials
-    $se passkey --methods $rules --lengths 12288 --depths 0.1,0.3,0.5,0.7,0.9 --keys 2
-    $se passkey --methods $rules --lengths 16384 --depths 0.1,0.3,0.5,0.7,0.9 --keys 2  # f=0.75 (3:1024) not yet run
+    $se passkey --methods $rules --lengths 12288 $d10
+    $se passkey --methods $rules --lengths 16384 $d10
     $se passkey --methods $rules --lengths 24576 --depths 0.2,0.5,0.8 --keys 1
-    $se perplexity --methods $rules --lengths 2048,4096,8192,16384,24576,32768
+    $se passkey --methods selfextend@cover,selfextend@f=1 --lengths 24576 $d10
+    $se passkey --methods selfextend@cover --lengths 32768 $d5 --keys 1
+    $se passkey --methods selfextend@cover --lengths 32768 $d5 --keys 1 --seed 1
+    $se needle --methods selfextend@cover --lengths 12288 $d5
+    $se needle --methods selfextend@cover --lengths 16384 $d5
+    $se needle --methods selfextend@cover --lengths 24576 $d5
+    $se perplexity --methods $rules --lengths 2048,4096,8192,12288,16384,24576,32768
     $se needle --methods $rules --lengths 4096 --depths 0.2,0.8
-    $g passkey --methods $rules --lengths 49152 --depths 0.2,0.5,0.8 --keys 1
+    $g passkey --methods selfextend@cover,selfextend@f=0.75,selfextend@f=0.5 --lengths 49152 --depths 0.2,0.5,0.8 --keys 1
+    $g passkey --methods selfextend@cover --lengths 65536 --depths 0.2,0.5,0.8 --keys 1
+    $g perplexity --methods selfextend@cover --lengths 49152,65536
 }
 
 case "${1:-smollm2}" in

@@ -111,9 +111,27 @@ def test_study_section_compares_rules_and_names_the_best_within_the_perplexity_b
     assert "| selfextend@f=0.5 | 16384 | 5 | 1024 | 10/10 | 0/1 (0.5) | 20.6 | +3.0% |" in study
     assert "| plain |" not in study and "| 4096 |" not in study
     # f=0.5 retrieves best but costs 3% perplexity: the criterion picks the fixed rule
-    assert "the best measured rule is **selfextend:4:1024**" in study
+    assert "the best measured rule is **selfextend:4:1024**, compared on the 20 passkey prompts" in study
+    assert "selfextend:4:1024 18/20, selfextend@cover 10/20" in study
     assert "to be written in `study.md`" in study
     assert (tmp_path / "study.png").stat().st_size > 1000
+
+
+def test_study_criterion_compares_rules_on_the_prompts_they_share(tmp_path):
+    """A rule that skipped the hard length must not win by pooling: f=1 found 10/10 at 12288 and never ran
+    16384; the fixed rule found 9/10 at 12288 (18/20 in all). On the shared prompts f=1 leads."""
+    records = _study(tmp_path) + _passkeys("selfextend@f=1", 12288, 10, 10, {"G": 2, "w": 1024})
+    records += [_record("perplexity", "selfextend@f=1", n, {"G": 2, "w": 1024}, sequence=0, ppl=20.1)
+                for n in (12288, 16384)]
+    study = write(tmp_path, records).read_text().split("## Study: choosing G and w")[1]
+    assert "the best measured rule is **selfextend@f=1**, compared on the 10 passkey prompts every qualifying " \
+           "rule ran (at 12288 tokens): selfextend@f=1 10/10, selfextend:4:1024 9/10, selfextend@cover 5/10" in study
+    # without f=1's trial of the prompt the fixed rule missed, the two tie on the other nine: the smaller
+    # perplexity cost (+0.5% against +1.0%) decides
+    records = [r for r in records if not (r["trial"]["method"] == "selfextend@f=1" and r["trial"].get("depth") == 0.9)]
+    study = write(tmp_path, records).read_text().split("## Study: choosing G and w")[1]
+    assert "the best measured rule is **selfextend@f=1**, compared on the 9 passkey prompts every qualifying rule " \
+           "ran (at 12288 tokens): selfextend@f=1 9/9, selfextend:4:1024 9/9, selfextend@cover 5/9" in study
 
 
 def test_study_section_pastes_the_hand_written_notes(tmp_path):

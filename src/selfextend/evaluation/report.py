@@ -220,11 +220,11 @@ def _ppl_changes(cells, method, lengths) -> list[float]:
     return [value / today - 1 for value, today in pairs if value is not None and today is not None]
 
 
-def _study_summary(cells, methods, lengths) -> tuple[list[list], str | None]:
-    """(rows of the summary table, the best rule by the issue's criterion or None): retrieval first
-    (passkey, then needle), among rules whose perplexity stays within PPL_TOLERANCE of the paper's rule at
-    every length where perplexity was measured for both."""
-    rows, ranked = [], []
+def _study_summary(cells, methods, lengths) -> tuple[list[list], list[str]]:
+    """(rows of the summary table, the rules that qualify for the default): rules whose perplexity stays
+    within PPL_TOLERANCE of the paper's rule at every length where perplexity was measured for both,
+    and that have passkey trials."""
+    rows, qualified = [], []
     ppl_lengths = sorted({n for (_, n) in cells["perplexity"]})
     for m in methods:
         passkey = [r for n in lengths for r in cells["passkey"].get((m, n), [])]
@@ -237,8 +237,39 @@ def _study_summary(cells, methods, lengths) -> tuple[list[list], str | None]:
         rows.append([m, f"{k}/{n}" if n else "-", f"{lo:.2f}-{hi:.2f}" if n else "-", _needle_cell(needle),
                      f"{max(changes):+.1%}" if changes else "-", ("yes" if within else "no") if complete else "-"])
         if within and n:
-            ranked.append((k / n, _mean([r["score"] for r in needle]) if needle else 0.0, -max(changes), m))
-    return rows, (max(ranked)[-1] if ranked else None)
+            qualified.append(m)
+    return rows, qualified
+
+
+def _scores(cells, experiment, method, lengths) -> dict[tuple, float]:
+    """input (length, depth, key) -> score of ``method``'s trials of ``experiment`` at ``lengths``."""
+    return {(n, r["trial"].get("depth"), r["trial"].get("key")): r["score"]
+            for n in lengths for r in cells[experiment].get((method, n), [])}
+
+
+def _best_on_shared_prompts(cells, qualified, lengths) -> tuple[str | None, str]:
+    """The best of the ``qualified`` rules by retrieval, compared only on the prompts every one of them
+    ran (pooling over different prompts would favour a rule that skipped the hard lengths): passkey
+    accuracy, then needle mean score, then the lower worst perplexity change. Returns (rule or None,
+    what was compared)."""
+    if not qualified:
+        return None, ""
+    ppl_lengths = sorted({n for (_, n) in cells["perplexity"]})
+    ranked, shared = [], {}
+    for e in ("passkey", "needle"):
+        per_rule = [_scores(cells, e, m, lengths) for m in qualified]
+        shared[e] = set.intersection(*(set(s) for s in per_rule))
+    if not shared["passkey"]:
+        return None, "no passkey prompt that every qualifying rule ran"
+    for m in qualified:
+        passkey, needle = _scores(cells, "passkey", m, lengths), _scores(cells, "needle", m, lengths)
+        ranked.append((sum(passkey[i] >= 1 for i in shared["passkey"]),
+                       sum(needle[i] for i in shared["needle"]), -max(_ppl_changes(cells, m, ppl_lengths)), m))
+    ranked.sort(reverse=True)
+    at = sorted({i[0] for i in shared["passkey"]})
+    scores = ", ".join(f"{m} {k}/{len(shared['passkey'])}" for k, _, _, m in ranked)
+    return ranked[0][-1], (f"on the {len(shared['passkey'])} passkey prompts every qualifying rule ran "
+                           f"(at {', '.join(map(str, at))} tokens): {scores}")
 
 
 def study_section(records, out_dir: Path, L: int) -> str:
@@ -262,7 +293,8 @@ def study_section(records, out_dir: Path, L: int) -> str:
             change = f"{value / today - 1:+.1%}" if value is not None and today is not None else "-"
             detail.append([m, n, settings.get("G", "-"), settings.get("w", "-"), _k_of_n(found[0]),
                            _needle_cell(found[1]), "-" if value is None else value, change])
-    summary, best = _study_summary(cells, methods, lengths)
+    summary, qualified = _study_summary(cells, methods, lengths)
+    best, compared = _best_on_shared_prompts(cells, qualified, lengths)
     passkey = accuracy_panel(cells["passkey"], methods, lengths, xlabel="prompt length (tokens)",
                              ylabel="passkey accuracy (95% interval)", title="Passkey")
     passkey.xticks = lengths
@@ -277,8 +309,9 @@ def study_section(records, out_dir: Path, L: int) -> str:
               xticks=lengths),
     ], panel_size=(5.5, 4))
     criterion = (f"By the criterion for the default (retrieval first; perplexity at most {PPL_TOLERANCE:.0%} above the "
-                 f"paper's rule at every measured length) the best measured rule is **{best}**." if best else
-                 f"No rule has perplexity measured at every length and within {PPL_TOLERANCE:.0%} of the paper's rule yet.")
+                 f"paper's rule at every measured length) the best measured rule is **{best}**, compared {compared}."
+                 if best else f"No rule has perplexity measured at every length and within {PPL_TOLERANCE:.0%} of the "
+                 f"paper's rule, with passkey prompts in common, yet{': ' + compared if compared else ''}.")
     notes_path = out_dir / STUDY_NOTES
     notes = (notes_path.read_text().strip() if notes_path.exists()
              else f"_The chosen rule and why: to be written in `{STUDY_NOTES}` next to results.jsonl._")
