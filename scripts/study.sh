@@ -80,7 +80,7 @@ study_cut() {
     $se passkey --methods selfextend:5:2048 --lengths 32768 $d5 --keys 1 --seed 1
     $se needle --methods selfextend:2:2048 --lengths 12288 $d5
     $se needle --methods selfextend:3:2048 --lengths 16384 $d5
-    $se needle --methods selfextend:4:2048 --lengths 24576 $d5
+    $se needle --methods selfextend:4:2048 --lengths 24576 $d5  # not yet run
     $se perplexity --methods selfextend:2:1024,selfextend:2:2048 --lengths 12288
     $se perplexity --methods selfextend:5:1024,selfextend:3:2048,selfextend:3:1024 --lengths 16384
     $se perplexity --methods selfextend:8:1024,selfextend:4:2048,selfextend:5:1024 --lengths 24576
@@ -103,12 +103,13 @@ study_copies() {
     $se passkey --methods $rules --lengths 16384 $d10
     $se passkey --methods $rules --lengths 24576 --depths 0.2,0.5,0.8 --keys 1
     $se passkey --methods selfextend@cover,selfextend@f=1 --lengths 24576 $d10
-    $se passkey --methods selfextend@cover --lengths 32768 $d5 --keys 1
-    $se passkey --methods selfextend@cover --lengths 32768 $d5 --keys 1 --seed 1
+    # not the rule at 32768: its answer tokens pass the limit of G = 5, (8192 - 2048) * 5 + 2048 = 32768,
+    # and go on with G = 6 (a different computation from the fixed 5:2048 trials; about 35 min to run)
     $se needle --methods selfextend@cover --lengths 12288 $d5
     $se needle --methods selfextend@cover --lengths 16384 $d5
-    $se needle --methods selfextend@cover --lengths 24576 $d5
-    $se perplexity --methods $rules --lengths 2048,4096,8192,12288,16384,24576,32768
+    $se needle --methods selfextend@cover --lengths 24576 $d5  # not yet run
+    $se perplexity --methods selfextend@cover,selfextend@f=1 --lengths 2048,4096,8192,12288,16384,24576,32768
+    $se perplexity --methods selfextend@f=0.75,selfextend@f=0.5 --lengths 2048,4096,8192,16384,24576,32768
     $se needle --methods $rules --lengths 4096 --depths 0.2,0.8
     $g passkey --methods selfextend@cover,selfextend@f=0.75,selfextend@f=0.5 --lengths 49152 --depths 0.2,0.5,0.8 --keys 1
     $g passkey --methods selfextend@cover --lengths 65536 --depths 0.2,0.5,0.8 --keys 1
