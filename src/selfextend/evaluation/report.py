@@ -255,21 +255,18 @@ def _best_on_shared_prompts(cells, qualified, lengths) -> tuple[str | None, str]
     if not qualified:
         return None, ""
     ppl_lengths = sorted({n for (_, n) in cells["perplexity"]})
-    ranked, shared = [], {}
-    for e in ("passkey", "needle"):
-        per_rule = [_scores(cells, e, m, lengths) for m in qualified]
-        shared[e] = set.intersection(*(set(s) for s in per_rule))
+    scores = {e: {m: _scores(cells, e, m, lengths) for m in qualified} for e in ("passkey", "needle")}
+    shared = {e: set.intersection(*(set(s) for s in per_rule.values())) for e, per_rule in scores.items()}
     if not shared["passkey"]:
         return None, "no passkey prompt that every qualifying rule ran"
-    for m in qualified:
-        passkey, needle = _scores(cells, "passkey", m, lengths), _scores(cells, "needle", m, lengths)
-        ranked.append((sum(passkey[i] >= 1 for i in shared["passkey"]),
-                       sum(needle[i] for i in shared["needle"]), -max(_ppl_changes(cells, m, ppl_lengths)), m))
+    ranked = [(sum(scores["passkey"][m][i] >= 1 for i in shared["passkey"]),
+               sum(scores["needle"][m][i] for i in shared["needle"]), -max(_ppl_changes(cells, m, ppl_lengths)), m)
+              for m in qualified]
     ranked.sort(reverse=True)
     at = sorted({i[0] for i in shared["passkey"]})
-    scores = ", ".join(f"{m} {k}/{len(shared['passkey'])}" for k, _, _, m in ranked)
+    listed = ", ".join(f"{m} {k}/{len(shared['passkey'])}" for k, _, _, m in ranked)
     return ranked[0][-1], (f"on the {len(shared['passkey'])} passkey prompts every qualifying rule ran "
-                           f"(at {', '.join(map(str, at))} tokens): {scores}")
+                           f"(at {', '.join(map(str, at))} tokens): {listed}")
 
 
 def study_section(records, out_dir: Path, L: int) -> str:
