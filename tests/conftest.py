@@ -42,7 +42,15 @@ FAMILIES = {
                                                    "partial_rotary_factor": 0.25})),
     "phi": ("phi", dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                          "partial_rotary_factor": 0.5})),
+    "cohere": ("cohere", dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    "cohere2": ("cohere2", dict(sliding_window=24, layer_types=["sliding_attention", "full_attention"],
+                                rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    "glm": ("glm", dict(head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                       "partial_rotary_factor": 0.5})),
+    "glm4": ("glm4", dict(head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                         "partial_rotary_factor": 0.5})),
 }
+INTERLEAVED = {"cohere", "cohere2", "glm", "glm4"}  # model types that rotate pairs (2i, 2i + 1), written out here
 FAMILY_NAMES = list(FAMILIES)
 
 
@@ -161,7 +169,7 @@ def _reference_attention(module, query, key, value, attention_mask, scaling=None
                                   dtype=torch.float64)
         o = reference_attention(query[b], key[b], value[b], pos, pos, s["inv_freq"][module.layer_idx], w, groups,
                                 s["mode"] if not sliding else "floor", scaling, softcap=kwargs.get("softcap"),
-                                dtype=REFERENCE["dtype"])
+                                dtype=REFERENCE["dtype"], interleaved=s["interleaved"])
         # apply padding/sliding mask by recomputing on masked rows: reference handles causality by
         # positions; padding keys must be excluded explicitly
         if not bool(mask.all() or torch.equal(mask, torch.ones_like(mask).tril())):
@@ -182,7 +190,8 @@ def _masked_reference(q, k, v, pos, s, module, w, groups, scaling, kwargs, mask,
         rows.append(reference_attention(q[:, i : i + 1], k[:, keep], v[:, keep], pos[i : i + 1], pos[keep],
                                         s["inv_freq"][module.layer_idx], w, groups[i : i + 1],
                                         s["mode"] if not sliding else "floor", scaling,
-                                        softcap=kwargs.get("softcap"), dtype=REFERENCE["dtype"]))
+                                        softcap=kwargs.get("softcap"), dtype=REFERENCE["dtype"],
+                                        interleaved=s["interleaved"]))
     return torch.cat(rows, dim=1)
 
 
@@ -190,27 +199,32 @@ AttentionInterface.register("selfextend_reference", _reference_attention)
 AttentionMaskInterface.register("selfextend_reference", _reference_mask)
 
 
+def model_frequencies(model, layer_type=None) -> torch.Tensor:
+    """The inverse frequencies the model rotates a layer type with right now: its rotary module's
+    ``[<layer_type>_]inv_freq`` buffer (read here, not through the library)."""
+    rotary = next(m for m in model.modules() if "Rotary" in type(m).__name__)
+    name = f"{layer_type}_inv_freq" if layer_type is not None and hasattr(rotary, f"{layer_type}_inv_freq") else "inv_freq"
+    return getattr(rotary, name).detach().double().cpu()
+
+
 def reference_logits(model, input_ids, window, group_size, mode="floor", attention_mask=None, dtype=torch.float64,
-                     rule=None):
+                     rule=None, inputs_embeds=None, grad=False):
     """Logits of ``model`` with every full-attention layer replaced by the float64 reference; an automatic
-    G follows ``rule`` (default: the library's default for SelfExtend, "cover" for the other modes)."""
+    G follows ``rule`` (default: the library's default for SelfExtend, "cover" for the other modes).
+    ``grad=True`` keeps autograd on (the reference is plain torch, differentiable)."""
     from selfextend.positions import DEFAULT_RULE
 
     rule = rule or (DEFAULT_RULE if mode == "floor" else "cover")
-    from selfextend.integration import _attention_modules
-    from selfextend.rope import inv_freq_for_layer
-
     config = model.config.get_text_config()
     layer_types = getattr(config, "layer_types", None)
-    inv = {m.layer_idx: inv_freq_for_layer(model, config, layer_types[m.layer_idx] if layer_types else None)
-           for m in _attention_modules(model)}
+    inv = {i: model_frequencies(model, layer_types[i] if layer_types else None) for i in range(config.num_hidden_layers)}
     REFERENCE["settings"] = dict(L=L, w=window, G=(math.inf if mode == "rerope" else group_size), mode=mode,
-                                 inv_freq=inv, reach=rule_reach(rule, L))
+                                 inv_freq=inv, reach=rule_reach(rule, L), interleaved=config.model_type in INTERLEAVED)
     REFERENCE["dtype"] = dtype
     original = model.config._attn_implementation
     model.set_attn_implementation("selfextend_reference")
     try:
-        with torch.no_grad():
-            return model(input_ids, attention_mask=attention_mask).logits.float()
+        with torch.set_grad_enabled(grad):
+            return model(input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds).logits.float()
     finally:
         model.set_attn_implementation(original)

@@ -17,7 +17,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 import selfextend
 from selfextend.attention import Settings, selfextend_row
-from selfextend.cache_state import plan_sequence
+from selfextend.rope import Rotary
+from selfextend.cache_state import prompt_length
 from selfextend.positions import DEFAULT_RULE
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -90,9 +91,9 @@ KERNEL_CASES = [  # (Lq, Lk, key_offset, mode, G, softcap, log_scale, block)
 ]
 
 
-def run_kernel_case(case, dtype, device="cpu"):
+def run_kernel_case(case, dtype, device="cpu", interleaved=False):
     """One row of KERNEL_CASES through the fast kernel on ``device`` and through the reference (float64
-    and ``dtype``). Returns ``(fast, ref64, ref_dtype, rows)``: fast ``[Hq, Lq, D]`` on the CPU, the
+    and ``dtype``), rotary pairs in the rotate-half or the ``interleaved`` layout. Returns ``(fast, ref64, ref_dtype, rows)``: fast ``[Hq, Lq, D]`` on the CPU, the
     references ``[Hq, rows, D]``, ``rows`` the queries at real positions (the others are padding)."""
     lq, lk, off, mode, g, softcap, log_scale, block = case
     torch.manual_seed(0)
@@ -103,23 +104,26 @@ def run_kernel_case(case, dtype, device="cpu"):
     v = torch.randn(hkv, lk, d).to(dtype)
     settings = Settings(Lp, w, g, mode, log_scale, block)
     first = (lk - 1 - off) - (lq - 1)
-    fast = selfextend_row(q.to(device), k.to(device), v.to(device), first, off, settings, inv_freq.to(device),
+    rotary = Rotary(inv_freq.double(), interleaved).to(device)
+    fast = selfextend_row(q.to(device), k.to(device), v.to(device), first, off, settings, rotary,
                           d**-0.5, softcap).cpu()  # in the model's dtype
     q_pos, k_pos = torch.arange(first, first + lq), torch.arange(lk) - off
     groups = torch.tensor([1.0 if settings.is_plain(int(p)) else float(settings.group_size_at(int(p)))
                            for p in q_pos.clamp(min=0)])
     args = (q, k, v, q_pos, k_pos, inv_freq, w, groups, mode, d**-0.5)
-    kw = dict(softcap=softcap, key_valid=k_pos >= 0, log_scale_length=Lp if log_scale else None)
+    kw = dict(softcap=softcap, key_valid=k_pos >= 0, log_scale_length=Lp if log_scale else None,
+              interleaved=interleaved)
     rows = q_pos >= 0
     ref64 = reference_attention(*args, **kw)[:, rows]
     ref_dtype = reference_attention(*args, **kw, dtype=dtype)[:, rows]
     return fast, ref64, ref_dtype, rows
 
 
+@pytest.mark.parametrize("interleaved", [False, True], ids=["half", "interleaved"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: f"{c[3]}-Lq{c[0]}-Lk{c[1]}-off{c[2]}")
-def test_kernel_matches_reference(case, dtype):
-    fast, ref64, ref_dtype, rows = run_kernel_case(case, dtype)
+def test_kernel_matches_reference(case, dtype, interleaved):
+    fast, ref64, ref_dtype, rows = run_kernel_case(case, dtype, interleaved=interleaved)
     assert fast.dtype == dtype
     assert_close_by_rule(fast[:, rows], ref64, ref_dtype, eps=1e-6)
     assert torch.all(fast[:, ~rows] == 0)  # left-padding queries attend to nothing
@@ -128,6 +132,7 @@ def test_kernel_matches_reference(case, dtype):
 _MEMORY_PROBE = """
 import resource, torch
 from selfextend.attention import selfextend_row
+from selfextend.rope import Rotary
 from selfextend.settings import Settings
 
 def peak():
@@ -136,9 +141,10 @@ torch.manual_seed(0)
 n = 4096
 q, k, v = torch.randn(4, n, 16), torch.randn(4, n, 16), torch.randn(4, n, 16)
 settings = Settings(64, 16, 8, "floor", False, 128)
-selfextend_row(q[:, :300], k[:, :300], v[:, :300], 0, 0, settings, torch.ones(8), 0.25)  # warm up
+rotary = Rotary(torch.ones(8, dtype=torch.float64))
+selfextend_row(q[:, :300], k[:, :300], v[:, :300], 0, 0, settings, rotary, 0.25)  # warm up
 before = peak()
-selfextend_row(q, k, v, 0, 0, settings, torch.ones(8), 0.25)
+selfextend_row(q, k, v, 0, 0, settings, rotary, 0.25)
 ours = peak() - before
 before = peak()
 torch.softmax(q @ k.transpose(-1, -2), -1) @ v  # what one full score matrix per head costs
@@ -212,18 +218,13 @@ def decode_logits(model, ids, prefill, chunk=None):
     """Logits for every position: prefill ``prefill`` tokens (in chunks, announced first as the library's
     own prefill does), then one token at a time."""
     cache = DynamicCache(config=model.config)
-    out, pos = [], 0
-    steps = list(range(0, prefill, chunk or prefill)) + list(range(prefill, ids.shape[1]))
-    bounds = steps + [ids.shape[1]]
-    plan_sequence(cache, prefill)
+    out = []
     with torch.no_grad():
-        for s, e in zip(bounds[:-1], bounds[1:]):
-            r = model(ids[:, s:e], cache=cache, use_cache=True)
-            out.append(r.logits.float())
-            pos = e
-            if e == prefill:
-                plan_sequence(cache, None)
-    assert pos == ids.shape[1]
+        with prompt_length(prefill):
+            for s in range(0, prefill, chunk or prefill):
+                out.append(model(ids[:, s : min(prefill, s + (chunk or prefill))], cache=cache).logits.float())
+        for p in range(prefill, ids.shape[1]):
+            out.append(model(ids[:, p : p + 1], cache=cache).logits.float())
     return torch.cat(out, dim=1)
 
 
@@ -256,12 +257,11 @@ def test_a_copied_cache_keeps_the_g_chosen_for_its_sequence():
     full = sequence_logits(model, ids, 100, W)  # one pass with the G the rule picks for 100 tokens
     with selfextend.enable(model, window=W):
         original = DynamicCache(config=model.config)
-        plan_sequence(original, 100)
         with torch.no_grad():
-            first = model(ids[:, :40], cache=original).logits.float()
+            with prompt_length(100):
+                first = model(ids[:, :40], cache=original).logits.float()
             cache = copy.deepcopy(original)  # mid-prefill
             rest = model(ids[:, 40:100], cache=cache).logits.float()
-            plan_sequence(cache, None)
             cache = copy.deepcopy(cache)  # the prompt's cache, reused
             steps = [model(ids[:, p:p + 1], cache=cache).logits.float() for p in range(100, 112)]
     err = (torch.cat([first, rest] + steps, dim=1) - full).abs().max().item()
@@ -298,6 +298,48 @@ def test_generate_greedy_equals_argmax_of_full_forward(family):
         full = logits(model, out)
     predicted = full[0, prompt.shape[1] - 1 : -1].argmax(-1)
     assert torch.equal(out[0, prompt.shape[1]:], predicted)
+
+
+def generated_scores(model, prompt, **kwargs):
+    """Greedy ``model.generate``: the new tokens and their scores ``[steps, vocab]``."""
+    out = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0, output_scores=True,
+                         return_dict_in_generate=True, **kwargs)
+    return out.sequences[0, prompt.shape[1]:], torch.stack(out.scores)[:, 0]
+
+
+def test_generate_with_prefill_chunks_chooses_g_for_the_whole_prompt():
+    """``generate(prefill_chunk_size=...)`` with the default settings: G is chosen for the whole prompt,
+    as in one pass (it used to be chosen for the first chunk, then per position: scores 8e-3 off)."""
+    model = tiny_model("llama")
+    prompt = ids_of(150)
+    with selfextend.enable(model, window=W):
+        tokens, one_pass = generated_scores(model, prompt)
+        chunked_tokens, chunked = generated_scores(model, prompt, prefill_chunk_size=40)
+    assert torch.equal(tokens, chunked_tokens)
+    assert (chunked - one_pass).abs().max() <= 1e-4
+
+
+def test_generate_without_a_cache_keeps_the_prompts_g():
+    """``generate(use_cache=False)`` runs every step as a new full pass; G stays the one chosen for the
+    prompt, as with a cache (a prompt that fits keeps G = 1 below L; it used to switch the whole
+    sequence to G = 2 once the text outgrew L)."""
+    model = tiny_model("llama")
+    prompt = ids_of(L - 3)  # fits: G = 1; the generation crosses L
+    with selfextend.enable(model, window=W):
+        tokens, cached = generated_scores(model, prompt)
+        uncached_tokens, uncached = generated_scores(model, prompt, use_cache=False)
+    assert torch.equal(tokens, uncached_tokens)
+    assert (uncached - cached).abs().max() <= 1e-4
+
+
+def test_generate_of_an_enabled_model_is_removed_by_disable():
+    model = tiny_model("llama")
+    selfextend.enable(model)
+    assert "generate" in model.__dict__
+    copied = copy.deepcopy(model)
+    assert copied.generate.model is copied  # a copy generates with its own weights
+    selfextend.disable(model)
+    assert "generate" not in model.__dict__ and model.generate.__func__ is type(model).generate
 
 
 def test_decode_does_not_rerotate_the_cache():

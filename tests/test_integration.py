@@ -20,6 +20,7 @@ from transformers import DynamicCache, QuantizedCache, StaticCache
 
 import selfextend
 from selfextend.attention import selfextend_row
+from selfextend.rope import Rotary
 from selfextend.cache_state import decode_stats
 from selfextend.positions import DEFAULT_RULE, rule_window
 from selfextend.settings import Settings
@@ -97,7 +98,7 @@ def test_automatic_group_size_past_its_cap_matches_reference():
     settings = Settings(Lp, w, None, "floor", False, 64)
     inv_freq = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
     q, k, v = torch.randn(4, n, 16), torch.randn(2, n, 16), torch.randn(2, n, 16)
-    fast = selfextend_row(q, k, v, 0, 0, settings, inv_freq, 0.25)
+    fast = selfextend_row(q, k, v, 0, 0, settings, Rotary(inv_freq.double()), 0.25)
     pos = torch.arange(n)
     groups = torch.tensor([float(settings.group_size_at(int(p))) for p in pos])
     assert groups.max() == 64 and (groups == 64).sum() > 30
@@ -283,3 +284,37 @@ def test_save_pretrained_of_an_enabled_model_loads_as_plain(tmp_path):
     assert "selfextend" not in json.dumps(json.loads((tmp_path / "config.json").read_text()))
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert loaded.config._attn_implementation != "selfextend" and not selfextend.is_enabled(loaded)
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.compile, output_attentions
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [40, 150], ids=["within-L", "past-L"])
+def test_compiled_model_gives_what_the_eager_model_gives(n):
+    """``torch.compile(model)`` compiles around the attention function (a graph break) instead of
+    tracing it; past L this used to fail inside aot_autograd. One pass, then a cached decode step."""
+    torch._dynamo.reset()
+    model = tiny_model("llama")
+    ids = ids_of(n + 1)
+    with selfextend.enable(model, group_size=4, window=W):
+        compiled = torch.compile(model)
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            expected = [model(ids[:, :n]).logits] * 2 + [model(ids).logits[:, n:]]
+            got = [compiled(ids[:, :n]).logits,  # the model makes its own cache
+                   compiled(ids[:, :n], cache=cache).logits, compiled(ids[:, n:], cache=cache).logits]
+    for a, b in zip(got, expected):
+        assert (a - b).abs().max() < 1e-5
+
+
+def test_output_attentions_past_the_window_warns():
+    """An eager model returns attention weights; SelfExtend never builds them for inputs it groups:
+    it says so (it used to return an empty tuple silently), and inputs that fit keep their weights."""
+    model = tiny_model("llama")
+    model.set_attn_implementation("eager")
+    with selfextend.enable(model, group_size=2, window=W):
+        with torch.no_grad():
+            fits = model(ids_of(W), output_attentions=True)
+            assert len(fits.attentions) == model.config.num_hidden_layers
+            with pytest.warns(UserWarning, match="output_attentions=True: SelfExtend never builds"):
+                model(ids_of(150), output_attentions=True)

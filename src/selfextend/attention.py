@@ -34,7 +34,7 @@ from typing import NamedTuple
 import torch
 
 from .positions import grouped_positions, grouped_query_position
-from .rope import rotate, rotate_by, rotation
+from .rope import Rotary
 from .settings import Settings
 
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -98,9 +98,25 @@ def attend(q, k, v, scale: float, mask: torch.Tensor | None = None, softcap: flo
     attend) or None; ``causal=True`` (square only, n == m) lets query i see keys 0..i. Returns
     ``(out [Hq, n, D] in q's dtype, or float32 on the explicit path; lse [Hq, n] float32)``; a row
     with no allowed key gets out = 0 and lse = -inf.
+
+    Differentiable in q, k and v through both outputs (the log-sum-exp carries the weight of a part in
+    a merge): with autograd on, the fused kernel runs forward and :class:`_AttendFunction` computes
+    the gradients by recomputing scores in tiles (memory O(rows x tile), as flash attention does).
     """
     if causal:
         assert mask is None and q.shape[1] == k.shape[1]
+    if needs_grad(q, k, v):
+        return _AttendFunction.apply(q, k, v, scale, mask, softcap, causal)
+    return _attend_forward(q, k, v, scale, mask, softcap, causal)
+
+
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records operations on any of ``tensors`` (then nothing may be written in place)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _attend_forward(q, k, v, scale, mask, softcap, causal):
+    """:func:`attend` without autograd: the fused kernel where there is one, else the explicit path."""
     fused = softcap is None and (
         (q.device.type == "cpu" and _FLASH_CPU is not None) or (q.device.type == "cuda" and _EFFICIENT_CUDA is not None))
     if not fused:
@@ -122,6 +138,68 @@ def attend(q, k, v, scale: float, mask: torch.Tensor | None = None, softcap: flo
     return out, lse
 
 
+GRAD_TILE = 1024  # rows and keys per tile of the backward pass: its memory is O(GRAD_TILE^2) per head
+
+
+class _AttendFunction(torch.autograd.Function):
+    """:func:`attend` with gradients for both of its outputs.
+
+    With ``P = softmax(S)``, ``out = P V`` and ``lse = logsumexp(S)``, for incoming gradients ``dO``
+    and ``g`` (of out and lse): ``dS = P * (dO V^T - rowsum(dO * out) + g)``; ``dQ = dS K scale``,
+    ``dK = dS^T Q scale``, ``dV = P^T dO`` (times ``1 - tanh^2`` under logit softcapping). Scores
+    are recomputed tile by tile from the saved q, k, v, out and lse."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, mask, softcap, causal):
+        out, lse = _attend_forward(q, k, v, scale, mask, softcap, causal)
+        ctx.save_for_backward(q, k, v, out, lse, mask)
+        ctx.scale, ctx.softcap, ctx.causal = scale, softcap, causal
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse):
+        q, k, v, out, lse, mask = ctx.saved_tensors
+        hq, n, d = q.shape
+        hkv, m, _ = k.shape
+        r = hq // hkv
+        as_rows = lambda x: x.float().reshape(hkv, r, n, -1)  # noqa: E731  [Hq, n, *] -> [Hkv, r, n, *]
+        d_out = torch.zeros_like(out) if d_out is None else d_out
+        d_lse = torch.zeros_like(lse) if d_lse is None else d_lse
+        qr, do = as_rows(q), as_rows(d_out)
+        row_term = (do * as_rows(out)).sum(-1) - d_lse.float().reshape(hkv, r, n)  # [Hkv, r, n]
+        safe_lse = lse.float().masked_fill(torch.isinf(lse), 0.0).reshape(hkv, r, n)
+        dq, dk, dv = torch.zeros_like(qr), torch.zeros(hkv, m, d), torch.zeros(hkv, m, v.shape[-1])
+        for a in range(0, n, GRAD_TILE):
+            b = min(n, a + GRAD_TILE)
+            for t0 in range(0, m, GRAD_TILE):
+                t1 = min(m, t0 + GRAD_TILE)
+                kt, vt = k[:, t0:t1].float(), v[:, t0:t1].float()  # [Hkv, mt, D]
+                s = torch.einsum("hrnd,hmd->hrnm", qr[:, :, a:b], kt) * ctx.scale
+                if ctx.softcap is not None:
+                    capped = torch.tanh(s / ctx.softcap)
+                    s = capped * ctx.softcap
+                allowed = _allowed(mask, ctx.causal, a, b, t0, t1, q.device)  # [rows, mt] or None
+                if allowed is not None:
+                    s = s.masked_fill(~allowed, NEG_INF)
+                p = torch.exp(s - safe_lse[:, :, a:b, None])  # [Hkv, r, rows, mt]; 0 where masked
+                dv[:, t0:t1] += torch.einsum("hrnm,hrnd->hmd", p, do[:, :, a:b])
+                ds = p * (torch.einsum("hrnd,hmd->hrnm", do[:, :, a:b], vt) - row_term[:, :, a:b, None])
+                if ctx.softcap is not None:
+                    ds = ds * (1 - capped * capped)
+                dq[:, :, a:b] += torch.einsum("hrnm,hmd->hrnd", ds, kt) * ctx.scale
+                dk[:, t0:t1] += torch.einsum("hrnm,hrnd->hmd", ds, qr[:, :, a:b]) * ctx.scale
+        return dq.reshape(hq, n, d).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+def _allowed(mask, causal, a, b, t0, t1, device):
+    """Rows ``a..b-1`` x keys ``t0..t1-1`` of the pairs :func:`attend` allows (bool), None for all."""
+    if mask is not None:
+        return mask[a:b, t0:t1]
+    if causal:
+        return torch.arange(t0, t1, device=device)[None, :] <= torch.arange(a, b, device=device)[:, None]
+    return None
+
+
 def merge(parts, out: torch.Tensor | None = None):
     """Merge partial attentions ``[(out [H, n, D], lse [H, n]), ...]`` over disjoint key sets into
     the attention over their union (one softmax), accumulated in float32 (into ``out`` if given,
@@ -131,13 +209,17 @@ def merge(parts, out: torch.Tensor | None = None):
         return (o.float() if out is None else out.copy_(o)), lse
     lse = torch.logsumexp(torch.stack([part_lse for _, part_lse in parts]), dim=0)  # [H, n]
     safe = lse.masked_fill(torch.isinf(lse), 0.0)  # a row no part saw: every weight is exp(-inf) = 0
-    for i, (o, part_lse) in enumerate(parts):
+    in_place = not needs_grad(*(t for part in parts for t in part))  # autograd: the same sums, out of place
+    total = None
+    for o, part_lse in parts:
         weight = torch.exp(part_lse - safe).unsqueeze(-1)  # [H, n, 1] float32
-        if i == 0:
-            out = torch.mul(o, weight) if out is None else torch.mul(o, weight, out=out)
+        if total is None:
+            total = torch.mul(o, weight, out=out) if in_place and out is not None else torch.mul(o, weight)
         else:
-            out.addcmul_(o, weight)
-    return out, lse
+            total = total.addcmul_(o, weight) if in_place else torch.addcmul(total, o, weight)
+    if out is not None and not in_place:
+        out.copy_(total)
+    return total, lse
 
 
 class Span(NamedTuple):
@@ -159,26 +241,20 @@ def _positions(first_position: int, n: int, device=None) -> torch.Tensor:
     return torch.arange(first_position, first_position + n, device=device)
 
 
-def _rotated(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """``x [H, n, D]`` rotated by ``delta [n]`` positions: float32 maths, float64 angles, x's dtype out."""
-    cos, sin = rotation(delta, inv_freq)  # [n, rotary_dim] float32
-    return rotate(x.float(), cos, sin).to(x.dtype)
-
-
-def _keys_to_grouped(k, first_position, shift, settings, group_size, inv_freq):
+def _keys_to_grouped(k, first_position, shift, settings, group_size, rotary):
     """Keys ``k [H, n, D]`` at positions ``first_position ..`` (rotated at ``position + shift``) moved to
     their grouped positions ``p // G``."""
     pos = _positions(first_position, k.shape[1], k.device)
     _, target = grouped_positions(pos, settings.window, group_size, settings.mode)
-    return _rotated(k, target - (pos + shift).to(torch.float64), inv_freq)
+    return rotary.rotate_by(k, target - (pos + shift).to(torch.float64))
 
 
-def _queries_to_grouped(q, first_position, shift, settings, group_size, inv_freq):
+def _queries_to_grouped(q, first_position, shift, settings, group_size, rotary):
     """Queries ``q [H, n, D]`` at positions ``first_position ..`` (rotated at ``position + shift``)
     moved to their grouped positions ``p // G + w - w // G``."""
     pos = _positions(first_position, q.shape[1], q.device)
     target, _ = grouped_positions(pos, settings.window, group_size, settings.mode)
-    return _rotated(q, target - (pos + shift).to(torch.float64), inv_freq)
+    return rotary.rotate_by(q, target - (pos + shift).to(torch.float64))
 
 
 class GroupedKeys:
@@ -206,7 +282,7 @@ class GroupedKeys:
         """Forget rotated keys with index ``>= valid_keys`` (the cache was cropped or rewritten there)."""
         self.count = max(0, min(self.count, valid_keys - self.first))
 
-    def get(self, k: torch.Tensor, last: int, settings: Settings, inv_freq: torch.Tensor,
+    def get(self, k: torch.Tensor, last: int, settings: Settings, rotary: Rotary,
             available: int | None = None) -> torch.Tensor:
         """Keys ``first..last`` (inclusive) of ``k [Hkv, Lk, D]`` at grouped positions: ``[Hkv, last - first + 1, D]``.
 
@@ -217,7 +293,13 @@ class GroupedKeys:
             upto = need if available is None else max(need, min(need + KEYS_AHEAD - 1, available - self.first + 1))
             start = self.first + self.count
             new = _keys_to_grouped(k[:, start : self.first + upto], self.first_position + self.count, self.shift,
-                                   settings, self.group_size, inv_freq)  # [Hkv, upto - count, D]
+                                   settings, self.group_size, rotary)  # [Hkv, upto - count, D]
+            if needs_grad(new) or (self.buffer is not None and self.buffer.requires_grad):
+                # autograd: earlier slices of the buffer may be saved for backward; never write into it
+                self.buffer = new if not self.count else torch.cat((self.buffer[:, : self.count], new), dim=1)
+                self.rotated += upto - self.count
+                self.count = upto
+                return self.buffer[:, :need]
             if self.buffer is None or self.buffer.shape[1] < upto:  # grow by 1/8: at most 12.5% unused
                 capacity = upto + max(KEYS_AHEAD, self.count // 8) if self.count else upto
                 grown = torch.empty(k.shape[0], capacity, k.shape[2], dtype=k.dtype, device=k.device)
@@ -357,7 +439,7 @@ def _merge_two(a, b) -> torch.Tensor:
     return torch.lerp(out_b.float(), out_a.float(), share)
 
 
-def _decode_step(q, k, v, p, key_offset, shift, settings, inv_freq, scale, softcap, key_cache):
+def _decode_step(q, k, v, p, key_offset, shift, settings, rotary, scale, softcap, key_cache):
     """One query ``q [Hq, 1, D]`` at position ``p`` with grouped and neighbor keys both present: two
     kernel calls and one merge (the common decode step). Returns ``[Hq, 1, D]`` float32, or None when
     the general path is needed (a query near the start, or nothing grouped)."""
@@ -368,17 +450,17 @@ def _decode_step(q, k, v, p, key_offset, shift, settings, inv_freq, scale, softc
         return None
     g = settings.group_size_at(p)
     last_grouped = p - w + key_offset  # index of the last key at distance >= w
-    kg = grouped_keys(key_cache, g, first_key, first_pos, shift).get(k, last_grouped, settings, inv_freq,
+    kg = grouped_keys(key_cache, g, first_key, first_pos, shift).get(k, last_grouped, settings, rotary,
                                                                      available=p + key_offset)
     delta = grouped_query_position(p, w, g, settings.mode) - (p + shift)
-    qg = rotate_by(q, delta, inv_freq.to(q.device, torch.float64))
+    qg = rotary.rotate_by(q, delta)
     far = attend(qg, kg, v[:, first_key : last_grouped + 1], scale, None, softcap)
     near = attend(q, k[:, last_grouped + 1 : p + key_offset + 1], v[:, last_grouped + 1 : p + key_offset + 1],
                   scale, None, softcap)
     return _merge_two(far, near)
 
 
-def selfextend_row(q, k, v, first_query_position, key_offset, settings, inv_freq, scale, softcap=None,
+def selfextend_row(q, k, v, first_query_position, key_offset, settings, rotary, scale, softcap=None,
                    key_cache=None, shift=0, out=None):
     """SelfExtend attention for one batch row.
 
@@ -393,7 +475,7 @@ def selfextend_row(q, k, v, first_query_position, key_offset, settings, inv_freq
     if out is None:
         out = torch.empty(q.shape[0], lq, v.shape[-1], dtype=q.dtype, device=q.device)
     if lq == 1 and not settings.log_scale:
-        fast = _decode_step(q, k, v, first_query_position, key_offset, shift, settings, inv_freq, scale, softcap,
+        fast = _decode_step(q, k, v, first_query_position, key_offset, shift, settings, rotary, scale, softcap,
                             key_cache)
         if fast is not None:
             return out.copy_(fast)
@@ -419,8 +501,8 @@ def selfextend_row(q, k, v, first_query_position, key_offset, settings, inv_freq
         far = []  # keys [first_pos, p1 - w] at grouped positions (distance >= w)
         if p1 - w >= first_pos:
             last = p1 - w + key_offset
-            kg = grouped_keys(key_cache, g, first_key, first_pos, shift).get(k, last, settings, inv_freq)
-            qg = _queries_to_grouped(q[:, s:e], p0, shift, settings, g, inv_freq)
+            kg = grouped_keys(key_cache, g, first_key, first_pos, shift).get(k, last, settings, rotary)
+            qg = _queries_to_grouped(q[:, s:e], p0, shift, settings, g, rotary)
             vg = v[:, first_key : last + 1]  # kg/vg index 0 is position first_pos
             far = _pieces(qg, kg, vg, rows, Span(first_pos, p1 - w), [p0 - w - 1], Span(w, math.inf), -first_pos,
                           scale, softcap)

@@ -20,8 +20,11 @@ rebuilt in every call: slower, never wrong.
 
 from __future__ import annotations
 
+import contextvars
 import threading
 import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from transformers.cache_utils import DynamicLayer, StaticLayer
@@ -125,11 +128,10 @@ def decode_stats(cache) -> dict[str, int]:
 
 # -- the G chosen for each sequence (Settings.for_sequence), kept with its KV cache ------------------
 class SequenceGroups:
-    """Per row of one KV cache: the length its G was chosen for (None = not chosen yet), and the length
-    announced for the next sequence written from position 0 (``planned``: a prefill in chunks)."""
+    """Per row of one KV cache: the length its G was chosen for (None = not chosen yet)."""
 
     def __init__(self, owner: str, batch: int):
-        self.owner, self.lengths, self.planned = owner, [None] * batch, None
+        self.owner, self.lengths = owner, [None] * batch
 
 
 _SEQUENCES_ATTR = "_selfextend_sequences"  # kept on the cache object itself, so copies of the cache carry it
@@ -142,19 +144,41 @@ def sequence_groups(cache, owner: str, batch: int) -> SequenceGroups:
     with _LOCK:
         groups = getattr(cache, _SEQUENCES_ATTR, None)
         if groups is None or groups.owner != owner or len(groups.lengths) != batch:
-            planned = groups.planned if groups is not None else None
             groups = SequenceGroups(owner, batch)
-            groups.planned = planned
             setattr(cache, _SEQUENCES_ATTR, groups)
         return groups
 
 
-def plan_sequence(cache, length: int | None) -> None:
-    """Announce that the next sequence written into ``cache`` from position 0 will have ``length``
-    tokens although it arrives in chunks (None: forget it): its G is chosen for the whole of it."""
-    with _LOCK:
-        groups = getattr(cache, _SEQUENCES_ATTR, None)
-        if groups is None:
-            groups = SequenceGroups("", 0)
-            setattr(cache, _SEQUENCES_ATTR, groups)
-        groups.planned = length
+# -- the length a sequence will have, announced before it arrives in pieces ---------------------------
+_PROMPT_LENGTHS: contextvars.ContextVar[tuple[int, ...] | None] = contextvars.ContextVar(
+    "selfextend_prompt_lengths", default=None)
+
+
+@contextmanager
+def prompt_length(lengths: int | Sequence[int]) -> Iterator[None]:
+    """Within the block, a sequence that starts (a forward call that holds its first token) has its G
+    chosen for ``lengths`` tokens -- one number, or one per batch row -- instead of for the tokens of
+    that first call: a prompt fed in chunks, or a generation without a KV cache (each pass holds the
+    whole sequence, and G must stay the one chosen for the prompt). ``model.generate`` of an enabled
+    model does this itself; the library's own chunked prefill too. Per thread and asyncio task."""
+    values = (lengths,) if isinstance(lengths, int) else tuple(int(n) for n in lengths)
+    if not values or any(isinstance(n, bool) or n < 1 for n in values):
+        raise ValueError(f"prompt lengths must be positive integers, got {lengths!r}")
+    token = _PROMPT_LENGTHS.set(values)
+    try:
+        yield
+    finally:
+        _PROMPT_LENGTHS.reset(token)
+
+
+def announced_length(row: int, batch: int) -> int | None:
+    """The length announced by :func:`prompt_length` for batch ``row`` of ``batch`` rows (rows repeated
+    in equal runs, as beam search and ``num_return_sequences`` repeat them, share their prompt's)."""
+    values = _PROMPT_LENGTHS.get()
+    if values is None:
+        return None
+    if len(values) == 1:
+        return values[0]
+    if batch % len(values):
+        raise ValueError(f"{len(values)} prompt lengths were announced for a batch of {batch} rows")
+    return values[row // (batch // len(values))]

@@ -202,19 +202,15 @@ def prefill(model, input_ids: torch.Tensor, cache: DynamicCache, chunk_size: int
     """Run the prompt ``input_ids`` ``[1, n]`` into ``cache`` in one pass, or in passes of
     ``chunk_size`` tokens, with a per-layer progress bar when ``progress``; return the logits
     ``[vocab]`` of its last token. In chunks, SelfExtend is told the prompt's length first, so it
-    chooses G for the whole prompt, as one pass would (``cache_state.plan_sequence``)."""
-    from .cache_state import plan_sequence
+    chooses G for the whole prompt, as one pass would (``cache_state.prompt_length``)."""
+    from .cache_state import prompt_length
 
     n = input_ids.shape[1]
     chunk = chunk_size or n
     starts = range(0, n, chunk)
-    plan_sequence(cache, n)
-    try:
-        with layer_progress(model, len(starts), desc, progress):
-            for start in starts:
-                logits = _forward(model, input_ids[:, start : start + chunk], cache)
-    finally:
-        plan_sequence(cache, None)
+    with prompt_length(n), layer_progress(model, len(starts), desc, progress):
+        for start in starts:
+            logits = _forward(model, input_ids[:, start : start + chunk], cache)
     return logits
 
 

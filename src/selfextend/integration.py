@@ -39,10 +39,11 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import output_capturing
 
 from . import cache_state
-from .attention import selfextend_row, sliding_window_row
-from .rope import inv_freq_for_layer
+from .attention import needs_grad, selfextend_row, sliding_window_row
+from .rope import Rotary, RotaryError, layer_rotary
 from .settings import ContextLengthError, Settings
 
 ATTENTION_NAME = "selfextend"  # must not contain "sdpa" or "flash": transformers keys behaviour off them
@@ -59,6 +60,10 @@ SUPPORTED_MODEL_TYPES = {
     "gemma3_text": "Gemma 3 text (local/global layers with their own rope theta)",
     "gpt_neox": "GPT-NeoX / Pythia (partial rotary)",
     "phi": "Phi-1/2 (partial rotary)",
+    "cohere": "Command-R (interleaved rotary pairs)",
+    "cohere2": "Command-R7B / Command A (interleaved rotary pairs; local layers unchanged)",
+    "glm": "GLM (interleaved, partial rotary)",
+    "glm4": "GLM-4 (interleaved, partial rotary)",
 }
 
 
@@ -87,7 +92,7 @@ class LayerSetup:
     """``module._selfextend`` on each attention module of an enabled model."""
 
     model: ModelSetup
-    inv_freq: torch.Tensor  # [rotary_dim // 2] float64: the rotary frequencies this layer uses
+    rotary: Rotary  # how this layer rotates (frequencies in float64 on its device, pair layout)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -186,6 +191,7 @@ def row_layouts(padding, position_ids, q_offset: int, batch: int, lq: int) -> li
     return layouts
 
 
+@torch.compiler.disable  # under torch.compile too: it returns a Python object, not a tensor
 def selfextend_mask(**kwargs) -> DeferredMask:
     return DeferredMask(kwargs)
 
@@ -206,9 +212,13 @@ def _call_cache(module):
     return _CALL.cache()
 
 
+@torch.compiler.disable
 def selfextend_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers attention function. query ``[B, Hq, Lq, D]``, key/value ``[B, Hkv, Lk, D]``
-    (rotated at ordinary positions, cache included). Returns ``([B, Lq, Hq, D], None)``."""
+    (rotated at ordinary positions, cache included). Returns ``([B, Lq, Hq, D], None)``.
+
+    ``torch.compile`` of an enabled model compiles around this function (a graph break): it decides
+    per call, in Python, which keys are grouped, so it runs as it is, between compiled regions."""
     setup: LayerSetup | None = getattr(module, "_selfextend", None)
     if setup is None:
         raise RuntimeError(
@@ -241,6 +251,10 @@ def selfextend_attention(module, query, key, value, attention_mask, dropout=0.0,
     else:
         if dropout and module.training:
             raise NotImplementedError("SelfExtend is an inference method: call model.eval() (attention dropout is on)")
+        if _attentions_requested():
+            _warn_once(setup.model, "attentions", "output_attentions=True: SelfExtend never builds the attention "
+                       "weights of inputs it groups (longer than its window), so layers that group return none; "
+                       "inputs that fit return them as the model's own attention does")
         if not sliding:
             limit_error = _limit_error(settings, max(row.last_position for row in layouts) + 1)
             if limit_error:
@@ -255,7 +269,7 @@ def selfextend_attention(module, query, key, value, attention_mask, dropout=0.0,
 
 def _sequence_settings(module, setup, layouts, lq) -> list[Settings]:
     """The settings of each batch row's sequence (``Settings.for_sequence``): a call that holds a row from
-    its position 0 chooses the row's G from its length (or the length ``cache_state.plan_sequence``
+    its position 0 chooses the row's G from its length (or the length ``cache_state.prompt_length``
     announced) and keeps that length with the KV cache; later calls on the cache read it back."""
     settings = setup.model.settings
     if not settings.chooses_per_sequence:
@@ -265,7 +279,7 @@ def _sequence_settings(module, setup, layouts, lq) -> list[Settings]:
     out = []
     for b, row in enumerate(layouts):
         if row.last_position - (lq - 1) <= 0:  # the whole sequence so far is in this call
-            length = max(row.length, (kept.planned or 0) if kept is not None else 0)
+            length = cache_state.announced_length(b, len(layouts)) or row.length
             if kept is not None:
                 kept.lengths[b] = length
         else:
@@ -289,8 +303,9 @@ def _rows(module, setup, query, key, value, layouts, per_row, kv_offset, scaling
             sliding_window_row(query[b], key[b], value[b], first_query_position, key_offset, window, scale, softcap,
                                out=target)
             continue
-        key_cache = state.key_cache(module.layer_idx, b) if state is not None and lq <= DECODE_ROWS else {}
-        selfextend_row(query[b], key[b], value[b], first_query_position, key_offset, per_row[b], setup.inv_freq, scale,
+        keep = state is not None and lq <= DECODE_ROWS and not needs_grad(query, key, value)  # autograd: fresh keys
+        key_cache = state.key_cache(module.layer_idx, b) if keep else {}
+        selfextend_row(query[b], key[b], value[b], first_query_position, key_offset, per_row[b], setup.rotary, scale,
                        softcap=softcap, key_cache=key_cache, shift=row.shift, out=target)
     return out, None
 
@@ -304,6 +319,12 @@ def _decode_state(module, setup, mask, q_offset, batch, lq):
     if state is not None:
         state.begin_call(mask, cache, setup.model.records_keys_layer, q_offset, batch)
     return state
+
+
+def _attentions_requested() -> bool:
+    """Whether the running forward call collects attention weights (``output_attentions=True``)."""
+    collector = output_capturing._active_collector.get()
+    return isinstance(collector, dict) and "attentions" in collector
 
 
 def _limit_error(settings: Settings, length: int) -> str | None:
@@ -432,9 +453,8 @@ def _unsupported(model, reason: str) -> UnsupportedModelError:
     model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
     families = ", ".join(SUPPORTED_MODEL_TYPES)
     return UnsupportedModelError(
-        f"SelfExtend needs a transformers model with rotary position embeddings (RoPE); "
-        f"{model_type!r} {reason}. Tested families (model_type): {families}"
-    )
+        f"SelfExtend cannot run on model_type {model_type!r}: {reason}. It needs a transformers model with rotary "
+        f"position embeddings (RoPE); tested families (model_type): {families}")
 
 
 def enable(model: nn.Module, group_size: int | None = None, window: int | None = None,
@@ -467,21 +487,23 @@ def enable(model: nn.Module, group_size: int | None = None, window: int | None =
     """
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "set_attn_implementation"):
-        raise _unsupported(model, "is not a transformers PreTrainedModel")
+        raise _unsupported(model, "it is not a transformers PreTrainedModel")
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     settings = Settings.from_config(text_config, group_size, window, pretrained_length, mode, log_scale, block_size,
                                     rule)
     modules = _attention_modules(model)
     if not modules:
-        raise _unsupported(model, "has no attention layers that transformers' attention interface drives")
+        raise _unsupported(model, "it has no attention layers that transformers' attention interface drives")
     layer_types = getattr(text_config, "layer_types", None)
-    freqs, global_layers = {}, []
+    freqs, global_layers, rotaries = {}, [], {}
     for m in modules:
         layer_type = layer_types[m.layer_idx] if layer_types and m.layer_idx < len(layer_types) else None
-        inv_freq = inv_freq_for_layer(model, text_config, layer_type)
-        if inv_freq is None:
-            raise _unsupported(model, "has no rotary position embedding")
-        freqs[m] = inv_freq
+        if layer_type not in rotaries:
+            try:
+                rotaries[layer_type] = layer_rotary(model, m, text_config, layer_type)
+            except RotaryError as err:
+                raise _unsupported(model, str(err)) from None
+        freqs[m] = rotaries[layer_type]
         if layer_type != "sliding_attention":
             global_layers.append(m.layer_idx)
     model_type = getattr(text_config, "model_type", None)
@@ -496,14 +518,48 @@ def enable(model: nn.Module, group_size: int | None = None, window: int | None =
         model.set_attn_implementation(ATTENTION_NAME)
     except Exception as err:  # the model class does not accept custom attention functions
         model.set_attn_implementation(original_impl)
-        raise _unsupported(model, f"cannot use a custom attention implementation ({err})") from err
+        raise _unsupported(model, f"it cannot use a custom attention implementation ({err})") from err
 
     setup = ModelSetup(settings, original_impl, owner=uuid.uuid4().hex, records_keys_layer=max(global_layers, default=-1))
     model._selfextend = setup
+    if settings.chooses_per_sequence and callable(getattr(type(model), "generate", None)):
+        model.generate = _GenerateForWholePrompts(model)
     for m in modules:
-        m._selfextend = LayerSetup(setup, freqs[m].to(_device_of(m), torch.float64))
+        m._selfextend = LayerSetup(setup, freqs[m].to(_device_of(m)))
         m.register_forward_pre_hook(_hand_over_cache, with_kwargs=True)
     return SelfExtendHandle(model)
+
+
+class _GenerateForWholePrompts:
+    """``model.generate`` of an enabled model (an attribute of the model object, removed by ``disable``):
+    the class's own generate, with each prompt's length announced (``cache_state.prompt_length``), so
+    the G chosen per sequence is chosen for the whole prompt even when generate feeds it in chunks
+    (``prefill_chunk_size``), and stays the prompt's for a generation without a KV cache
+    (``use_cache=False``), as with one. Holds the model itself, so copies of the model (deepcopy,
+    pickle) get a generate of their own."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.__doc__ = type(model).generate.__doc__
+
+    def __call__(self, *args, **kwargs):
+        lengths = _prompt_lengths(args, kwargs)
+        if lengths is None:
+            return type(self.model).generate(self.model, *args, **kwargs)
+        with cache_state.prompt_length(lengths):
+            return type(self.model).generate(self.model, *args, **kwargs)
+
+
+def _prompt_lengths(args, kwargs) -> list[int] | None:
+    """Tokens of each prompt given to ``generate``: its 2D attention mask summed per row (left padding
+    does not count), else the width of ``input_ids`` / ``inputs_embeds``; None when there is no prompt."""
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        return [max(1, int(n)) for n in mask.sum(dim=1).tolist()]
+    prompt = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids", kwargs.get("inputs_embeds")))
+    if isinstance(prompt, torch.Tensor) and prompt.dim() >= 2 and prompt.shape[1] > 0:
+        return [int(prompt.shape[1])]
+    return None
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -522,6 +578,8 @@ def disable(model: nn.Module) -> None:
             if hook is _hand_over_cache:
                 del m._forward_pre_hooks[hook_id]
                 m._forward_pre_hooks_with_kwargs.pop(hook_id, None)
+    if isinstance(model.__dict__.get("generate"), _GenerateForWholePrompts):
+        del model.generate
     model.set_attn_implementation(setup.original_impl)
     del model._selfextend
 

@@ -25,16 +25,19 @@ from .settings import Settings
 ATTENTION_NAME = "selfextend_naive"
 
 
-def _rotate_by(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """x [..., L, D] rotated by delta [L] positions (float64), HF rotate_half layout on the first
-    2 * len(inv_freq) dims (the rest, partial rotary, passes through)."""
+def _rotate_by(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """x [..., L, D] rotated by delta [L] positions (float64) on the first 2 * len(inv_freq) dims (the
+    rest, partial rotary, passes through): pairs (i, i + rd/2) as HF's rotate_half, or (2i, 2i + 1)
+    when ``interleaved`` (Cohere, GLM)."""
     rd = 2 * inv_freq.numel()
     ang = delta.double()[..., :, None] * inv_freq.double()[None, :]  # [L, rd/2]
-    cos = torch.cat((ang.cos(), ang.cos()), -1)  # [L, rd]
-    sin = torch.cat((ang.sin(), ang.sin()), -1)
     xr, xp = x[..., :rd], x[..., rd:]
-    x1, x2 = xr[..., : rd // 2], xr[..., rd // 2:]
-    rot = torch.cat((-x2, x1), -1)
+    if interleaved:
+        cos, sin = ang.cos().repeat_interleave(2, -1), ang.sin().repeat_interleave(2, -1)  # [L, rd]
+        rot = torch.stack((-xr[..., 1::2], xr[..., 0::2]), -1).flatten(-2)
+    else:
+        cos, sin = torch.cat((ang.cos(), ang.cos()), -1), torch.cat((ang.sin(), ang.sin()), -1)  # [L, rd]
+        rot = torch.cat((-xr[..., rd // 2:], xr[..., : rd // 2]), -1)
     return torch.cat((xr * cos + rot * sin, xp), -1)
 
 
@@ -49,10 +52,11 @@ def grouped(p: torch.Tensor, window: int, group: float, mode: str) -> tuple[torc
 
 
 def naive_attention(q, k, v, q_pos, k_pos, inv_freq, window, group_sizes, mode, scale, softcap=None,
-                    key_valid=None, log_scale_length=None, dtype=torch.float64):
+                    key_valid=None, log_scale_length=None, dtype=torch.float64, interleaved=False):
     """q [Hq, Lq, D] at positions q_pos [Lq]; k, v [Hkv, Lk, D] at k_pos [Lk]; group_sizes [Lq] (per
-    query, float; 1 = nothing grouped); key_valid [Lk] bool (False = padding). Returns [Hq, Lq, D] in
-    ``dtype`` (rotations are computed in float64, the matrix products in ``dtype``)."""
+    query, float; 1 = nothing grouped); key_valid [Lk] bool (False = padding); ``interleaved``: the
+    model rotates pairs (2i, 2i + 1). Returns [Hq, Lq, D] in ``dtype`` (rotations are computed in
+    float64, the matrix products in ``dtype``)."""
     hq, hkv = q.shape[0], k.shape[0]
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     k = k.repeat_interleave(hq // hkv, 0)  # [Hq, Lk, D]
@@ -68,8 +72,8 @@ def naive_attention(q, k, v, q_pos, k_pos, inv_freq, window, group_sizes, mode, 
         rows = group_sizes == g  # [Lq] queries that use this G
         qg_pos, _ = grouped(q_pos, window, g, mode)
         _, kg_pos = grouped(k_pos, window, g, mode)
-        qg = _rotate_by(q.double(), qg_pos - q_pos.double(), inv_freq).to(dtype)
-        kg = _rotate_by(k.double(), kg_pos - k_pos.double(), inv_freq).to(dtype)
+        qg = _rotate_by(q.double(), qg_pos - q_pos.double(), inv_freq, interleaved).to(dtype)
+        kg = _rotate_by(k.double(), kg_pos - k_pos.double(), inv_freq, interleaved).to(dtype)
         sg = torch.matmul(qg, kg.transpose(-1, -2)) * scale  # [Hq, Lq, Lk] grouped scores
         use = rows[:, None] & (d >= window)
         scores = torch.where(use[None], sg, scores)
