@@ -10,7 +10,7 @@ import pytest
 import selfextend
 from selfextend import prompts
 from selfextend.cli import main
-from selfextend.commands.calibrate import effective_length, recommend
+from selfextend.commands.calibrate import check_target, effective_length, recommend
 from selfextend.positions import DEFAULT_RULE, choose_settings
 from tiny_fixtures import error_lines, essay_cache, essays, loaded, tiny  # noqa: F401  (fixtures)
 
@@ -93,3 +93,50 @@ def test_calibrate_refuses_bad_input_before_any_work(tiny, tmp_path, capsys, ess
     err = error_lines(capsys.readouterr().err)
     assert len(err) == 1 and message in err[0], err
     assert not out.exists()
+
+
+def test_a_target_out_of_reach_is_refused_with_the_limit_before_any_work(tiny, tmp_path, capsys, essays,
+                                                                        monkeypatch):
+    """It used to run every trial and then answer `selfextend.enable(model)` for 99999999999 tokens."""
+    import selfextend.assets
+
+    monkeypatch.setattr(selfextend.assets, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    out = tmp_path / "calibration"
+    assert main(["calibrate", "--model", str(tiny), "--out", str(out), "--target-length", "99999999999"]) == 2
+    err = error_lines(capsys.readouterr().err)
+    furthest = (64 - 8) * 64 + 8  # L = 64, w = L // 8, the largest G the rules choose (64)
+    assert len(err) == 1 and "out of reach" in err[0] and f"at most {furthest} tokens" in err[0], err
+    assert not out.exists()
+    check_target(furthest, 64)  # the limit itself is within reach
+    with pytest.raises(ValueError, match="out of reach"):
+        check_target(furthest + 1, 64)
+
+
+@pytest.mark.parametrize("effective, target", [
+    (4096, 300_000),   # f = 0.5 at the largest G covers 197632 tokens
+    (None, 400_000),   # the default (cover) reaches 395264 tokens
+    (128, 8000),       # a tiny E: w = 64, (128 - 64) * 64 + 64 = 4160 < 8000 <= L
+])
+def test_a_recommendation_never_claims_more_than_it_reaches(effective, target):
+    advice = recommend(effective, 8192, target)
+    assert advice.settings, advice  # never `enable(model)` for a target the default cannot reach
+    g, w = advice.settings["group_size"], advice.settings["window"]
+    reach = min(effective or 8192, 8192)
+    if (reach - w) * g + w >= target:  # grouped distances stay below E over the whole target
+        assert "the smallest with" in advice.reason
+    else:
+        assert g == 64 and f"short of the target {target}" in advice.reason
+        assert f"only up to {(reach - w) * g + w} tokens" in advice.reason
+
+
+def test_calibrate_refuses_a_folder_another_run_is_using(tiny, tmp_path, capsys, essays):
+    import os
+
+    from selfextend.evaluation.experiments import FolderLock
+
+    out = tmp_path / "calibration"
+    with FolderLock(out):  # as a run in another process would hold it (flock: another open file)
+        assert main([*CALIBRATE, "--model", str(tiny), "--out", str(out)]) == 2
+    err = error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and f"in use by another run (pid {os.getpid()}" in err[0], err
+    assert not (out / "results.jsonl").exists()

@@ -86,3 +86,30 @@ def test_passkey_refuses_bad_settings_before_running_the_plain_model(tiny, capsy
     captured = capsys.readouterr()
     assert "plain" not in captured.out and "prompt 300 tokens" not in captured.out
     assert error_lines(captured.err) == [error_lines(captured.err)[-1]] and "window must be" in captured.err
+
+
+def test_generate_with_a_temperature_too_small_to_divide_by_is_greedy(tiny, monkeypatch, capsys):
+    """--temperature 1e-40 or 1e-300 used to end in a traceback (nan probabilities)."""
+    answers = []
+    for temperature in ("0", "1e-40", "1e-300"):
+        monkeypatch.setattr(sys, "stdin", io.StringIO("The grass is green. The sky is blue."))
+        assert main(["generate", "--model", str(tiny), "-p", "What color?", "--max-new-tokens", "6",
+                     "--temperature", temperature]) == 0
+        answers.append(capsys.readouterr().out)
+    assert answers[0].strip() and answers == [answers[0]] * 3
+
+
+@pytest.mark.parametrize("prompt", ["", "  \n"])
+def test_generate_refuses_an_empty_prompt_before_reading_or_loading_anything(tiny, monkeypatch, capsys, prompt):
+    """`generate -p ""` used to load the weights and then end in a traceback ("the prompt is empty")."""
+    import selfextend.assets
+
+    class Unread:
+        def read(self):
+            pytest.fail("stdin was read")
+
+    monkeypatch.setattr(sys, "stdin", Unread())
+    monkeypatch.setattr(selfextend.assets, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    assert main(["generate", "--model", str(tiny), "-p", prompt, "--no-chat"]) == 2
+    err = error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and err[0].startswith("selfextend generate: error: --prompt is empty"), err

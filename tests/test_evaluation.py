@@ -305,3 +305,58 @@ def test_eval_records_a_resumed_command_once(tiny, tmp_path, essays):
                         f"selfextend eval perplexity --methods plain --lengths 64 --model {tiny} --out {out}"]
     report = (out / "report.md").read_text()
     assert all(command in report for command in commands)
+
+
+# ------------------------------------------------------------------------------------------------
+# one run per results folder
+# ------------------------------------------------------------------------------------------------
+
+EVAL_ONE = ["eval", "passkey", "--methods", "plain", "--lengths", "300", "--depths", "0.5", "--keys", "1"]
+HOLD_LOCK = """
+import sys, time
+from selfextend.evaluation.experiments import FolderLock
+with FolderLock(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(300)
+"""
+
+
+def test_a_second_eval_on_a_folder_in_use_is_refused_naming_the_other_pid(tiny, tmp_path, capsys, monkeypatch):
+    """Two runs on one folder used to both run every remaining trial (each appending its own records)."""
+    import subprocess
+    import sys
+
+    import selfextend.assets
+
+    out = tmp_path / "eval"
+    argv = [*EVAL_ONE, "--model", str(tiny), "--out", str(out)]
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with monkeypatch.context() as m:
+            m.setattr(selfextend.assets, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+            assert main(argv) == 2
+        err = error_lines(capsys.readouterr().err)
+        assert len(err) == 1 and f"in use by another run (pid {holder.pid}" in err[0] and "--out" in err[0], err
+        assert sorted(p.name for p in out.iterdir()) == [".selfextend.lock"]  # nothing ran, nothing written
+    finally:
+        holder.kill()  # dies without releasing anything: the kernel drops its lock, the file stays
+        holder.wait()
+    assert (out / ".selfextend.lock").read_text().strip() == str(holder.pid)  # a stale lock file ...
+    assert main(argv) == 0  # ... does not block the next run
+    assert len((out / "results.jsonl").read_text().splitlines()) == 1
+    assert not (out / ".selfextend.lock").exists()  # removed on release
+
+
+def test_folder_lock_is_exclusive_until_released(tmp_path):
+    import os
+
+    from selfextend.evaluation.experiments import FolderBusy, FolderLock
+
+    folder = tmp_path / "a" / "b"
+    with FolderLock(folder) as lock:
+        assert lock.path.read_text() == f"{os.getpid()}\n"
+        with pytest.raises(FolderBusy, match=f"pid {os.getpid()}"):  # another open file: flock refuses it
+            FolderLock(folder).acquire()
+    with FolderLock(folder):  # released: free again
+        pass

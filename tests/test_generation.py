@@ -105,6 +105,20 @@ def test_temperature_zero_is_argmax():
     assert make_sampler(0.0)(logits) == 1
 
 
+@pytest.mark.parametrize("temperature", [1e-40, 1e-300, 5e-324, 1e-38, 2e-38, 1e-30])
+@pytest.mark.parametrize("top_p", [1.0, 0.5])
+def test_temperatures_too_small_to_divide_by_are_greedy(temperature, top_p):
+    """1e-40 or 1e-300 used to give inf / inf = nan probabilities (multinomial raised); just above
+    float32's smallest normal number (2e-38) logits of 30 still overflowed when divided."""
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        logits = 30 * torch.randn(1000, generator=generator)  # [vocab]
+        sample = make_sampler(temperature, top_p=top_p, seed=1)
+        assert [sample(logits) for _ in range(5)] == [int(logits.argmax())] * 5
+    bfloat16 = torch.tensor([3.0, 2.0, 1e4, -1e4], dtype=torch.bfloat16)  # any dtype of logits
+    assert make_sampler(temperature, top_p=top_p, seed=1)(bfloat16) == 2
+
+
 @pytest.mark.parametrize("seed", [0, 2**64 - 1, -(2**63)])
 def test_a_seed_makes_sampling_reproducible(seed):
     logits = torch.zeros(50)

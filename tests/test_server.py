@@ -27,6 +27,7 @@ def test_health_and_models_report_context_lengths(client, http):
     assert (card.trained_context_length, card.extended_context_length) == (TINY_LENGTH, LIMIT)
     assert (card.window, card.group_size) == (WINDOW, GROUP_SIZE)
     assert client.models.retrieve(NAME).extended_context_length == LIMIT
+    assert card.max_output_tokens == LIMIT  # as the fixture set it
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-4")
 
@@ -113,6 +114,19 @@ def test_seed_makes_sampling_reproducible(client):
     assert len(set(texts)) > 1  # the seed matters
     streamed, _, _ = stream_text(client.completions.create(**args, seed=7, stream=True))
     assert streamed == texts[0]
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-300, 5e-324])
+def test_temperatures_too_small_to_divide_by_are_greedy(http, reference, temperature):
+    """They used to be answered 500 ("probability tensor contains either inf, nan or element < 0")."""
+    ids = prompt_ids(reference, LONG_PROMPT)
+    r = http.post("/v1/completions", json=completion_body(ids, temperature=temperature, seed=1))
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == greedy(reference, ids, 8)[0]
+    r = http.post("/v1/chat/completions", json={"model": NAME, "messages": CHAT, "max_tokens": 8,
+                                                 "temperature": temperature, "top_p": 0.5})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == greedy(reference, chat_ids(reference, CHAT), 8)[0]
 
 
 def test_generation_stops_at_the_extended_limit(http, reference):

@@ -46,6 +46,9 @@ def test_bad_port_exits_2(checkpoint, no_loading, capsys, port):
     (["-G", "2", "--max-input-tokens", str(LIMIT_G2 + 1)],
      f"--max-input-tokens {LIMIT_G2 + 1} is above SelfExtend's extended limit of {LIMIT_G2}"),
     (["--mode", "rerope", "-G", "2"], "mode='rerope' uses an infinite group size"),
+    (["-G", "2", "--max-output-tokens", str(LIMIT_G2 + 1)],
+     f"--max-output-tokens {LIMIT_G2 + 1} is above SelfExtend's extended limit of {LIMIT_G2}"),
+    (["--max-output-tokens", "0"], "argument --max-output-tokens: expected a positive integer"),
 ])
 def test_bad_settings_exit_2_with_one_line_before_loading(checkpoint, no_loading, capsys, options, message):
     assert cli.main(["serve", "--model", str(checkpoint), *options]) == 2
@@ -67,3 +70,12 @@ def test_serve_takes_the_shared_model_and_selfextend_options(checkpoint, served)
 def test_default_max_input_tokens_from_the_command(checkpoint, served):
     assert cli.main(["serve", "--model", str(checkpoint), "--group-size", "2"]) == 0
     assert served[0][0].state.service.max_input_tokens == LIMIT_G2  # 4 x 64 = 256 is above the extended limit
+
+
+def test_max_output_tokens_from_the_command_is_in_the_startup_line(checkpoint, served, capsys):
+    assert cli.main(["serve", "--model", str(checkpoint)]) == 0
+    assert served[0][0].state.service.max_output_tokens == 64 // 4  # default: a quarter of the trained length
+    assert "prompts up to 256 tokens, answers up to 16 tokens" in capsys.readouterr().err
+    assert cli.main(["serve", "--model", str(checkpoint), "--max-output-tokens", "40"]) == 0
+    assert served[1][0].state.service.max_output_tokens == 40
+    assert "answers up to 40 tokens" in capsys.readouterr().err

@@ -10,10 +10,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 import selfextend
-from selfextend.serve.app import create_app, default_max_input_tokens
+from selfextend.serve.app import create_app, default_max_input_tokens, default_max_output_tokens
 from test_server_support import (  # noqa: F401  (fixtures)
-    LIMIT, NAME, SENTENCES, TINY_LENGTH, check_error, checkpoint, completion_body, load_extended, one_torch_thread,
-    reference, url)
+    LIMIT, NAME, SENTENCES, TINY_LENGTH, chat_ids, check_error, checkpoint, completion_body, greedy, load_extended,
+    one_torch_thread, reference, url)
 
 MAX_INPUT = 80  # tokens, below the extended limit of 112
 
@@ -114,3 +114,70 @@ def test_health_answers_while_a_big_body_is_being_uploaded(url):
         upload.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                        b"Content-Length: 1000000\r\n\r\n" + b'{"model": "tiny", "prompt": "' + b"a" * 500_000)
         assert httpx.get(f"{url}/health", timeout=30).json()["status"] == "ok"  # half the body is still to come
+
+
+# ------------------------------------------------------------------------------------------------
+# new tokens: max_output_tokens, and what an omitted or null max_tokens means
+# ------------------------------------------------------------------------------------------------
+
+MAX_OUTPUT = 20  # new tokens per request, below what fits after a short prompt (the limit is 112)
+SHORT = "Dolores Park on a sunny day"
+SHORT_CHAT = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.mark.parametrize("trained, expected", [(8192, 2048), (32768, 8192), (64, 16)])
+def test_default_max_output_tokens_is_a_quarter_of_the_trained_length(trained, expected):
+    settings = selfextend.Settings(pretrained_length=trained, window=trained // 4)
+    assert default_max_output_tokens(settings) == expected
+
+
+def test_max_output_tokens_above_the_extended_limit_is_refused(checkpoint):
+    model, tokenizer, handle = load_extended(checkpoint)
+    with pytest.raises(ValueError, match=f"above SelfExtend's extended limit of {LIMIT} tokens"):
+        create_app(model, tokenizer, NAME, handle, max_output_tokens=LIMIT + 1)
+
+
+@pytest.fixture(scope="module")
+def capped(checkpoint):
+    """A server that generates at most MAX_OUTPUT tokens per request: TestClient on the app."""
+    model, tokenizer, handle = load_extended(checkpoint)
+    with TestClient(create_app(model, tokenizer, NAME, handle, max_output_tokens=MAX_OUTPUT)) as client:
+        yield client
+
+
+def answer(r) -> tuple[str, int]:
+    """(text, completion_tokens) of a 200 answer from either endpoint."""
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    return choice.get("text", choice.get("message", {}).get("content")), r.json()["usage"]["completion_tokens"]
+
+
+def test_null_max_tokens_in_completions_is_the_documented_default_of_16(capped, reference):
+    """`"max_tokens": null` used to generate up to the extended limit (93 tokens here)."""
+    ids = reference[1](SHORT).input_ids
+    text, finish, n = greedy(reference, ids, 16)
+    assert (finish, n) == ("length", 16)  # the model would go on: only the default stops it
+    omitted = {k: v for k, v in completion_body(SHORT).items() if k != "max_tokens"}
+    for body in (omitted, completion_body(SHORT, max_tokens=None)):
+        assert answer(capped.post("/v1/completions", json=body)) == (text, 16)
+
+
+def test_chat_without_max_tokens_stops_at_max_output_tokens(capped, reference):
+    """Chat's default used to be "until the extended limit"; now it is the server's max_output_tokens."""
+    ids = chat_ids(reference, SHORT_CHAT)
+    text, finish, n = greedy(reference, ids, MAX_OUTPUT)
+    assert (finish, n) == ("length", MAX_OUTPUT) and len(ids) + 2 * MAX_OUTPUT < LIMIT  # room for more
+    base = {"model": NAME, "messages": SHORT_CHAT, "temperature": 0}
+    for extra in ({}, {"max_tokens": None}, {"max_completion_tokens": None}, {"max_tokens": MAX_OUTPUT}):
+        assert answer(capped.post("/v1/chat/completions", json={**base, **extra})) == (text, MAX_OUTPUT)
+
+
+@pytest.mark.parametrize("path, field", [("/v1/completions", "max_tokens"), ("/v1/chat/completions", "max_tokens"),
+                                         ("/v1/chat/completions", "max_completion_tokens")])
+def test_asking_for_more_than_max_output_tokens_is_a_400(capped, path, field):
+    body = completion_body(SHORT) if path == "/v1/completions" else {"model": NAME, "messages": SHORT_CHAT}
+    r = capped.post(path, json={**body, field: MAX_OUTPUT + 1})
+    message = check_error(r, 400, field)
+    assert f"{field} is {MAX_OUTPUT + 1}" in message and f"at most {MAX_OUTPUT} tokens" in message
+    assert r.json()["error"]["code"] == "invalid_value"
+    assert capped.get("/v1/models").json()["data"][0]["max_output_tokens"] == MAX_OUTPUT

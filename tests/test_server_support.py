@@ -93,7 +93,7 @@ def serving(app) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def url(checkpoint) -> Iterator[str]:
     model, tokenizer, handle = load_extended(checkpoint)
-    with serving(create_app(model, tokenizer, NAME, handle, max_queue=16)) as base:
+    with serving(create_app(model, tokenizer, NAME, handle, max_queue=16, max_output_tokens=LIMIT)) as base:
         yield base
 
 
@@ -143,7 +143,7 @@ class Gate:
 def gated_server(checkpoint):
     model, tokenizer, handle = load_extended(checkpoint)
     gate = Gate(model)
-    app = create_app(model, tokenizer, NAME, handle, max_queue=1)
+    app = create_app(model, tokenizer, NAME, handle, max_queue=1, max_output_tokens=LIMIT)
     with serving(app) as base:
         yield base, app, gate
 

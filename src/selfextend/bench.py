@@ -29,7 +29,8 @@ import threading
 import time
 from pathlib import Path
 
-from .commands.common import add_model_argument, add_selfextend_arguments, bad_input, positive_int, positive_ints
+from .commands.common import (add_model_argument, add_selfextend_arguments, bad_input, check_output_folder, positive_int,
+                              positive_ints)
 from .evaluation import render
 from .evaluation.methods import Method, parse_method
 
@@ -197,6 +198,7 @@ def run(args) -> int:
         print("CELL " + json.dumps(row), flush=True)
         return 0
     methods, heads = _check(args, selfextend)
+    check_output_folder(args.out)  # the results are written after the last cell
     rows = []
     for n in tqdm(args.lengths, desc="bench", unit="length"):
         # each method once per round, rounds interleaved, so a burst of other load hits all methods

@@ -48,17 +48,29 @@ def command_parser(name: str) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run one subcommand. Bad input (a CommandError or AssetError) is one line on stderr and status 2."""
-    from .assets import AssetError
-    from .commands.common import CommandError
+INTERRUPTED = 130  # the shell's status for a command stopped by Ctrl-C (128 + SIGINT)
 
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. Bad input (a CommandError or AssetError) is one line on stderr and status 2;
+    Ctrl-C, whenever it comes, is one line and status 130."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         build_parser().print_help()
         return 0
     name, rest = argv[0], argv[1:]
     prog = f"selfextend {name}" if name in SUBCOMMANDS else "selfextend"
+    try:
+        return _run(name, rest, prog)
+    except KeyboardInterrupt:  # the command's own `finally` blocks and context managers have run
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return INTERRUPTED
+
+
+def _run(name: str, rest: list[str], prog: str) -> int:
+    from .assets import AssetError
+    from .commands.common import CommandError
+
     try:
         if name not in SUBCOMMANDS:
             raise CommandError(f"unknown command {name!r}; choose from {', '.join(SUBCOMMANDS)}")

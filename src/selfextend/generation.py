@@ -40,6 +40,9 @@ from transformers import DynamicCache
 LOWEST_LOGPROB = -9999.0  # what OpenAI reports for a token with (numerically) zero probability
 
 Sampler = Callable[[torch.Tensor], int]  # logits [vocab] -> token id
+# temperatures below float32's smallest normal number are greedy: dividing by them (1e-40 is a float32
+# subnormal, 1e-46 rounds to 0) overflows to inf and nan, and sampling there is greedy anyway
+GREEDY_BELOW_TEMPERATURE = torch.finfo(torch.float32).tiny
 
 
 class GenerationCancelled(Exception):
@@ -81,9 +84,11 @@ def end_of_sequence_tokens(model, tokenizer) -> frozenset[int]:
 def make_sampler(temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> Sampler:
     """A function from logits ``[vocab]`` to a token: greedy (argmax) for ``temperature == 0``, else a
     sample at ``temperature`` from the nucleus of mass ``top_p`` (the most likely token is always in
-    it). ``seed`` (anything ``torch.Generator.manual_seed`` takes, i.e. 64 bits) makes the samples
-    reproducible; ``None`` seeds from the system."""
-    if temperature == 0:
+    it). Temperatures below :data:`GREEDY_BELOW_TEMPERATURE`, too small to divide float32 logits by,
+    are greedy too (the limit of sampling as the temperature goes to 0). ``seed`` (anything
+    ``torch.Generator.manual_seed`` takes, i.e. 64 bits) makes the samples reproducible; ``None``
+    seeds from the system."""
+    if temperature < GREEDY_BELOW_TEMPERATURE:
         return lambda logits: int(logits.argmax())
     generator = torch.Generator()
     if seed is None:
@@ -92,7 +97,10 @@ def make_sampler(temperature: float = 0.0, top_p: float = 1.0, seed: int | None 
         generator.manual_seed(seed)
 
     def sample(logits: torch.Tensor) -> int:
-        probs = torch.softmax(logits.float() / temperature, dim=-1)  # [vocab]
+        logits = logits.float()
+        # minus the largest logit first: every scaled value is <= 0 and the largest exactly 0, so a
+        # tiny temperature sends the others to -inf (probability 0), never to inf / inf = nan
+        probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)  # [vocab]
         if top_p < 1:
             sorted_probs, order = probs.sort(descending=True)
             keep = sorted_probs.cumsum(0) - sorted_probs < top_p  # the most likely token is always kept

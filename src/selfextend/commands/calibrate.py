@@ -24,11 +24,12 @@ import argparse
 import json
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..positions import choose_group_size, choose_settings, max_extended_length, rule_window_and_reach
-from .common import add_model_argument, bad_input, positive_int, positive_ints
+from ..positions import (DEFAULT_MAX_GROUP_SIZE, DEFAULT_RULE, choose_group_size, max_extended_length, rule_window,
+                         rule_window_and_reach)
+from .common import add_model_argument, bad_input, check_output_folder, positive_int, positive_ints
 
 DEPTHS = (0.2, 0.5, 0.8)
 
@@ -71,29 +72,55 @@ def effective_length(passkey: list[tuple[int, int, int]]) -> int | None:
     return effective
 
 
+def _window(L: int, effective: int) -> int:
+    """The recommendation's w: L // 8 unless the effective length E is tiny (then about E / 2)."""
+    return min(L // 8, max(1, min(effective, L) // 2))
+
+
+def furthest_target(L: int) -> int:
+    """The longest input any recommendation can serve on a model trained on ``L`` tokens: the extended
+    limit ``(L - w) * G + w`` of the rule f=1 (E = L, w = L // 8) at the largest G the rules choose."""
+    return int(max_extended_length(L, _window(L, L), DEFAULT_MAX_GROUP_SIZE))
+
+
+def check_target(target: int, L: int) -> None:
+    """ValueError, stating the limit, for a target no G and w can reach on a model trained on ``L``."""
+    furthest = furthest_target(L)
+    if target > furthest:
+        raise ValueError(f"--target-length {target} is out of reach: SelfExtend extends a model trained on {L} "
+                         f"tokens to at most {furthest} tokens ((L - w) * G + w with w = {_window(L, L)} and the "
+                         f"largest G the rules choose, {DEFAULT_MAX_GROUP_SIZE}); choose a target up to {furthest}")
+
+
 def recommend(effective: int | None, L: int, target: int) -> Recommendation:
     """G and w for ``target`` tokens on a model trained on ``L`` whose plain retrieval holds up to
-    ``effective`` tokens."""
+    ``effective`` tokens (``target`` at most :func:`furthest_target`)."""
     if effective is None:
-        return Recommendation({}, "the plain model missed the passkey already at the shortest length, so its "
-                                  "retrieval cannot guide G and w; keep the default")
+        reason = "the plain model missed the passkey already at the shortest length, so its retrieval cannot guide G and w"
+        default_limit = int(max_extended_length(L, rule_window(DEFAULT_RULE, L), DEFAULT_MAX_GROUP_SIZE))
+        if target <= default_limit:
+            return Recommendation({}, f"{reason}; keep the default")
+        advice = recommend(L, L, target)  # the default stops short: the rule that reaches furthest
+        return replace(advice, reason=f"{reason}, and the default reaches only {default_limit} tokens: {advice.reason}")
     if target <= min(L, effective):
         return Recommendation({}, f"{target} tokens fit the trained length and the plain model retrieves there; "
                                   "enable(model) leaves such inputs exact")
     reach = min(1.0, effective / L)
     rule = f"f={reach:g}"
-    window = min(L // 8, max(1, int(reach * L) // 2))  # L // 8 unless E is tiny
-    if target > L:
-        group_size, window = choose_settings(target, L, rule, window)
-    else:  # fits the trained length, but beyond where the plain model retrieves: group anyway
-        window, reach_tokens = rule_window_and_reach(rule, L, window)
-        group_size = choose_group_size(target, reach_tokens, window)
+    # past L, or within it but beyond where the plain model retrieves: group either way
+    window, reach_tokens = rule_window_and_reach(rule, L, _window(L, effective))
+    group_size = choose_group_size(target, reach_tokens, window)
     limit = int(max_extended_length(L, window, group_size))
-    return Recommendation({"group_size": group_size, "window": window},
-                          f"rule {rule} (largest grouped distance below {int(reach * L)} tokens = E): w = {window}, "
-                          f"G = the smallest with ({int(reach * L)} - {window}) * G + {window} >= {target} -> "
-                          f"G = {group_size} (extended limit {limit})",
-                          {"rule": rule, "window": window})
+    covered = int(max_extended_length(reach_tokens, window, group_size))  # grouped distances below E up to here
+    reason = f"rule {rule} (largest grouped distance below {reach_tokens} tokens = E): w = {window}, "
+    if covered >= target:
+        reason += (f"G = the smallest with ({reach_tokens} - {window}) * G + {window} >= {target} -> G = {group_size} "
+                   f"(extended limit {limit})")
+    else:
+        reason += (f"G = {group_size}, the largest the rules choose, keeps grouped distances below E only up to "
+                   f"{covered} tokens, short of the target {target}; past that they grow up to L (extended limit "
+                   f"{limit})")
+    return Recommendation({"group_size": group_size, "window": window}, reason, {"rule": rule, "window": window})
 
 
 # -- the command -----------------------------------------------------------------------------------
@@ -110,11 +137,16 @@ def _passkey_trials(lengths: list[int], depths: list[float], seed: int) -> list[
 
 def run(args) -> int:
     from ..assets import load_config, load_model, load_tokenizer, model_name, trained_length
+    from ..evaluation.cli import results_lock
     from ..evaluation.experiments import Inputs, Runner
 
-    # every check (lengths, depths, prompts, the essays) before the weights load
+    # every check (output folder, lengths, depths, prompts, the essays) before the weights load
+    if args.out is not None:
+        check_output_folder(args.out)
     L = trained_length(load_config(args.model))
     target = args.target_length or 4 * L
+    with bad_input():
+        check_target(target, L)
     per_length = _passkey_trials(args.lengths or [L // 4, L // 2, 3 * L // 4, L], args.depths, args.seed)
     ppl_trial = dict(experiment="perplexity", length=args.ppl_length or min(target, 3 * L // 2), sequence=0)
     tokenizer = load_tokenizer(args.model)
@@ -122,8 +154,8 @@ def run(args) -> int:
     with bad_input():
         inputs.check([t for ts in per_length for t in ts] + [{**ppl_trial, "method": "plain"}])
 
-    model, _ = load_model(args.model, tokenizer=tokenizer)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, results_lock(args.out or Path(tmp)):
+        model, _ = load_model(args.model, tokenizer=tokenizer)
         runner = Runner(model, tokenizer, args.out or Path(tmp), inputs=inputs)
         passkey = _plain_passkey(runner, per_length)
         effective = effective_length(passkey)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -122,6 +123,23 @@ def load_or_exit(spec: str):
         return load_model(spec)
     except AssetError as e:
         raise CommandError(str(e)) from None
+
+
+def check_output_folder(path: str | Path) -> None:
+    """CommandError unless ``path`` (a command's ``--out``) is a folder this process may write in, or
+    one it may create (its nearest existing parent is a writable folder); nothing is created. The
+    commands write their results after loading weights or running cells: a folder they could not
+    write is refused before that work."""
+    path = Path(path)
+    try:
+        existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    except OSError as e:  # e.g. a parent that may not be searched
+        raise CommandError(f"--out {path}: {e.strerror or e}; choose another folder") from None
+    if not existing.is_dir():
+        where = "it" if existing == path else str(existing)
+        raise CommandError(f"--out {path}: {where} is not a folder; choose another folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CommandError(f"--out {path}: {existing} is not writable; choose another folder")
 
 
 def read_text(path: str | None) -> str:

@@ -32,7 +32,9 @@ def run(args) -> int:
     from ..assets import load_config, load_model, load_tokenizer, trained_length
     from ..generation import encode_prompt, generate, make_sampler
 
-    # every check (document, settings, length) before the weights load
+    # every check (prompt, document, settings, length) before the weights load
+    if not args.prompt.strip():
+        raise CommandError("--prompt is empty; give the question or instruction, e.g. -p \"Summarize the text.\"")
     document = read_text(args.file)
     config = load_config(args.model)
     settings = None if args.plain else settings_from_args(args, config)

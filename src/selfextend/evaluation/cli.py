@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from ..commands.common import (CommandError, add_model_argument, add_selfextend_arguments, bad_input, positive_int,
-                               positive_ints)
-from .experiments import EXPERIMENTS, Grid, Inputs, Runner, trials
+from ..commands.common import (CommandError, add_model_argument, add_selfextend_arguments, bad_input,
+                               check_output_folder, positive_int, positive_ints)
+from .experiments import EXPERIMENTS, FolderBusy, FolderLock, Grid, Inputs, Runner, trials
 from .methods import ALL_METHODS, check_method, parse_method, resolve_methods, selfextend_method
 
 
@@ -73,6 +75,7 @@ def run(args) -> int:
             raise CommandError(f"{out} has no results.jsonl; run the experiments first")
         print(f"report: {write_report(out, L, _header(out, model_name(args.model), L))}")
         return 0
+    check_output_folder(out)
     grid = Grid(methods=methods, lengths=args.lengths, depths=args.depths, keys=args.keys,
                 key_digits=args.key_digits, keylength_length=args.keylength_length,
                 ppl_sequences=args.ppl_sequences, ablation_length=args.ablation_length,
@@ -87,17 +90,32 @@ def run(args) -> int:
         for experiment_trials in todo.values():
             inputs.check(experiment_trials)
 
-    model, _ = load_model(args.model, tokenizer=tokenizer)
-    out.mkdir(parents=True, exist_ok=True)
-    _record_command(out, getattr(args, "command_line", None))
-    runner = Runner(model, tokenizer, out, inputs=inputs)
-    header = _header(out, model_name(args.model), L)
-    for experiment in experiments:
-        print(f"== {experiment}", file=sys.stderr, flush=True)
-        runner.run(todo[experiment])
-        path = write_report(out, L, header, runner.records)
+    with results_lock(out):  # a second run on this folder is refused before its weights load
+        model, _ = load_model(args.model, tokenizer=tokenizer)
+        _record_command(out, getattr(args, "command_line", None))
+        runner = Runner(model, tokenizer, out, inputs=inputs)
+        header = _header(out, model_name(args.model), L)
+        for experiment in experiments:
+            print(f"== {experiment}", file=sys.stderr, flush=True)
+            runner.run(todo[experiment])
+            path = write_report(out, L, header, runner.records)
     print(f"report: {path}")
     return 0
+
+
+@contextmanager
+def results_lock(out: Path) -> Iterator[None]:
+    """Hold the lock of the results folder ``out`` (created if needed) for the block; a folder another
+    live run holds is a CommandError naming its pid."""
+    lock = FolderLock(out)
+    try:
+        lock.acquire()
+    except FolderBusy as e:
+        raise CommandError(str(e)) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _record_command(out: Path, command: str | None) -> None:

@@ -4,11 +4,16 @@ A trial is a flat dict of what defines it (experiment, method, length, depth, ..
 is that dict serialised, so a rerun skips every trial already in the JSONL file: an interrupted
 run loses at most the trial in progress. Trials that share an input (same experiment, length,
 depth, key) run back to back, one per method, so every method sees exactly the same token ids.
+A run holds :class:`FolderLock` on its folder, so a second run there is refused instead of running
+the same trials again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import random
 import sys
 import time
@@ -155,6 +160,69 @@ def _end_last_line(path: Path) -> None:
         number = data[:start].count(b"\n") + 1
         _warn(f"{path} line {number} dropped: a record cut short by an interrupted write")
         path.write_bytes(data[:start])
+
+
+class FolderBusy(Exception):
+    """Another live process holds the lock of a results folder; the message names its pid."""
+
+
+class FolderLock:
+    """An exclusive lock on a results folder: ``fcntl.flock`` on ``FOLDER/.selfextend.lock``, which
+    holds the pid of the process that has it. The kernel drops the lock when that process ends, however
+    it ends, so a lock file left by a killed run never blocks the next one (it takes the file over).
+
+        with FolderLock(out):   # FolderBusy if another live process has it
+            ...
+
+    Release removes the file while still holding the lock; a process that opened the old file just
+    before finds, once it has the lock, that the name is no longer its file, and tries again."""
+
+    NAME = ".selfextend.lock"
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.path = self.folder / self.NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock (creating the folder) or raise :class:`FolderBusy`; never waits."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors="replace").strip()
+                os.close(fd)
+                raise FolderBusy(f"{self.folder} is in use by another run (pid {holder or 'unknown'}, lock file "
+                                 f"{self.path}); wait for it to finish, or choose another --out") from None
+            if self._names(fd):
+                break
+            os.close(fd)  # locked a file its holder removed on release: open the name again
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def _names(self, fd: int) -> bool:
+        """Whether ``self.path`` still names the file open as ``fd``."""
+        try:
+            return os.stat(self.path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(FileNotFoundError):  # removed by hand meanwhile
+                os.unlink(self.path)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> FolderLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 PPL_STRIDE = 40_000  # perplexity sequence i starts at token i * PPL_STRIDE of the essays

@@ -1,10 +1,12 @@
 """The FastAPI app (routes, limits, error handlers) and the `selfextend serve` command.
 
     selfextend serve --model smollm2-135m --port 8000 [-G G] [-w W] [--mode M] [--max-input-tokens N]
+                     [--max-output-tokens N]
 
 Limits: a request body over ``max_body_bytes`` is answered 413 before it is read (:class:`BodyLimit`);
 a prompt over ``max_input_tokens`` (default 4 x the trained length, never above SelfExtend's
-extended limit) is answered 400 before any generation.
+extended limit) is answered 400 before any generation, and so is a ``max_tokens`` over
+``max_output_tokens`` (default a quarter of the trained length), which is also chat's default.
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ from .protocol import (
     validation_error,
 )
 
-UNBOUNDED_DEFAULT_MAX_TOKENS = 4096  # chat default when SelfExtend has no length limit (mode="rerope")
 INPUT_TOKENS_PER_TRAINED_LENGTH = 4  # default max_input_tokens: 4 x the trained length ...
+TRAINED_LENGTH_PER_OUTPUT_TOKEN = 4  # default max_output_tokens: a quarter of the trained length
 BODY_BYTES_PER_INPUT_TOKEN = 64  # ... and a request body of at most 64 bytes per allowed input token,
 MIN_BODY_BYTES = 1 << 20  # but never less than 1 MiB
 
@@ -58,6 +60,24 @@ def check_max_input_tokens(settings: Settings, max_input_tokens: int) -> None:
         raise ValueError(f"max_input_tokens must be a positive integer, got {max_input_tokens!r}")
     if settings.max_length is not None and max_input_tokens > settings.max_length:
         raise ValueError(f"--max-input-tokens {max_input_tokens} is above SelfExtend's extended limit of "
+                         f"{settings.max_length} tokens for {settings.describe()}; lower it or use a larger -G")
+
+
+def default_max_output_tokens(settings: Settings) -> int:
+    """A quarter of the trained length (2048 for a model trained on 8192 tokens). It is the paper's
+    neighbor window w = L // 4, so with the default settings every token of an answer sees the whole
+    answer at ordinary, ungrouped positions; and it bounds how long one request holds the one worker
+    (2048 tokens are 3 to 14 minutes of decoding for the bundled model on a 2-core CPU, at 4k to 32k
+    tokens of context: ``results/bench``)."""
+    return max(1, settings.pretrained_length // TRAINED_LENGTH_PER_OUTPUT_TOKEN)
+
+
+def check_max_output_tokens(settings: Settings, max_output_tokens: int) -> None:
+    """ValueError if ``max_output_tokens`` is not a positive integer within the extended limit."""
+    if isinstance(max_output_tokens, bool) or not isinstance(max_output_tokens, int) or max_output_tokens < 1:
+        raise ValueError(f"max_output_tokens must be a positive integer, got {max_output_tokens!r}")
+    if settings.max_length is not None and max_output_tokens > settings.max_length:
+        raise ValueError(f"--max-output-tokens {max_output_tokens} is above SelfExtend's extended limit of "
                          f"{settings.max_length} tokens for {settings.describe()}; lower it or use a larger -G")
 
 
@@ -108,24 +128,32 @@ class BodyLimit:
 
 @dataclass
 class Service:
-    """The engine, the served model's name and SelfExtend handle, and the prompt limit."""
+    """The engine, the served model's name and SelfExtend handle, and the prompt and answer limits."""
 
     engine: Engine
     handle: SelfExtendHandle
     name: str
     max_input_tokens: int
+    max_output_tokens: int
     created: int = field(default_factory=lambda: int(time.time()))
 
     def model_card(self) -> dict[str, Any]:
         return {"id": self.name, "object": "model", "created": self.created, "owned_by": "selfextend",
                 "trained_context_length": self.handle.pretrained_length,
                 "extended_context_length": self.handle.max_length, "max_input_tokens": self.max_input_tokens,
-                "window": self.handle.window, "group_size": self.handle.group_size}
+                "max_output_tokens": self.max_output_tokens, "window": self.handle.window,
+                "group_size": self.handle.group_size}
 
     def check_request(self, req: GenerationRequest) -> None:
-        """404 for another model's name; 400 for a field this server does not implement."""
+        """404 for another model's name; 400 for a field this server does not implement or for more
+        new tokens than ``max_output_tokens``."""
         self.check_model(req.model)
         req.check_supported()
+        param, wanted = req.wanted_tokens()
+        if wanted is not None and wanted > self.max_output_tokens:
+            raise APIError(400, f"{param} is {wanted} but this server generates at most {self.max_output_tokens} "
+                           f"tokens per request (its --max-output-tokens); ask for at most {self.max_output_tokens}",
+                           param=param, code="invalid_value")
 
     def check_model(self, requested: str) -> None:
         if requested != self.name:
@@ -140,20 +168,21 @@ class Service:
                            f"input tokens (SelfExtend's extended limit for this model is {self.handle.max_length})",
                            param=param, code="context_length_exceeded")
 
-    def token_budget(self, prompt_tokens: int, wanted: int | None) -> int:
-        """``wanted`` capped so no forward pass exceeds the extended limit (the last sampled token is
-        never fed back, hence ``+ 1``); ``None`` = as many as fit."""
+    def token_budget(self, prompt_tokens: int, req: GenerationRequest) -> int:
+        """The new tokens ``req`` asks for (omitted or null: its endpoint's default, at most
+        ``max_output_tokens``), capped so no forward pass exceeds the extended limit (the last sampled
+        token is never fed back, hence ``+ 1``)."""
+        _, wanted = req.wanted_tokens()
+        if wanted is None:
+            wanted = min(req.DEFAULT_MAX_TOKENS or self.max_output_tokens, self.max_output_tokens)
         limit = self.handle.max_length
-        if limit is None:
-            return wanted or UNBOUNDED_DEFAULT_MAX_TOKENS
-        room = limit - prompt_tokens + 1
-        return room if wanted is None else min(wanted, room)
+        return wanted if limit is None else min(wanted, limit - prompt_tokens + 1)
 
     async def answer(self, req: GenerationRequest, request: Request, prompt_ids: list[int],
                      wire: Wire) -> Response | dict[str, Any]:
         """Queue the generation; stream its chunks or return the whole answer."""
         sampling = Sampling(
-            max_tokens=self.token_budget(len(prompt_ids), req.wanted_tokens()),
+            max_tokens=self.token_budget(len(prompt_ids), req),
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
             stop=tuple(req.stop), seed=req.seed, logprobs=req.wanted_logprobs())
@@ -309,20 +338,25 @@ ERROR_HANDLERS = {APIError: _on_api_error, EngineError: _on_engine_error, Reques
 
 
 def create_app(model, tokenizer, name: str, handle: SelfExtendHandle, max_queue: int = DEFAULT_MAX_QUEUE,
-               max_input_tokens: int | None = None, max_body_bytes: int | None = None) -> FastAPI:
+               max_input_tokens: int | None = None, max_body_bytes: int | None = None,
+               max_output_tokens: int | None = None) -> FastAPI:
     """The FastAPI app serving ``model`` (with SelfExtend ``handle`` on) as ``name``.
 
-    ``max_input_tokens`` (default :func:`default_max_input_tokens`) bounds the prompt, and
-    ``max_body_bytes`` (default 64 bytes per input token, at least 1 MiB) the request body.
-    The worker thread starts and stops with the app's lifespan (uvicorn runs it)."""
+    ``max_input_tokens`` (default :func:`default_max_input_tokens`) bounds the prompt,
+    ``max_output_tokens`` (default :func:`default_max_output_tokens`) the new tokens of one request
+    (and is chat's default), ``max_body_bytes`` (default 64 bytes per input token, at least 1 MiB) the
+    request body. The worker thread starts and stops with the app's lifespan (uvicorn runs it)."""
     if handle.model is not model:
         raise ValueError("handle must be the SelfExtend handle of model (selfextend.enable(model))")
     if max_input_tokens is None:
         max_input_tokens = default_max_input_tokens(handle.settings)
     check_max_input_tokens(handle.settings, max_input_tokens)
+    if max_output_tokens is None:
+        max_output_tokens = default_max_output_tokens(handle.settings)
+    check_max_output_tokens(handle.settings, max_output_tokens)
     if max_body_bytes is None:
         max_body_bytes = max(MIN_BODY_BYTES, BODY_BYTES_PER_INPUT_TOKEN * max_input_tokens)
-    service = Service(Engine(model, tokenizer, max_queue), handle, name, max_input_tokens)
+    service = Service(Engine(model, tokenizer, max_queue), handle, name, max_input_tokens, max_output_tokens)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -364,6 +398,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-input-tokens", type=positive_int, default=None,
                         help="longest prompt accepted, in tokens (default: 4 x the trained length, at most "
                              "SelfExtend's extended limit); longer prompts get a 400")
+    parser.add_argument("--max-output-tokens", type=positive_int, default=None,
+                        help="most new tokens per request, and chat's default max_tokens (default: a quarter of "
+                             "the trained length, 2048 for a model trained on 8192); asking for more gets a 400")
     parser.add_argument("--max-queue", type=positive_int, default=DEFAULT_MAX_QUEUE,
                         help="requests that may wait for the model; more are answered 503 (default: %(default)s)")
     parser.add_argument("--served-name", default=None,
@@ -372,14 +409,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_settings(args: argparse.Namespace) -> Settings:
     """SelfExtend's settings from the model's config alone, checked before any weights load: a bad
-    setting or a --max-input-tokens above the extended limit is a CommandError (one line, status 2)."""
+    setting or a --max-input-tokens or --max-output-tokens above the extended limit is a CommandError
+    (one line, status 2)."""
     from ..assets import load_config
     from ..commands.common import bad_input, settings_from_args
 
     settings = settings_from_args(args, load_config(args.model))
-    if args.max_input_tokens is not None:
-        with bad_input():
+    with bad_input():
+        if args.max_input_tokens is not None:
             check_max_input_tokens(settings, args.max_input_tokens)
+        if args.max_output_tokens is not None:
+            check_max_output_tokens(settings, args.max_output_tokens)
     return settings
 
 
@@ -409,8 +449,11 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_or_exit(args.model)
     handle = enable_from_args(model, args)
     name = args.served_name or model_name(args.model)
-    app = create_app(model, tokenizer, name, handle, max_queue=args.max_queue, max_input_tokens=args.max_input_tokens)
+    app = create_app(model, tokenizer, name, handle, max_queue=args.max_queue, max_input_tokens=args.max_input_tokens,
+                     max_output_tokens=args.max_output_tokens)
+    service = app.state.service
     print(f"[selfextend] serving {name!r} at http://{args.host}:{args.port}/v1 ({handle.describe()}; "
-          f"prompts up to {app.state.service.max_input_tokens} tokens)", file=sys.stderr, flush=True)
+          f"prompts up to {service.max_input_tokens} tokens, answers up to {service.max_output_tokens} tokens)",
+          file=sys.stderr, flush=True)
     serve(app, args.host, args.port)
     return 0

@@ -18,7 +18,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from .engine import Delta, Finished, TokenLogprob
 
-COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to "until the limit"
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat's is the server's --max-output-tokens
 MAX_STOP_STRINGS = 4
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's bounds for completions' `logprobs` and chat's `top_logprobs`
 MAX_CHAT_TOP_LOGPROBS = 20
@@ -112,8 +112,12 @@ class GenerationRequest(BaseModel):
                 raise APIError(400, f"{field}={json.dumps(value)[:80]} is not supported by this server",
                                param=field, code="unsupported_parameter")
 
-    def wanted_tokens(self) -> int | None:
-        return self.max_tokens
+    # max_tokens when the request leaves it out or sends null; None = the server's --max-output-tokens
+    DEFAULT_MAX_TOKENS: ClassVar[int | None] = None
+
+    def wanted_tokens(self) -> tuple[str, int | None]:
+        """(the field that sets the number of new tokens, its value); None when omitted or null."""
+        return "max_tokens", self.max_tokens
 
     def wanted_logprobs(self) -> int | None:
         """How many alternatives to report per token; None = no logprobs."""
@@ -128,8 +132,9 @@ class CompletionRequest(GenerationRequest):
     OFF_VALUES: ClassVar[dict[str, tuple[Any, ...]]] = {
         **GenerationRequest.OFF_VALUES, "echo": (None, False), "best_of": (None, 1), "suffix": (None, "")}
 
+    DEFAULT_MAX_TOKENS: ClassVar[int | None] = COMPLETION_DEFAULT_MAX_TOKENS
+
     prompt: Text | list[Annotated[int, Field(ge=0)]]
-    max_tokens: int | None = Field(COMPLETION_DEFAULT_MAX_TOKENS, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
 
     def wanted_logprobs(self) -> int | None:
@@ -170,8 +175,10 @@ class ChatRequest(GenerationRequest):
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
 
-    def wanted_tokens(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
+    def wanted_tokens(self) -> tuple[str, int | None]:
+        if self.max_completion_tokens is not None:  # OpenAI's name now; max_tokens is the older one
+            return "max_completion_tokens", self.max_completion_tokens
+        return "max_tokens", self.max_tokens
 
     def wanted_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
