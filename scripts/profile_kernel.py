@@ -12,7 +12,10 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from selfextend.attention import selfextend_row
+from selfextend.attention import Row, selfextend_row
+from selfextend.rope import Rotary
+from selfextend.schedule import Schedule
+from selfextend.sequence import RowKeys
 from selfextend.settings import Settings
 
 n, dtype_name = int(sys.argv[1]), sys.argv[2]
@@ -21,8 +24,9 @@ dtype = getattr(torch, dtype_name)
 torch.manual_seed(0)
 hq, hkv, d, w = 9, 3, 64, 1024
 q, k, v = (torch.randn(h, n, d).to(dtype) for h in (hq, hkv, hkv))  # [H, n, d]
-inv_freq = 1.0 / (100000 ** (torch.arange(0, d, 2).float() / d))
-settings = Settings(8192, w, 4, "floor", False, (w - 1) * (4096 // (w - 1)))
+rotary = Rotary(1.0 / (100000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d)))
+settings = Settings(8192, w, 4)
+row = Row(q, k, v, 0, 0, d**-0.5)
 
 
 def plain():
@@ -30,7 +34,7 @@ def plain():
 
 
 def selfextend():
-    return selfextend_row(q, k, v, 0, 0, settings, inv_freq, d**-0.5)
+    return selfextend_row(row, Schedule(settings), rotary, RowKeys.for_row(row, settings, rotary))
 
 
 seconds = {"plain": [], "selfextend": []}

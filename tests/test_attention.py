@@ -16,9 +16,12 @@ from reference import reference_attention
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 import selfextend
-from selfextend.attention import Settings, selfextend_row
+from selfextend.attention import Row, selfextend_row
 from selfextend.rope import Rotary
-from selfextend.cache_state import prompt_length
+from selfextend.schedule import Schedule
+from selfextend.sequence import RowKeys
+from selfextend.settings import Settings
+from selfextend.sequence import prompt_length
 from selfextend.positions import DEFAULT_RULE
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -102,14 +105,14 @@ def run_kernel_case(case, dtype, device="cpu", interleaved=False):
     q = (torch.randn(hq, lq, d) * 2).to(dtype)
     k = (torch.randn(hkv, lk, d) * 2).to(dtype)
     v = torch.randn(hkv, lk, d).to(dtype)
-    settings = Settings(Lp, w, g, mode, log_scale, block)
+    settings = Settings(Lp, w, None if mode == "rerope" else g, mode, log_scale, block)
+    schedule = Schedule(settings)
     first = (lk - 1 - off) - (lq - 1)
     rotary = Rotary(inv_freq.double(), interleaved).to(device)
-    fast = selfextend_row(q.to(device), k.to(device), v.to(device), first, off, settings, rotary,
-                          d**-0.5, softcap).cpu()  # in the model's dtype
+    row = Row(q.to(device), k.to(device), v.to(device), first, off, d**-0.5, softcap)
+    fast = selfextend_row(row, schedule, rotary, RowKeys.for_row(row, settings, rotary)).cpu()  # in the model's dtype
     q_pos, k_pos = torch.arange(first, first + lq), torch.arange(lk) - off
-    groups = torch.tensor([1.0 if settings.is_plain(int(p)) else float(settings.group_size_at(int(p)))
-                           for p in q_pos.clamp(min=0)])
+    groups = torch.tensor([float(schedule.group_at(int(p))) for p in q_pos.clamp(min=0)])
     args = (q, k, v, q_pos, k_pos, inv_freq, w, groups, mode, d**-0.5)
     kw = dict(softcap=softcap, key_valid=k_pos >= 0, log_scale_length=Lp if log_scale else None,
               interleaved=interleaved)
@@ -131,8 +134,10 @@ def test_kernel_matches_reference(case, dtype, interleaved):
 
 _MEMORY_PROBE = """
 import resource, torch
-from selfextend.attention import selfextend_row
+from selfextend.attention import Row, selfextend_row
 from selfextend.rope import Rotary
+from selfextend.schedule import Schedule
+from selfextend.sequence import RowKeys
 from selfextend.settings import Settings
 
 def peak():
@@ -142,9 +147,12 @@ n = 4096
 q, k, v = torch.randn(4, n, 16), torch.randn(4, n, 16), torch.randn(4, n, 16)
 settings = Settings(64, 16, 8, "floor", False, 128)
 rotary = Rotary(torch.ones(8, dtype=torch.float64))
-selfextend_row(q[:, :300], k[:, :300], v[:, :300], 0, 0, settings, rotary, 0.25)  # warm up
+def run(n):
+    row = Row(q[:, :n], k[:, :n], v[:, :n], 0, 0, 0.25)
+    selfextend_row(row, Schedule(settings), rotary, RowKeys.for_row(row, settings, rotary))
+run(300)  # warm up
 before = peak()
-selfextend_row(q, k, v, 0, 0, settings, rotary, 0.25)
+run(n)
 ours = peak() - before
 before = peak()
 torch.softmax(q @ k.transpose(-1, -2), -1) @ v  # what one full score matrix per head costs
@@ -346,7 +354,7 @@ def test_decode_does_not_rerotate_the_cache():
     """The first decode step rotates the cached keys once; after that a step rotates about one new
     key per layer (in batches of KEYS_AHEAD), never the whole cache again."""
     from selfextend.attention import KEYS_AHEAD
-    from selfextend.cache_state import decode_stats
+    from selfextend.sequence import decode_stats
 
     model = tiny_model("llama")
     prefill, steps = 150, 40

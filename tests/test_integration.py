@@ -19,9 +19,10 @@ from reference import reference_attention
 from transformers import DynamicCache, QuantizedCache, StaticCache
 
 import selfextend
-from selfextend.attention import selfextend_row
+from selfextend.attention import Row, selfextend_row
 from selfextend.rope import Rotary
-from selfextend.cache_state import decode_stats
+from selfextend.schedule import Schedule
+from selfextend.sequence import RowKeys, decode_stats
 from selfextend.positions import DEFAULT_RULE, rule_window
 from selfextend.settings import Settings
 
@@ -98,9 +99,10 @@ def test_automatic_group_size_past_its_cap_matches_reference():
     settings = Settings(Lp, w, None, "floor", False, 64)
     inv_freq = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
     q, k, v = torch.randn(4, n, 16), torch.randn(2, n, 16), torch.randn(2, n, 16)
-    fast = selfextend_row(q, k, v, 0, 0, settings, Rotary(inv_freq.double()), 0.25)
+    row, rotary, schedule = Row(q, k, v, 0, 0, 0.25), Rotary(inv_freq.double()), Schedule(settings)
+    fast = selfextend_row(row, schedule, rotary, RowKeys.for_row(row, settings, rotary))
     pos = torch.arange(n)
-    groups = torch.tensor([float(settings.group_size_at(int(p))) for p in pos])
+    groups = torch.tensor([float(schedule.group_at(int(p))) for p in pos])
     assert groups.max() == 64 and (groups == 64).sum() > 30
     ref = reference_attention(q, k, v, pos, pos, inv_freq, w, groups, "floor", 0.25)
     assert max_diff(fast, ref) <= 1e-5

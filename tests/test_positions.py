@@ -5,8 +5,19 @@ import math
 import pytest
 import torch
 
-from selfextend.positions import (choose_group_size, default_window, grouped_positions, max_extended_length,
-                                  relative_distance)
+from selfextend.positions import choose_group_size, default_window, grouped_positions, max_extended_length
+from selfextend.schedule import Schedule
+
+
+def relative_distance(i: int, j: int, w: int, g: float, mode: str = "floor") -> float:
+    """The distance the model sees between query i and key j, written out from the paper (Section 3)."""
+    if i - j < w:
+        return float(i - j)
+    if mode == "rerope" or math.isinf(g):
+        return float(w)
+    if mode == "leaky":
+        return i / g + w - w / g - j / g
+    return float((i // g + w - w // g) - j // g)
 
 
 def test_figure3_worked_example():
@@ -77,7 +88,8 @@ def test_a_rule_keeps_every_grouped_distance_below_its_reach_and_leaves_inputs_t
     settings = Settings.from_config(None, pretrained_length=L, rule=rule)
     w = settings.window
     assert w == (L // 4 if rule == "cover" else L // 8)
-    groups = [settings.group_size_at(p) for p in range(1500)]
+    schedule = Schedule(settings)  # G per position (no sequence length chosen)
+    groups = [schedule.group_at(p) for p in range(1500)]
     assert set(groups[:L]) == {1}
     for p in range(L, 1500):
         g = groups[p]
@@ -87,9 +99,10 @@ def test_a_rule_keeps_every_grouped_distance_below_its_reach_and_leaves_inputs_t
         assert (reach - w) * (g - 1) + w < p + 1 <= (reach - w) * g + w  # the smallest such G
     changes = [p for p in range(1, 1500) if groups[p] != groups[p - 1]]
     assert changes[0] == L
-    assert all(settings.next_group_change(p - 1) == p for p in changes)
-    assert all(settings.next_group_change(p) in changes or settings.next_group_change(p) >= 1500
-               for p in range(0, 1500, 37))
+    runs = schedule.runs(0, 1499)
+    assert [start for start, _, _ in runs[1:]] == changes  # a run ends exactly where G changes
+    assert all(groups[p] == g for start, end, g in runs for p in range(start, end))
+    assert runs[0][0] == 0 and runs[-1][1] == 1500 and all(a[1] == b[0] for a, b in zip(runs, runs[1:]))
 
 
 def test_a_rule_and_a_fixed_group_size_exclude_each_other_and_bad_rules_are_named():
@@ -106,21 +119,26 @@ def test_a_rule_and_a_fixed_group_size_exclude_each_other_and_bad_rules_are_name
 
 @pytest.mark.parametrize("rule", ["f=0.5", "cover"])
 def test_a_sequence_keeps_the_group_size_its_rule_chose_from_its_length(rule):
-    """Settings.for_sequence(n): past L the G the rule picks for n tokens serves every position of the
-    sequence (as a fixed G would) up to that G's limit, then G follows the rule per position; n <= L is
-    the plain model (G = 1) up to L."""
+    """Schedule.for_sequence(n): past L the G the rule picks for n tokens serves every position of the
+    sequence from w on (as a fixed G would) up to that G's limit, then G follows the rule per position;
+    n <= L is the plain model (G = 1) up to L."""
     from selfextend.settings import Settings
 
     L = 64
     auto = Settings.from_config(None, pretrained_length=L, rule=rule)
     w = auto.window
+    per_position = Schedule(auto)
     for n in (40, 64, 65, 100, 300):
-        seq = auto.for_sequence(n)
-        g = auto.group_size_at(n - 1)
+        seq = Schedule.for_sequence(auto, n)
+        g = per_position.group_for(n)  # the rule's G for n tokens
         end = int(max_extended_length(L, w, g))
-        assert seq.group_size_at(0) == (1 if g == 1 else g)
-        assert all(seq.group_size_at(p) == g for p in range(end))
-        assert all(seq.group_size_at(p) == auto.group_size_at(p) for p in range(end, end + 200))
-        assert seq.next_group_change(0) == end if g > 1 else seq.next_group_change(0) == L
+        assert seq.chosen == g
+        assert all(seq.group_at(p) == (1 if p < w else g) for p in range(end))
+        assert all(seq.group_at(p) == per_position.group_at(p) for p in range(end, end + 200))
+        if g > 1:
+            assert seq.runs(0, end - 1) == [(0, w, 1), (w, end, g)]
+        else:
+            assert seq.runs(0, L - 1) == [(0, L, 1)] and seq.group_at(L) == per_position.group_at(L) > 1
     fixed = Settings.from_config(None, pretrained_length=L, group_size=3)
-    assert fixed.for_sequence(300) is fixed
+    assert Schedule.for_sequence(fixed, 300).chosen is None
+    assert Schedule.for_sequence(fixed, 300).runs(0, 999) == [(0, fixed.window, 1), (fixed.window, 1000, 3)]

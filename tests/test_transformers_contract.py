@@ -10,7 +10,7 @@ import inspect
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import FAMILY_NAMES, tiny_model
 from transformers import AttentionInterface, DynamicCache, StaticCache
 from transformers.cache_utils import DynamicLayer, StaticLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, create_causal_mask
@@ -19,6 +19,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import selfextend
 from selfextend import integration
+from selfextend.call import DeferredMask
 from selfextend.rope import find_rotary_modules
 
 CHANGED = "transformers changed {what}; selfextend relies on it in {where}"
@@ -84,17 +85,36 @@ def test_mask_factory_keywords():
         what="sdpa_mask's parameters", where="DeferredMask.build")
 
 
-def test_attention_modules_receive_the_cache_keyword():
-    model = tiny_model("llama")
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_attention_modules_receive_the_cache_and_the_mask_as_keywords(family):
+    """hand_over_cache gives the call's KV cache to the mask object the same module call receives."""
+    model = tiny_model(family)
     seen = {}
     attention = next(m for m in model.modules() if type(m).__name__.endswith("Attention"))
     handle = attention.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
     cache = DynamicCache(config=model.config)
-    with torch.no_grad():
+    with selfextend.enable(model), torch.no_grad():
         model(torch.randint(3, 128, (1, 5)), cache=cache)
     handle.remove()
-    assert seen.get("cache", seen.get("past_key_values")) is cache, CHANGED.format(
-        what="the keyword that passes the KV cache to attention modules", where="integration._hand_over_cache")
+    assert seen.get("cache", seen.get("past_key_values", seen.get("layer_past"))) is cache, CHANGED.format(
+        what="the keyword that passes the KV cache to attention modules", where="call.hand_over_cache")
+    assert isinstance(seen.get("attention_mask"), DeferredMask), CHANGED.format(
+        what="the keyword that passes the mask to attention modules", where="call.hand_over_cache")
+
+
+def test_output_capturing_collects_attentions_through_a_context_variable():
+    """The attention function learns that output_attentions is on from transformers' collector."""
+    model = tiny_model("llama")
+    seen = []
+    model.set_attn_implementation("eager")
+    attention = next(m for m in model.modules() if type(m).__name__.endswith("Attention"))
+    handle = attention.register_forward_pre_hook(lambda *a: seen.append(integration._attentions_requested()))
+    with torch.no_grad():
+        model(torch.randint(3, 128, (1, 5)), output_attentions=True)
+        model(torch.randint(3, 128, (1, 5)))
+    handle.remove()
+    assert seen == [True, False], CHANGED.format(what="output_capturing._active_collector",
+                                                 where="integration._attentions_requested")
 
 
 def test_attention_modules_are_found_by_name_and_layer_idx():
@@ -139,16 +159,16 @@ def test_cache_layers_hold_index_aligned_keys(make):
         model(ids, cache=cache)
     layer = cache.layers[-1]
     assert type(layer) in (DynamicLayer, StaticLayer), CHANGED.format(
-        what="the layer classes of DynamicCache/StaticCache", where="cache_state._KEEPABLE_LAYERS")
+        what="the layer classes of DynamicCache/StaticCache", where="sequence._KEEPABLE_LAYERS")
     assert layer.keys.dim() == 4 and layer.keys.shape[0] == 2 and layer.keys.shape[2] >= 7, CHANGED.format(
-        what="cache layer .keys [B, Hkv, S, D]", where="cache_state (fingerprints of kept grouped keys)")
+        what="cache layer .keys [B, Hkv, S, D]", where="sequence (fingerprints of kept grouped keys)")
 
 
 def test_generate_hands_a_prepared_mask_back_to_the_model():
     """With a compileable cache, generate builds the mask and passes it as attention_mask; the model's
     create_causal_mask must pass a non-2D mask object through to the mask function."""
     model = tiny_model("llama")
-    mask = integration.DeferredMask(dict(batch_size=1, q_length=3, kv_length=3, q_offset=0, kv_offset=0,
+    mask = DeferredMask(dict(batch_size=1, q_length=3, kv_length=3, q_offset=0, kv_offset=0,
                                          attention_mask=None))
     seen = []
     AttentionMaskInterface.register("contract_probe", lambda **kw: seen.append(kw) or kw)

@@ -6,11 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from selfextend.positions import relative_distance
 from selfextend.rope import rotate, rotation
 from selfextend.vllm.paged import Geometry, attend, rotated, selfextend_attention
 
 INV_FREQ = 1.0 / (10000.0 ** (torch.arange(0, 32, 2, dtype=torch.float32) / 32))  # head size 32
+
+
+def relative_distance(i: int, j: int, window: int, group: int) -> int:
+    """The distance SelfExtend lets query i see key j at, written out from the paper (Section 3)."""
+    return i - j if i - j < window else (i // group + window - window // group) - j // group
 
 
 def at(x, positions):

@@ -25,7 +25,7 @@ from .integration import (
     get_handle,
     is_enabled,
 )
-from .cache_state import prompt_length
+from .sequence import prompt_length
 from .positions import choose_group_size, default_window, grouped_positions, max_extended_length
 from .settings import Settings
 

@@ -24,6 +24,11 @@ exactly those plain causal attention scores.
 Shapes (per batch row): q ``[Hq, Lq, D]``, k/v ``[Hkv, Lk, D]``, ``Hq = r * Hkv`` (GQA: query head
 ``h`` reads key head ``h // r``). q/k/v stay in the model's dtype (the kernels accumulate in float32);
 merges accumulate in float32; rotations are computed in float32 with float64 angles.
+
+This file is arithmetic only: it receives one batch row's tensors and positions (:class:`Row`), the
+sequence's :class:`~selfextend.schedule.Schedule` (which G where), the layer's
+:class:`~selfextend.rope.Rotary`, and a function that returns keys at grouped positions (kept
+between calls by :mod:`selfextend.sequence`, or made fresh).
 """
 
 from __future__ import annotations
@@ -33,15 +38,30 @@ from typing import NamedTuple
 
 import torch
 
-from .positions import grouped_positions, grouped_query_position
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .positions import grouped_positions
 from .rope import Rotary
-from .settings import Settings
+from .schedule import Schedule
 
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _EFFICIENT_CUDA = getattr(torch.ops.aten, "_scaled_dot_product_efficient_attention", None)
 NEG_INF = float("-inf")
+
+# -- kernel constants ---------------------------------------------------------------------------------
+BLOCK_ROWS = 4096  # queries per block (about): large blocks keep the kernel efficient; memory O(block x keys)
 KEY_TILE = 4096  # keys per tile in the explicit fallback: bounds its memory to rows x 4096
+GRAD_TILE = 1024  # rows and keys per tile of the backward pass: its memory is O(GRAD_TILE^2) per head
+DECODE_ROWS = 64  # calls with at most this many queries keep their grouped keys for the next call
 KEYS_AHEAD = 64  # while decoding, grouped keys are rotated this many at a time (keys that exist already)
+
+
+def block_rows(window: int) -> int:
+    """Queries per block for window ``w``: about :data:`BLOCK_ROWS`, a multiple of ``w - 1`` (near keys
+    are processed in sub-blocks shorter than ``w``)."""
+    near = min(BLOCK_ROWS, max(1, window - 1))
+    return near * max(1, BLOCK_ROWS // near)
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,9 +158,6 @@ def _attend_forward(q, k, v, scale, mask, softcap, causal):
     return out, lse
 
 
-GRAD_TILE = 1024  # rows and keys per tile of the backward pass: its memory is O(GRAD_TILE^2) per head
-
-
 class _AttendFunction(torch.autograd.Function):
     """:func:`attend` with gradients for both of its outputs.
 
@@ -233,95 +250,74 @@ ANY_DISTANCE = Span(0, math.inf)
 
 
 # --------------------------------------------------------------------------------------------
-# rotations to grouped positions
+# one batch row of an attention call
 # --------------------------------------------------------------------------------------------
 
-
-def _positions(first_position: int, n: int, device=None) -> torch.Tensor:
-    return torch.arange(first_position, first_position + n, device=device)
-
-
-def _keys_to_grouped(k, first_position, shift, settings, group_size, rotary):
-    """Keys ``k [H, n, D]`` at positions ``first_position ..`` (rotated at ``position + shift``) moved to
-    their grouped positions ``p // G``."""
-    pos = _positions(first_position, k.shape[1], k.device)
-    _, target = grouped_positions(pos, settings.window, group_size, settings.mode)
-    return rotary.rotate_by(k, target - (pos + shift).to(torch.float64))
+GroupedKeysFn = Callable[[float, int, "int | None"], torch.Tensor]
+"""``fn(G, last, available) -> [Hkv, last - first_key + 1, D]``: the row's keys ``first_key..last``
+(key indices) rotated to their grouped positions for group size ``G``; with ``available`` (the index
+of the newest key that exists) it may rotate keys up to there ahead of need."""
 
 
-def _queries_to_grouped(q, first_position, shift, settings, group_size, rotary):
+@dataclass(frozen=True)
+class Row:
+    """One batch row of one attention call, as the kernel sees it.
+
+    q ``[Hq, Lq, D]`` at positions ``first_position + arange(Lq)``; k/v ``[Hkv, Lk, D]`` where key index
+    ``j`` is at position ``j - key_offset`` (negative = left padding, never attended). The model rotated
+    q and k at ``position + shift``. ``scale`` multiplies scores, ``softcap`` caps them (Gemma 2)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    first_position: int
+    key_offset: int
+    scale: float
+    softcap: float | None = None
+    shift: int = 0
+
+    @property
+    def first_key(self) -> int:
+        """Index of the row's first real key (its position 0, or later when left padding is cut)."""
+        return max(0, self.key_offset)
+
+    @property
+    def first_key_position(self) -> int:
+        return self.first_key - self.key_offset
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """Positions of the queries ``[Lq]``."""
+        return torch.arange(self.first_position, self.first_position + self.q.shape[1], device=self.q.device)
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Keys and values ``[Hkv, m, D]`` where the key at position ``p`` has index ``p + offset``."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    offset: int
+
+    def between(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values at positions ``lo..hi`` (inclusive)."""
+        return self.k[:, lo + self.offset : hi + self.offset + 1], self.v[:, lo + self.offset : hi + self.offset + 1]
+
+
+def queries_to_grouped(q: torch.Tensor, first_position: int, shift: int, schedule: Schedule, group_size: float,
+                       rotary: Rotary) -> torch.Tensor:
     """Queries ``q [H, n, D]`` at positions ``first_position ..`` (rotated at ``position + shift``)
     moved to their grouped positions ``p // G + w - w // G``."""
-    pos = _positions(first_position, q.shape[1], q.device)
-    target, _ = grouped_positions(pos, settings.window, group_size, settings.mode)
+    pos = torch.arange(first_position, first_position + q.shape[1], device=q.device)
+    target, _ = grouped_positions(pos, schedule.settings.window, group_size, schedule.settings.mode)
     return rotary.rotate_by(q, target - (pos + shift).to(torch.float64))
 
 
-class GroupedKeys:
-    """Keys of one layer and batch row rotated to their grouped positions for one group size.
-
-    Grouped key positions never change once a key exists, so during decoding the keys are rotated
-    once and appended to (O(new keys) per step), instead of re-rotating the whole cache at every
-    step as the official implementation does. Within one call the same object serves all blocks.
-    Key index ``first`` is at position ``first_position``; the model rotated every key at its
-    position ``+ shift`` (``shift != 0`` when ``position_ids`` do not start at the first real token).
-    The buffer has the keys' dtype. Whoever keeps it between calls must :meth:`truncate` it when the
-    keys it was built from change.
-    """
-
-    def __init__(self, first: int, first_position: int, shift: int, group_size: float):
-        self.first, self.first_position, self.shift, self.group_size = first, first_position, shift, group_size
-        self.buffer = None  # [Hkv, capacity, D]
-        self.count = 0  # keys held, starting at key index `first`
-        self.rotated = 0  # keys rotated in this object's life (a statistic: decoding adds one per step)
-
-    def serves(self, first: int, first_position: int, shift: int) -> bool:
-        return (self.first, self.first_position, self.shift) == (first, first_position, shift)
-
-    def truncate(self, valid_keys: int) -> None:
-        """Forget rotated keys with index ``>= valid_keys`` (the cache was cropped or rewritten there)."""
-        self.count = max(0, min(self.count, valid_keys - self.first))
-
-    def get(self, k: torch.Tensor, last: int, settings: Settings, rotary: Rotary,
-            available: int | None = None) -> torch.Tensor:
-        """Keys ``first..last`` (inclusive) of ``k [Hkv, Lk, D]`` at grouped positions: ``[Hkv, last - first + 1, D]``.
-
-        With ``available`` (the index of the newest key that exists), keys past ``last`` up to it are
-        rotated ahead, up to :data:`KEYS_AHEAD` at a time, so a decode step rarely rotates anything."""
-        need = last - self.first + 1
-        if self.count < need:
-            upto = need if available is None else max(need, min(need + KEYS_AHEAD - 1, available - self.first + 1))
-            start = self.first + self.count
-            new = _keys_to_grouped(k[:, start : self.first + upto], self.first_position + self.count, self.shift,
-                                   settings, self.group_size, rotary)  # [Hkv, upto - count, D]
-            if needs_grad(new) or (self.buffer is not None and self.buffer.requires_grad):
-                # autograd: earlier slices of the buffer may be saved for backward; never write into it
-                self.buffer = new if not self.count else torch.cat((self.buffer[:, : self.count], new), dim=1)
-                self.rotated += upto - self.count
-                self.count = upto
-                return self.buffer[:, :need]
-            if self.buffer is None or self.buffer.shape[1] < upto:  # grow by 1/8: at most 12.5% unused
-                capacity = upto + max(KEYS_AHEAD, self.count // 8) if self.count else upto
-                grown = torch.empty(k.shape[0], capacity, k.shape[2], dtype=k.dtype, device=k.device)
-                if self.count:
-                    grown[:, : self.count] = self.buffer[:, : self.count]
-                self.buffer = grown
-            self.buffer[:, self.count : upto] = new
-            self.rotated += upto - self.count
-            self.count = upto
-        return self.buffer[:, :need]
-
-
-def grouped_keys(key_cache: dict, group_size: float, first: int, first_position: int, shift: int) -> GroupedKeys:
-    """The :class:`GroupedKeys` of ``key_cache`` (group size -> GroupedKeys) for this row layout, made
-    anew if the layout changed. Smaller group sizes are dropped: positions only grow, so an automatic
-    G never returns to a smaller value (unless the cache is cut back, and then they are rebuilt)."""
-    keys = key_cache.get(group_size)
-    if keys is None or not keys.serves(first, first_position, shift):
-        keys = key_cache[group_size] = GroupedKeys(first, first_position, shift, group_size)
-        for g in [g for g in key_cache if g < group_size]:
-            del key_cache[g]
-    return keys
+def _log_scaled(row: Row, pretrained_length: int) -> Row:
+    """``row`` with each query multiplied by ``max(1, log(p + 1) / log(L))`` (the log-n temperature)."""
+    factor = torch.clamp(torch.log(row.positions.double() + 1) / math.log(pretrained_length), min=1.0)
+    q = (row.q.float() * factor.float()[None, :, None]).to(row.q.dtype)
+    return Row(q, row.k, row.v, row.first_position, row.key_offset, row.scale, row.softcap, row.shift)
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,37 +325,25 @@ def grouped_keys(key_cache: dict, group_size: float, first: int, first_position:
 # --------------------------------------------------------------------------------------------
 
 
-def _group_of(settings, position):
-    """(group size, first later position where it changes, or None) for a query at ``position``."""
-    w = settings.window
-    if position < w and settings.group_size_at(position) != 1:  # nothing grouped yet, G > 1 from w on
-        return 1, w
-    g = 1 if settings.is_plain(position) else settings.group_size_at(position)
-    return g, settings.next_group_change(position)
+def _blocks(runs, first_position: int, start: int, lq: int, block_size: int):
+    """Rows ``start..lq-1`` of a call whose first query is at ``first_position``, as ``(row_start,
+    row_end, G)`` blocks of about ``block_size`` rows (at most 1.25x) inside the schedule's ``runs``."""
+    blocks = []
+    for run_start, run_end, g in runs:
+        row, end_of_run = max(start, run_start - first_position), min(lq, run_end - first_position)
+        while row < end_of_run:
+            end = min(end_of_run, row + block_size)
+            if end_of_run - end < block_size // 4:
+                end = end_of_run  # no small last block: a few rows would cost as many kernel calls as a full one
+            blocks.append((row, end, g))
+            row = end
+    return blocks
 
 
-def _segments(settings, first_query_position, start, lq):
-    """Split rows ``start..lq-1`` into ``(row_start, row_end, group_size)`` blocks of about
-    ``block_size`` rows (at most 1.25x) that share one group size."""
-    segments, row = [], start
-    while row < lq:
-        g, change = _group_of(settings, first_query_position + row)
-        end = min(lq, row + settings.block_size)
-        if lq - end < settings.block_size // 4:
-            end = lq  # no small last block: a few rows would cost as many kernel calls as a full one
-        if change is not None:
-            end = min(end, change - first_query_position)
-        assert end > row, "segments must advance"
-        segments.append((row, end, g))
-        row = end
-    return segments
-
-
-def _pieces(q, k, v, rows, keys: Span, cuts, allowed: Span, key_offset, scale, softcap):
-    """Attention of query rows ``q [Hq, n, D]`` (positions ``rows [n]``, contiguous) over the keys at
-    positions ``keys.lo..keys.hi`` of ``k``/``v [Hkv, Lk, D]`` (key at position ``p`` has index
-    ``p + key_offset``), restricted to the distances ``allowed.lo <= p_i - p_j <= allowed.hi``, as
-    pieces split after each position in ``cuts``. A piece runs
+def _pieces(row: Row, q: torch.Tensor, rows: Span, keys: Keys, span: Span, cuts, allowed: Span):
+    """Attention of query rows ``q [Hq, n, D]`` at positions ``rows.lo..rows.hi`` over the keys of
+    ``keys`` at positions ``span.lo..span.hi``, restricted to the distances ``allowed.lo <= p_i - p_j <=
+    allowed.hi``, as pieces split after each position in ``cuts``. A piece runs
 
     * unmasked when every pair in it is allowed,
     * with the kernel's causal flag when it is a square whose allowed pairs form the lower
@@ -367,9 +351,9 @@ def _pieces(q, k, v, rows, keys: Span, cuts, allowed: Span, key_offset, scale, s
     * with an explicit ``[rows, keys]`` mask otherwise (only at sequence starts or tiny windows).
 
     Returns a list of ``(out [Hq, n, D], lse [Hq, n])``, one per piece that has an allowed pair."""
-    lo, hi = keys
+    lo, hi = span
     dmin, dmax = allowed
-    p0, p1 = int(rows[0]), int(rows[-1])
+    p0, p1 = rows
     bounds = sorted({lo - 1, hi, *[c for c in cuts if lo - 1 < c < hi]})
     plan = []  # (first key position, last key position, how)
     for a_excl, b in zip(bounds[:-1], bounds[1:]):
@@ -391,17 +375,17 @@ def _pieces(q, k, v, rows, keys: Span, cuts, allowed: Span, key_offset, scale, s
             plan.append((a, b, how))
     parts = []
     for a, b, how in plan:
-        ks, vs = k[:, a + key_offset : b + key_offset + 1], v[:, a + key_offset : b + key_offset + 1]
+        ks, vs = keys.between(a, b)
         if how == "all":
-            parts.append(attend(q, ks, vs, scale, None, softcap))
+            parts.append(attend(q, ks, vs, row.scale, None, row.softcap))
         elif how == "lower":
-            parts.append(attend(q, ks, vs, scale, None, softcap, causal=True))
+            parts.append(attend(q, ks, vs, row.scale, None, row.softcap, causal=True))
         elif how == "upper":
-            out, lse = attend(q.flip(1), ks.flip(1), vs.flip(1), scale, None, softcap, causal=True)
+            out, lse = attend(q.flip(1), ks.flip(1), vs.flip(1), row.scale, None, row.softcap, causal=True)
             parts.append((out.flip(1), lse.flip(1)))
         else:
-            d = rows[:, None] - torch.arange(a, b + 1)[None, :]
-            parts.append(attend(q, ks, vs, scale, (d >= dmin) & (d <= dmax), softcap))
+            d = torch.arange(p0, p1 + 1, device=q.device)[:, None] - torch.arange(a, b + 1, device=q.device)[None, :]
+            parts.append(attend(q, ks, vs, row.scale, (d >= dmin) & (d <= dmax), row.softcap))
     return parts
 
 
@@ -414,19 +398,19 @@ def _write(out: torch.Tensor, rows: slice, parts) -> None:
         target.copy_(merge(parts)[0])
 
 
-def _near_blocks(q, k, v, positions, s, e, first_pos, window, key_offset, scale, softcap, far, out):
-    """Rows ``s..e-1`` (positions ``positions[s:e]``) over their near keys, distances ``0..window-1``,
-    in sub-blocks of fewer than ``window`` rows (so each band is an upper triangle, an unmasked
-    middle and a lower triangle); each sub-block is merged with its rows of the ``far`` parts
-    (``[(out [Hq, e - s, D], lse [Hq, e - s])]``) into ``out [Hq, Lq, D]``."""
+def _near_blocks(row: Row, s: int, e: int, window: int, far, out: torch.Tensor) -> None:
+    """Rows ``s..e-1`` of ``row`` over their near keys, distances ``0..window-1``, in sub-blocks of
+    fewer than ``window`` rows (so each band is an upper triangle, an unmasked middle and a lower
+    triangle); each sub-block is merged with its rows of the ``far`` parts (``[(out [Hq, e - s, D],
+    lse [Hq, e - s])]``) into ``out [Hq, Lq, D]``."""
+    keys = Keys(row.k, row.v, row.key_offset)
     blocks = math.ceil((e - s) / max(1, window - 1))
     step = math.ceil((e - s) / blocks)  # even sub-blocks, each of at most window - 1 rows
     for a in range(s, e, step):
         b = min(e, a + step)
-        pa, pb = int(positions[a]), int(positions[b - 1])
-        keys = Span(max(first_pos, pa - window + 1), pb)
-        near = _pieces(q[:, a:b], k, v, positions[a:b], keys, [pb - window + 1, pa - 1], Span(0, window - 1),
-                       key_offset, scale, softcap)
+        pa, pb = row.first_position + a, row.first_position + b - 1
+        near = _pieces(row, row.q[:, a:b], Span(pa, pb), keys, Span(max(row.first_key_position, pa - window + 1), pb),
+                       [pb - window + 1, pa - 1], Span(0, window - 1))
         rows_of_far = [(o[:, a - s : b - s], lse[:, a - s : b - s]) for o, lse in far]
         _write(out, slice(a, b), rows_of_far + near)
 
@@ -439,87 +423,76 @@ def _merge_two(a, b) -> torch.Tensor:
     return torch.lerp(out_b.float(), out_a.float(), share)
 
 
-def _decode_step(q, k, v, p, key_offset, shift, settings, rotary, scale, softcap, key_cache):
-    """One query ``q [Hq, 1, D]`` at position ``p`` with grouped and neighbor keys both present: two
-    kernel calls and one merge (the common decode step). Returns ``[Hq, 1, D]`` float32, or None when
-    the general path is needed (a query near the start, or nothing grouped)."""
-    w = settings.window
-    first_key = max(0, key_offset)
-    first_pos = first_key - key_offset
-    if p < 0 or p - w < first_pos or settings.is_plain(p):
-        return None
-    g = settings.group_size_at(p)
-    last_grouped = p - w + key_offset  # index of the last key at distance >= w
-    kg = grouped_keys(key_cache, g, first_key, first_pos, shift).get(k, last_grouped, settings, rotary,
-                                                                     available=p + key_offset)
-    delta = grouped_query_position(p, w, g, settings.mode) - (p + shift)
-    qg = rotary.rotate_by(q, delta)
-    far = attend(qg, kg, v[:, first_key : last_grouped + 1], scale, None, softcap)
-    near = attend(q, k[:, last_grouped + 1 : p + key_offset + 1], v[:, last_grouped + 1 : p + key_offset + 1],
-                  scale, None, softcap)
-    return _merge_two(far, near)
+# --------------------------------------------------------------------------------------------
+# the entry points: one batch row
+# --------------------------------------------------------------------------------------------
 
 
-def selfextend_row(q, k, v, first_query_position, key_offset, settings, rotary, scale, softcap=None,
-                   key_cache=None, shift=0, out=None):
-    """SelfExtend attention for one batch row.
+def is_decode_step(row: Row, schedule: Schedule) -> bool:
+    """Whether ``row`` is one query with grouped and neighbor keys both present (the common decode
+    step: :func:`_decode_step`'s two kernel calls and one merge serve it)."""
+    p = row.first_position
+    return (row.q.shape[1] == 1 and not schedule.settings.log_scale and p >= 0
+            and p - schedule.settings.window >= row.first_key_position and not schedule.is_plain(p))
 
-    q ``[Hq, Lq, D]`` at positions ``first_query_position + arange(Lq)``; k/v ``[Hkv, Lk, D]`` where
-    key index ``j`` is at position ``j - key_offset`` (negative = left padding, never attended).
-    The model rotated q and k at ``position + shift``. ``key_cache`` maps group size ->
-    GroupedKeys (pass a persistent dict while decoding). Writes ``[Hq, Lq, D]`` into ``out`` (any
-    float dtype; made in q's dtype if None), zeros for left-padding rows, and returns it.
-    """
-    key_cache = {} if key_cache is None else key_cache
-    lq = q.shape[1]
+
+def _decode_step(row: Row, schedule: Schedule, rotary: Rotary, grouped_keys: GroupedKeysFn) -> torch.Tensor:
+    """The one query of a decode step (:func:`is_decode_step`): ``[Hq, 1, D]`` float32."""
+    w, p = schedule.settings.window, row.first_position
+    g = schedule.group_at(p)
+    last_grouped = p - w + row.key_offset  # index of the last key at distance >= w
+    kg = grouped_keys(g, last_grouped, p + row.key_offset)
+    qg = queries_to_grouped(row.q, p, row.shift, schedule, g, rotary)
+    far = attend(qg, kg, row.v[:, row.first_key : last_grouped + 1], row.scale, None, row.softcap)
+    near_k, near_v = row.k[:, last_grouped + 1 : p + row.key_offset + 1], row.v[:, last_grouped + 1 : p + row.key_offset + 1]
+    return _merge_two(far, attend(row.q, near_k, near_v, row.scale, None, row.softcap))
+
+
+def selfextend_row(row: Row, schedule: Schedule, rotary: Rotary, grouped_keys: GroupedKeysFn,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """SelfExtend attention for one batch row: ``[Hq, Lq, D]`` written into ``out`` (any float dtype;
+    made in q's dtype if None), zeros for left-padding rows, and returned.
+
+    The queries go in blocks that share one G (``schedule.runs``); each block attends to its far keys
+    at grouped positions (``grouped_keys``, query moved to ``p // G + w - w // G``) and to its near
+    keys at ordinary positions, merged by log-sum-exp."""
+    settings = schedule.settings
+    lq = row.q.shape[1]
     if out is None:
-        out = torch.empty(q.shape[0], lq, v.shape[-1], dtype=q.dtype, device=q.device)
-    if lq == 1 and not settings.log_scale:
-        fast = _decode_step(q, k, v, first_query_position, key_offset, shift, settings, rotary, scale, softcap,
-                            key_cache)
-        if fast is not None:
-            return out.copy_(fast)
-    first_key = max(0, key_offset)  # index of the first real key (position 0 or later)
-    first_pos = first_key - key_offset  # its position
-    positions = _positions(first_query_position, lq, q.device)
+        out = torch.empty(row.q.shape[0], lq, row.v.shape[-1], dtype=row.q.dtype, device=row.q.device)
+    if is_decode_step(row, schedule):
+        return out.copy_(_decode_step(row, schedule, rotary, grouped_keys))
     if settings.log_scale:
-        factor = torch.clamp(torch.log(positions.double() + 1) / math.log(settings.pretrained_length), min=1.0)
-        q = (q.float() * factor.float()[None, :, None]).to(q.dtype)
-
-    # Rows that are left padding (negative position) stay zero; split the rest into blocks of
-    # rows that share one group size (auto mode: G grows with the query position).
-    start = max(0, -first_query_position)
+        row = _log_scaled(row, settings.pretrained_length)
+    start = max(0, -row.first_position)  # rows before this are left padding: they stay zero
     out[:, :start] = 0
-    w = settings.window
-    for s, e, g in _segments(settings, first_query_position, start, lq):
-        p0, p1 = first_query_position + s, first_query_position + e - 1
-        rows = positions[s:e]
+    w, first_pos = settings.window, row.first_key_position
+    runs = schedule.runs(row.first_position + start, row.first_position + lq - 1) if start < lq else []
+    for s, e, g in _blocks(runs, row.first_position, start, lq, settings.block_size or block_rows(w)):
+        p0, p1 = row.first_position + s, row.first_position + e - 1
         if g == 1:  # ordinary causal attention: keys [first_pos, p1], any distance >= 0
-            _write(out, slice(s, e), _pieces(q[:, s:e], k, v, rows, Span(first_pos, p1), [p0 - 1], ANY_DISTANCE,
-                                             key_offset, scale, softcap))
+            parts = _pieces(row, row.q[:, s:e], Span(p0, p1), Keys(row.k, row.v, row.key_offset), Span(first_pos, p1),
+                            [p0 - 1], ANY_DISTANCE)
+            _write(out, slice(s, e), parts)
             continue
         far = []  # keys [first_pos, p1 - w] at grouped positions (distance >= w)
         if p1 - w >= first_pos:
-            last = p1 - w + key_offset
-            kg = grouped_keys(key_cache, g, first_key, first_pos, shift).get(k, last, settings, rotary)
-            qg = _queries_to_grouped(q[:, s:e], p0, shift, settings, g, rotary)
-            vg = v[:, first_key : last + 1]  # kg/vg index 0 is position first_pos
-            far = _pieces(qg, kg, vg, rows, Span(first_pos, p1 - w), [p0 - w - 1], Span(w, math.inf), -first_pos,
-                          scale, softcap)
-        _near_blocks(q, k, v, positions, s, e, first_pos, w, key_offset, scale, softcap, far, out)
+            last = p1 - w + row.key_offset
+            grouped = Keys(grouped_keys(g, last, None), row.v[:, row.first_key : last + 1], -first_pos)
+            qg = queries_to_grouped(row.q[:, s:e], p0, row.shift, schedule, g, rotary)
+            far = _pieces(row, qg, Span(p0, p1), grouped, Span(first_pos, p1 - w), [p0 - w - 1], Span(w, math.inf))
+        _near_blocks(row, s, e, w, far, out)
     return out
 
 
-def sliding_window_row(q, k, v, first_query_position, key_offset, window, scale, softcap=None, out=None):
+def sliding_window_row(row: Row, window: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention restricted to distances ``< window`` (a sliding-window layer), in blocks:
     memory O(block x (window + block)) instead of the ``[Lq, Lk]`` mask the original path builds.
-    Arguments as for :func:`selfextend_row`; ordinary positions only (nothing is grouped)."""
-    lq = q.shape[1]
+    Ordinary positions only (nothing is grouped); output as for :func:`selfextend_row`."""
+    lq = row.q.shape[1]
     if out is None:
-        out = torch.empty(q.shape[0], lq, v.shape[-1], dtype=q.dtype, device=q.device)
-    first_pos = max(0, key_offset) - key_offset
-    positions = _positions(first_query_position, lq, q.device)
-    start = max(0, -first_query_position)
+        out = torch.empty(row.q.shape[0], lq, row.v.shape[-1], dtype=row.q.dtype, device=row.q.device)
+    start = max(0, -row.first_position)
     out[:, :start] = 0
-    _near_blocks(q, k, v, positions, start, lq, first_pos, window, key_offset, scale, softcap, [], out)
+    _near_blocks(row, start, lq, window, [], out)
     return out

@@ -3,7 +3,7 @@
 Every (method, length) cell runs in its own subprocess, so peak memory is that cell's own: the
 resident set is sampled every 5 ms during the prefill and reported as the increase over the
 resident set just before it (on CUDA: the allocator's peak). After decoding, the memory SelfExtend
-keeps beside the KV cache (its rotated grouped keys, ``cache_state.decode_stats``) is reported too.
+keeps beside the KV cache (its rotated grouped keys, ``sequence.decode_stats``) is reported too.
 ``--dtype`` and ``--device`` choose the model's precision and device. Methods:
 
     plain       the model's own attention (SDPA)
@@ -108,7 +108,7 @@ def run_cell(model_spec: str, method_spec: str, length: int, decode_tokens: int,
 
     from . import generation
     from .assets import load_model, trained_length
-    from .cache_state import decode_stats
+    from .sequence import decode_stats
     from .evaluation.methods import applied
 
     model, _ = load_model(model_spec, dtype=getattr(torch, dtype))

@@ -210,8 +210,8 @@ def prefill(model, input_ids: torch.Tensor, cache: DynamicCache, chunk_size: int
     """Run the prompt ``input_ids`` ``[1, n]`` into ``cache`` in one pass, or in passes of
     ``chunk_size`` tokens, with a per-layer progress bar when ``progress``; return the logits
     ``[vocab]`` of its last token. In chunks, SelfExtend is told the prompt's length first, so it
-    chooses G for the whole prompt, as one pass would (``cache_state.prompt_length``)."""
-    from .cache_state import prompt_length
+    chooses G for the whole prompt, as one pass would (``sequence.prompt_length``)."""
+    from .sequence import prompt_length
 
     n = input_ids.shape[1]
     chunk = chunk_size or n

@@ -5,8 +5,8 @@ Integration uses transformers' public hooks only (no forward is replaced, no cla
 * ``AttentionInterface.register("selfextend", ...)`` receives q/k/v already rotated at their
   ordinary positions (k/v including the KV cache) plus ``position_ids``;
 * ``AttentionMaskInterface.register("selfextend", ...)`` receives the mask arguments. It returns a
-  small :class:`DeferredMask` instead of an L x L tensor; the original mask is built from it only
-  when a layer takes the original attention path (sliding-window layers, inputs that fit);
+  small :class:`~selfextend.call.DeferredMask` instead of an L x L tensor; the original mask is built
+  from it only when a layer takes the original attention path (inputs that fit);
 * ``model.set_attn_implementation("selfextend")`` selects both; ``disable`` restores the original
   implementation.
 
@@ -18,20 +18,18 @@ Where the state lives, so that copies, threads and caches behave:
 * the settings of an enabled model live on the model: ``model._selfextend`` (a :class:`ModelSetup`)
   and one :class:`LayerSetup` per attention module (``module._selfextend``). ``copy.deepcopy``,
   ``pickle`` and ``torch.save`` of an enabled model therefore give an enabled copy;
-* the state of one forward call (the cache it uses, positions per row) lives in the call: a forward
-  pre-hook on each attention module hands the call's KV cache to the attention function through a
-  thread-local slot, and the :class:`DeferredMask` (one per forward call) holds the positions;
-* grouped keys kept between decode steps live with the KV cache they belong to
-  (:mod:`selfextend.cache_state`), checked against it at every call.
+* the state of one forward call (the cache it uses, positions per row) lives in the call's
+  :class:`~selfextend.call.DeferredMask`, the object every attention layer of the call receives as
+  its mask; a forward pre-hook on each attention module hands it the call's KV cache;
+* what a sequence keeps between calls (its schedule of G, its grouped keys) lives with the KV cache it
+  belongs to (:mod:`selfextend.sequence`), checked against it at every call.
 """
 
 from __future__ import annotations
 
 import sys
-import threading
 import uuid
 import warnings
-import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -41,13 +39,13 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import output_capturing
 
-from . import cache_state
-from .attention import needs_grad, selfextend_row, sliding_window_row
+from .attention import DECODE_ROWS, Row, needs_grad, selfextend_row, sliding_window_row
+from .call import DeferredMask, hand_over_cache, row_layouts, selfextend_mask
 from .rope import Rotary, RotaryError, layer_rotary
+from .sequence import SequenceState, new_call, prompt_length, state_for
 from .settings import ContextLengthError, Settings
 
 ATTENTION_NAME = "selfextend"  # must not contain "sdpa" or "flash": transformers keys behaviour off them
-DECODE_ROWS = 64  # calls with at most this many queries keep their grouped keys for the next call
 
 # model_type -> what was tested (tests/test_attention.py builds a tiny model of each)
 SUPPORTED_MODEL_TYPES = {
@@ -96,120 +94,8 @@ class LayerSetup:
 
 
 # ------------------------------------------------------------------------------------------------
-# one forward call: its mask arguments, its KV cache, the positions of each batch row
+# the attention function
 # ------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RowLayout:
-    """Where one batch row's sequence sits in the key tensor."""
-
-    first_key: int  # index of the row's first real key: its position 0 (= left-padding keys before it)
-    shift: int  # the model rotated q/k at ``position + shift`` (position_ids need not start at 0)
-    last_position: int  # position of this call's last query
-    length: int  # tokens of the sequence so far: last_position + 1 less any right padding
-
-
-class DeferredMask:
-    """The arguments of transformers' mask factory, kept instead of the ``[B, 1, Lq, Lk]`` tensor it
-    would build, plus what SelfExtend derives from them once per forward call.
-
-    With a compileable cache (``StaticCache``) ``generate`` builds the mask itself and passes it back
-    into the model, which calls the mask factory again with it as ``attention_mask``; ``ndim`` and
-    ``shape`` describe the mask this object stands for, so transformers passes it through untouched.
-    """
-
-    ndim = 4
-
-    def __init__(self, kwargs: dict):
-        padding = kwargs.get("attention_mask")
-        if isinstance(padding, DeferredMask):
-            padding = padding.padding
-        kwargs = {**kwargs, "attention_mask": padding}
-        for name in ("q_offset", "kv_offset"):  # StaticCache passes tensors that its update() increments
-            if isinstance(kwargs.get(name), torch.Tensor):
-                kwargs[name] = int(kwargs[name])
-        self.kwargs = kwargs
-        self.padding: torch.Tensor | None = padding  # [B, >= kv_length] bool, True = real token
-        self.q_offset: int = int(kwargs.get("q_offset") or 0)  # keys already in the cache
-        self.kv_offset: int = int(kwargs.get("kv_offset") or 0)  # absolute index of key tensor index 0
-        self.local_size: int | None = kwargs.get("local_size")  # sliding window of this mask, if any
-        self.shape = (kwargs.get("batch_size"), 1, kwargs.get("q_length"), kwargs.get("kv_length"))
-        self._built = {}
-        self._layouts = None  # (position_ids, lq, layouts) of the first layer that asked
-
-    def build(self, implementation: str):
-        """The mask the original attention implementation would have received."""
-        if implementation not in self._built:
-            self._built[implementation] = ALL_MASK_ATTENTION_FUNCTIONS[implementation](**self.kwargs)
-        return self._built[implementation]
-
-    def layouts(self, position_ids: torch.Tensor | None, batch: int, lq: int) -> list[RowLayout]:
-        """Per batch row: where the sequence starts and how it was rotated (computed once per call)."""
-        if self._layouts is None or self._layouts[0] is not position_ids or self._layouts[1] != lq:
-            self._layouts = (position_ids, lq, row_layouts(self.padding, position_ids, self.q_offset, batch, lq))
-        return self._layouts[2]
-
-
-def row_layouts(padding, position_ids, q_offset: int, batch: int, lq: int) -> list[RowLayout]:
-    """Positions of each row of a call with ``lq`` queries after ``q_offset`` cached keys.
-
-    A row's first real token is its position 0: left padding (``padding`` False before the first
-    True) is skipped, as ``generate`` does. Trailing padding (right padding) is allowed; a gap inside
-    a sequence is refused. ``position_ids [B or 1, lq]`` (default ``q_offset + arange(lq)``) are the
-    positions the model rotated q and k at; they must be consecutive over the row's real queries,
-    and any constant offset from the real positions is handled as ``shift``."""
-    total = q_offset + lq
-    if padding is None:
-        starts, ends = [0] * batch, [total] * batch
-    else:
-        real = padding[:, :total].to("cpu", torch.bool)  # [B, total]
-        starts, ends = [], []
-        for b in range(batch):
-            where = real[b].nonzero().flatten()
-            if len(where) and not bool(real[b, int(where[0]) : int(where[-1]) + 1].all()):
-                raise NotImplementedError(
-                    "SelfExtend needs each sequence's tokens to be contiguous in the attention mask (left or "
-                    "right padding is fine); this mask has a gap inside a sequence")
-            starts.append(int(where[0]) if len(where) else total)
-            ends.append(int(where[-1]) + 1 if len(where) else total)
-    if position_ids is None:
-        rotated = torch.arange(q_offset, total)[None].expand(batch, lq)
-    else:
-        rotated = position_ids.to("cpu").expand(batch, lq)
-    layouts = []
-    for b, first_key in enumerate(starts):
-        first_row = max(0, first_key - q_offset)  # this call's first query that is a real token
-        own = rotated[b, first_row:]
-        if len(own) and not torch.equal(own - own[0], torch.arange(len(own))):
-            raise NotImplementedError(
-                "SelfExtend needs consecutive position_ids within each sequence (left padding is fine); "
-                "packed sequences or custom position_ids are not supported")
-        last_position = total - 1 - first_key
-        shift = int(rotated[b, -1]) - last_position if len(own) else 0
-        layouts.append(RowLayout(first_key, shift, last_position, max(0, ends[b] - first_key)))
-    return layouts
-
-
-@torch.compiler.disable  # under torch.compile too: it returns a Python object, not a tensor
-def selfextend_mask(**kwargs) -> DeferredMask:
-    return DeferredMask(kwargs)
-
-
-_CALL = threading.local()  # the KV cache of the attention module call running in this thread
-
-
-def _hand_over_cache(module, args, kwargs):
-    """Forward pre-hook on each attention module: the call's KV cache, for selfextend_attention."""
-    # "past_key_values" before transformers 5.24; GPT-NeoX hands it to its attention as "layer_past"
-    cache = kwargs.get("cache", kwargs.get("past_key_values", kwargs.get("layer_past")))
-    _CALL.module, _CALL.cache = module, (weakref.ref(cache) if cache is not None else None)
-
-
-def _call_cache(module):
-    if getattr(_CALL, "module", None) is not module or _CALL.cache is None:
-        return None
-    return _CALL.cache()
 
 
 @torch.compiler.disable
@@ -226,26 +112,28 @@ def selfextend_attention(module, query, key, value, attention_mask, dropout=0.0,
             "by selfextend.enable(model); call selfextend.enable on the model that owns it"
         )
     settings = setup.model.settings
-    mask = attention_mask
-    if mask is not None and not isinstance(mask, DeferredMask):
+    call = attention_mask
+    if call is not None and not isinstance(call, DeferredMask):
         raise NotImplementedError(
             "SelfExtend received a ready-made 4D attention mask; pass a 2D padding mask (or none) instead")
     batch, _, lq, _ = query.shape
-    sliding = mask is not None and mask.local_size is not None
-    if sliding and mask.local_size > settings.pretrained_length:
-        _warn_once(setup.model, "sliding", f"sliding window {mask.local_size} exceeds the pretrained length "
+    window = call.local_size if call is not None else None  # a sliding-window layer's window
+    if window is not None and window > settings.pretrained_length:
+        _warn_once(setup.model, "sliding", f"sliding window {window} exceeds the pretrained length "
                    f"{settings.pretrained_length}; this layer keeps its original attention (an [L, L] mask)")
-    q_offset = mask.q_offset if mask is not None else key.shape[2] - lq
+    q_offset = call.q_offset if call is not None else key.shape[2] - lq
     position_ids = kwargs.get("position_ids")
-    layouts = (mask.layouts(position_ids, batch, lq) if mask is not None
+    layouts = (call.layouts(position_ids, batch, lq) if call is not None
                else row_layouts(None, position_ids, q_offset, batch, lq))
-    state = None if sliding else _decode_state(module, setup, mask, q_offset, batch, lq)
-    per_row = _sequence_settings(module, setup, layouts, lq)
+    state = _sequence_state(setup.model, call, batch)
+    starts = [(row.last_position - (lq - 1) <= 0, row.length) for row in layouts]  # (holds position 0, length)
+    schedules = state.begin_call(call.serial if call is not None else new_call(), call.cache if call else None,
+                                 settings, starts, q_offset, setup.model.records_keys_layer)
 
-    plain = all(rs.is_plain(row.last_position) for rs, row in zip(per_row, layouts))
-    if plain or (sliding and mask.local_size > settings.pretrained_length):
+    plain = all(s.is_plain(row.last_position) for s, row in zip(schedules, layouts))
+    if plain or (window is not None and window > settings.pretrained_length):
         # Nothing is grouped: take the original path, bit-identical to the plain model.
-        original_mask = mask.build(_mask_impl(setup.model.original_impl)) if mask is not None else None
+        original_mask = call.build(_mask_impl(setup.model.original_impl)) if call is not None else None
         out = _original_attention(module, setup.model.original_impl)(
             module, query, key, value, original_mask, dropout=dropout, scaling=scaling, **kwargs)
     else:
@@ -255,70 +143,47 @@ def selfextend_attention(module, query, key, value, attention_mask, dropout=0.0,
             _warn_once(setup.model, "attentions", "output_attentions=True: SelfExtend never builds the attention "
                        "weights of inputs it groups (longer than its window), so layers that group return none; "
                        "inputs that fit return them as the model's own attention does")
-        if not sliding:
+        if window is None:
             limit_error = _limit_error(settings, max(row.last_position for row in layouts) + 1)
             if limit_error:
                 _warn_once(setup.model, "limit", limit_error)
-        kv_offset = mask.kv_offset if mask is not None else 0
-        out = _rows(module, setup, query, key, value, layouts, per_row, kv_offset, scaling, kwargs.get("softcap"),
-                    state, window=mask.local_size if sliding else None)
-    if state is not None and module.layer_idx == setup.model.records_keys_layer:
+        out = _rows(module, setup, query, key, value, layouts, schedules, call.kv_offset if call else 0, scaling,
+                    kwargs.get("softcap"), state, window)
+    if window is None and module.layer_idx == setup.model.records_keys_layer:
         state.end_call(key, q_offset + lq)
     return out
 
 
-def _sequence_settings(module, setup, layouts, lq) -> list[Settings]:
-    """The settings of each batch row's sequence (``Settings.for_sequence``): a call that holds a row from
-    its position 0 chooses the row's G from its length (or the length ``cache_state.prompt_length``
-    announced) and keeps that length with the KV cache; later calls on the cache read it back."""
-    settings = setup.model.settings
-    if not settings.chooses_per_sequence:
-        return [settings] * len(layouts)
-    cache = _call_cache(module)
-    kept = cache_state.sequence_groups(cache, setup.model.owner, len(layouts)) if cache is not None else None
-    out = []
-    for b, row in enumerate(layouts):
-        if row.last_position - (lq - 1) <= 0:  # the whole sequence so far is in this call
-            length = cache_state.announced_length(b, len(layouts)) or row.length
-            if kept is not None:
-                kept.lengths[b] = length
-        else:
-            length = kept.lengths[b] if kept is not None else None
-        out.append(settings.for_sequence(length) if length else settings)
-    return out
+def _sequence_state(setup: ModelSetup, call: DeferredMask | None, batch: int) -> SequenceState:
+    """The state of the call's sequences: kept with its KV cache, or (no cache) with the call itself."""
+    cache = call.cache if call is not None else None
+    if cache is not None:
+        return state_for(cache, setup.owner, batch, setup.records_keys_layer)
+    if call is None:
+        return SequenceState(setup.owner, batch, keeps_keys=False)
+    if call.transient is None:
+        call.transient = SequenceState(setup.owner, batch, keeps_keys=False)
+    return call.transient
 
 
-def _rows(module, setup, query, key, value, layouts, per_row, kv_offset, scaling, softcap, state, window=None):
-    """SelfExtend (or, with ``window``, sliding-window attention) for every batch row, in the model's
-    dtype, with ``per_row`` settings. ``key`` index ``j`` is absolute key index ``kv_offset + j``.
-    Returns ``([B, Lq, Hq, D], None)``."""
+def _rows(module, setup, query, key, value, layouts, schedules, kv_offset, scaling, softcap, state, window):
+    """SelfExtend (or, with a sliding ``window``, windowed attention) for every batch row, in the model's
+    dtype. ``key`` index ``j`` is absolute key index ``kv_offset + j``. Returns ``([B, Lq, Hq, D], None)``."""
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     batch, hq, lq, _ = query.shape
     out = torch.empty(batch, lq, hq, value.shape[-1], dtype=query.dtype, device=query.device)
-    for b, row in enumerate(layouts):
-        first_query_position = row.last_position - (lq - 1)
-        key_offset = row.first_key - kv_offset  # index in `key` of the row's position 0
+    keep = lq <= DECODE_ROWS and not needs_grad(query, key, value)  # decoding keeps grouped keys; autograd never
+    for b, layout in enumerate(layouts):
+        row = Row(query[b], key[b], value[b], layout.last_position - (lq - 1), layout.first_key - kv_offset, scale,
+                  softcap, layout.shift)
         target = out[b].transpose(0, 1)  # [Hq, Lq, D] view
         if window is not None:
-            sliding_window_row(query[b], key[b], value[b], first_query_position, key_offset, window, scale, softcap,
-                               out=target)
+            sliding_window_row(row, window, out=target)
             continue
-        keep = state is not None and lq <= DECODE_ROWS and not needs_grad(query, key, value)  # autograd: fresh keys
-        key_cache = state.key_cache(module.layer_idx, b) if keep else {}
-        selfextend_row(query[b], key[b], value[b], first_query_position, key_offset, per_row[b], setup.rotary, scale,
-                       softcap=softcap, key_cache=key_cache, shift=row.shift, out=target)
+        grouped = state.grouped_keys(module.layer_idx, b, key[b], row.first_key, row.first_key_position, row.shift,
+                                     schedules[b].settings, setup.rotary, keep)
+        selfextend_row(row, schedules[b], setup.rotary, grouped, out=target)
     return out, None
-
-
-def _decode_state(module, setup, mask, q_offset, batch, lq):
-    """The grouped-key state kept with this call's KV cache, checked against the cache (or None)."""
-    cache = _call_cache(module)
-    if cache is None or mask is None or not cache_state.keepable(cache, module.layer_idx):
-        return None
-    state = cache_state.state_for(cache, setup.model.owner, batch, create=lq <= DECODE_ROWS)
-    if state is not None:
-        state.begin_call(mask, cache, setup.model.records_keys_layer, q_offset, batch)
-    return state
 
 
 def _attentions_requested() -> bool:
@@ -389,7 +254,7 @@ class SelfExtendHandle:
     @property
     def group_size(self) -> int | None:
         """The fixed G, or None when G is chosen per input length (and for rerope)."""
-        return self.settings.group_size if self.settings.mode != "rerope" else None
+        return self.settings.group_size
 
     @property
     def mode(self) -> str:
@@ -526,13 +391,13 @@ def enable(model: nn.Module, group_size: int | None = None, window: int | None =
         model.generate = _GenerateForWholePrompts(model)
     for m in modules:
         m._selfextend = LayerSetup(setup, freqs[m].to(_device_of(m)))
-        m.register_forward_pre_hook(_hand_over_cache, with_kwargs=True)
+        m.register_forward_pre_hook(hand_over_cache, with_kwargs=True)
     return SelfExtendHandle(model)
 
 
 class _GenerateForWholePrompts:
     """``model.generate`` of an enabled model (an attribute of the model object, removed by ``disable``):
-    the class's own generate, with each prompt's length announced (``cache_state.prompt_length``), so
+    the class's own generate, with each prompt's length announced (``sequence.prompt_length``), so
     the G chosen per sequence is chosen for the whole prompt even when generate feeds it in chunks
     (``prefill_chunk_size``), and stays the prompt's for a generation without a KV cache
     (``use_cache=False``), as with one. Holds the model itself, so copies of the model (deepcopy,
@@ -546,7 +411,7 @@ class _GenerateForWholePrompts:
         lengths = _prompt_lengths(args, kwargs)
         if lengths is None:
             return type(self.model).generate(self.model, *args, **kwargs)
-        with cache_state.prompt_length(lengths):
+        with prompt_length(lengths):
             return type(self.model).generate(self.model, *args, **kwargs)
 
 
@@ -575,7 +440,7 @@ def disable(model: nn.Module) -> None:
         if "_selfextend" in m.__dict__ and m is not model:
             del m._selfextend
         for hook_id, hook in list(m._forward_pre_hooks.items()):
-            if hook is _hand_over_cache:
+            if hook is hand_over_cache:
                 del m._forward_pre_hooks[hook_id]
                 m._forward_pre_hooks_with_kwargs.pop(hook_id, None)
     if isinstance(model.__dict__.get("generate"), _GenerateForWholePrompts):

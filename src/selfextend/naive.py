@@ -20,6 +20,7 @@ from contextlib import contextmanager
 
 import torch
 
+from .schedule import Schedule
 from .settings import Settings
 
 ATTENTION_NAME = "selfextend_naive"
@@ -100,10 +101,10 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         raise NotImplementedError("the naive merge covers full-attention layers only (no sliding window)")
     settings, inv_freq = _MODULES[module]
     lq, lk = query.shape[2], key.shape[2]
-    settings = settings.for_sequence(lk)  # no KV state here: G from the keys the call sees (a prompt: as enable)
+    schedule = Schedule.for_sequence(settings, lk)  # no KV state here: G from the keys the call sees (a prompt)
     k_pos = torch.arange(lk)
     q_pos = k_pos[lk - lq:]
-    groups = torch.tensor([float(settings.group_size_at(int(p))) for p in q_pos], dtype=torch.float64)  # [Lq]
+    groups = torch.tensor([float(schedule.group_at(int(p))) for p in q_pos], dtype=torch.float64)  # [Lq]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = torch.stack([naive_attention(query[b], key[b], value[b], q_pos, k_pos, inv_freq, settings.window, groups,
                                        settings.mode, scale, softcap=kwargs.get("softcap"), dtype=query.dtype)

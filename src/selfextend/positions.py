@@ -85,26 +85,6 @@ def grouped_positions(
     raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
 
 
-def grouped_query_position(position: int, window: int, group_size: float, mode: str) -> float:
-    """The grouped position of one query (scalar form of :func:`grouped_positions`)."""
-    if mode == "rerope" or math.isinf(group_size):
-        return float(window)
-    if mode == "floor":
-        g = int(group_size)
-        return float(position // g + window - window // g)
-    return position / group_size + window - window / group_size
-
-
-def relative_distance(q_pos: int, k_pos: int, window: int, group_size: float, mode: str = "floor") -> float:
-    """The relative distance SelfExtend lets the model see for one causal pair (scalar helper)."""
-    d = q_pos - k_pos
-    if d < window:
-        return float(d)
-    qg, _ = grouped_positions(torch.tensor([q_pos]), window, group_size, mode)
-    _, kg = grouped_positions(torch.tensor([k_pos]), window, group_size, mode)
-    return float(qg[0] - kg[0])
-
-
 # -- rules that choose G and w from the input length ---------------------------------------------------
 # A rule is text, so a command line, a results file and the library can all name it:
 #     "cover"   w = L // 4, G = the smallest that covers the input (the paper's choice; the default)

@@ -24,6 +24,7 @@ import selfextend
 
 from ..assets import trained_length
 from ..positions import DEFAULT_RULE, rule_name
+from ..schedule import Schedule
 from ..settings import Settings
 
 ROPE_SCALING = {"linear": "linear", "dynamic": "dynamic", "yarn": "yarn"}
@@ -146,15 +147,15 @@ def computation(method: Method, pretrained_length: int, length: int, generated: 
         return None
     settings = selfextend_settings(method, pretrained_length=pretrained_length)
     last = length + generated - 1
-    if settings.group_size is None:
-        sequence = settings.for_sequence(length)  # leaky and rerope: the same settings, G per position
-        if last < pretrained_length and sequence.group_size_at(last) == 1:
+    if settings.group_size is None and settings.mode != "rerope":
+        schedule = Schedule.for_sequence(settings, length)  # leaky: G per position
+        if last < pretrained_length and schedule.group_for(last + 1) == 1:
             return ("plain",)
-        g = sequence.sequence_group
-        if g is None or sequence.group_size_at(last) != g:  # G per position, or the sequence outgrows its G
+        g = schedule.chosen
+        if g is None or schedule.group_for(last + 1) != g:  # G per position, or the sequence outgrows its G
             return None
         return settings.mode, g, settings.window
-    return settings.mode, settings.group_size, settings.window
+    return settings.mode, math.inf if settings.mode == "rerope" else settings.group_size, settings.window
 
 
 def recorded_settings(method: Method, pretrained_length: int, length: int) -> dict:
@@ -168,7 +169,7 @@ def settings_record(settings: Settings, length: int) -> dict:
     """G and w used for an input of ``length`` tokens, as results record them (rerope's infinite G is
     written "inf", so the JSON stays strict)."""
     g = settings.group_size_for(length)
-    rule = {"rule": settings.rule} if settings.group_size is None else {}
+    rule = {"rule": settings.rule} if settings.group_size is None and settings.mode != "rerope" else {}
     return {"G": g if math.isfinite(g) else "inf", "w": settings.window, **rule}
 
 
