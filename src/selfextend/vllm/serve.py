@@ -63,6 +63,8 @@ def serve_command(args) -> list[str]:
     parsed again to prove vLLM will see SelfExtend's settings."""
     from . import engine_args
 
+    settings = dict(group_size=args.group_size, window=args.window, max_model_len=args.max_model_len, rule=args.rule)
+    engine_args(args.model, **settings)  # SelfExtend's own flags first, refused before vLLM's CLI is imported
     if any(re.match(r"--model(=|$)", word) for word in args.vllm_args):
         raise ValueError("--model is given after --; give the model as vllm-serve's --model, before --")
     user = parse_vllm_args([args.model, *args.vllm_args])  # a second model would be an unrecognized argument
@@ -70,8 +72,7 @@ def serve_command(args) -> list[str]:
         raise ValueError(f"--max-model-len {user.max_model_len} is given after --; give it before -- "
                          "(vllm-serve checks it against SelfExtend's limit)")
     options = {name: getattr(user, name) for name in CHECKED_OPTIONS if getattr(user, name, None) is not None}
-    kwargs = engine_args(args.model, group_size=args.group_size, window=args.window, max_model_len=args.max_model_len,
-                         rule=args.rule, hf_overrides=user.hf_overrides or None, **options)
+    kwargs = engine_args(args.model, **settings, hf_overrides=user.hf_overrides or None, **options)
     command = ["serve", kwargs["model"], "--max-model-len", str(kwargs["max_model_len"]),
                "--hf-overrides", json.dumps(kwargs["hf_overrides"], separators=(",", ":")),
                *without_hf_overrides(args.vllm_args)]
