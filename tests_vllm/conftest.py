@@ -153,13 +153,15 @@ def engine(model: str, selfextend: bool = True, keep_switch: bool = False, group
 
 
 def switch_off() -> None:
-    """Undo ``engine_args``' switch in this process (env var and backend override)."""
+    """Undo the switch in this process (env var, backend override, vLLM's memo of chosen backends)."""
+    from vllm.v1.attention import selector
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
     from selfextend.vllm import SWITCH_ENV
 
     os.environ.pop(SWITCH_ENV, None)
     AttentionBackendEnum.CPU_ATTN.clear_override()
+    selector._cached_get_attn_backend.cache_clear()
 
 
 def worker_backends(llm) -> list[tuple[str, bool]]:

@@ -7,9 +7,9 @@
 
 ``engine_args`` returns the keyword arguments for ``vllm.LLM`` (or ``EngineArgs``): the settings in
 ``hf_overrides`` (they reach every worker process), the RoPE table sized for ``max_model_len``, and
-``max_model_len`` itself capped at SelfExtend's limit ``(L - w) * G + w``. It also switches the
-plugin on for this process and the processes it starts (``SELFEXTEND_VLLM=1``). From the command
-line: ``selfextend vllm-serve``, or ``vllm serve`` with the flags it prints.
+``max_model_len`` itself capped at SelfExtend's limit ``(L - w) * G + w``. The settings are the
+switch: an engine whose config carries them runs SelfExtend or refuses to start (``plugin``). From the
+command line: ``selfextend vllm-serve``, or ``vllm serve`` with the flags it prints.
 
 Modules: ``config`` (settings, checks), ``plan`` / ``paged`` (the per-step geometry and the torch
 attention), ``cpu_backend`` / ``cuda_backend`` (vLLM backends), ``plugin`` (registration),
@@ -24,8 +24,11 @@ from .config import (
     SETTINGS_KEY,
     EngineSettings,
     UnsupportedConfigError,
+    apply_overrides,
     check_engine_options,
     check_model_config,
+    check_plugin_allowed,
+    check_user_overrides,
     choose_settings,
     hf_overrides_for,
 )
@@ -46,33 +49,46 @@ def engine_args(model: str | os.PathLike, *, group_size: int | None = None, wind
     window             w, default the rule's (L // 8 for "f=F", L // 4 for "cover")
     max_model_len      longest request (prompt + output); default and maximum: (L - w) * G + w
     pretrained_length  L, default the model's max_position_embeddings
-    **other            any other vLLM engine argument, passed through (hf_overrides are merged)
+    **other            any other vLLM engine argument, passed through; ``hf_overrides`` are merged
+                       with SelfExtend's (they may not set ``selfextend`` or ``max_position_embeddings``)
+                       and the model is checked with them applied
 
     Raises ValueError (``UnsupportedConfigError`` for unsupported models or options) naming what to
-    change; nothing is switched on then."""
+    change; nothing is switched on then. The returned settings are themselves the switch: vLLM,
+    with this package installed, runs SelfExtend for them or refuses (see ``plugin``)."""
     from .models import hf_folder
 
-    folder = hf_folder(model)
-    config = _text_config(folder, other)
-    check_model_config(config)
+    check_plugin_allowed(_vllm_plugins())
     check_engine_options(other)
+    user_overrides = check_user_overrides(other.pop("hf_overrides", None))
+    folder = hf_folder(model)
+    config = _text_config(folder, other, user_overrides)  # as vLLM will build it
+    check_model_config(config)
     L = pretrained_length if pretrained_length is not None else getattr(config, "max_position_embeddings", None)
     if not isinstance(L, int):
         raise ValueError("the model config has no max_position_embeddings; pass pretrained_length=")
     settings, max_model_len = choose_settings(L, group_size, window, max_model_len, rule)
-    overrides = hf_overrides_for(settings, max_model_len, other.pop("hf_overrides", None))
+    overrides = hf_overrides_for(settings, max_model_len, user_overrides)
     if _on_cuda():
         other.setdefault("attention_backend", "FLASH_ATTN")  # the backend SelfExtend replaces there
     switch_on()
     return {"model": str(folder), **other, "max_model_len": max_model_len, "hf_overrides": overrides}
 
 
-def _text_config(folder, other: dict):
-    """The model's (text) config, as transformers reads it."""
+def _text_config(folder, other: dict, overrides: dict | None):
+    """The model's (text) config, as transformers reads it, with ``overrides`` applied as vLLM does."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=bool(other.get("trust_remote_code", False)))
+    config = apply_overrides(config, overrides)
     return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _vllm_plugins() -> list[str] | None:
+    """vLLM's plugin allow-list (``VLLM_PLUGINS``), None when every plugin loads."""
+    from vllm import envs
+
+    return envs.VLLM_PLUGINS
 
 
 def _on_cuda() -> bool:

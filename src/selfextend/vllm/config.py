@@ -21,11 +21,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ..positions import DEFAULT_RULE, rule_window
+from ..positions import DEFAULT_MAX_GROUP_SIZE, DEFAULT_RULE, rule_window
 from ..positions import choose_settings as rule_settings  # not this module's choose_settings
 from ..settings import Settings
 
 SETTINGS_KEY = "selfextend"  # the key in hf_overrides / the model config
+TABLE_KEY = "max_position_embeddings"  # raised in hf_overrides so that vLLM's RoPE table reaches max_model_len
+PLUGIN_NAME = "selfextend"  # the entry point's name in vllm.general_plugins (what VLLM_PLUGINS must list)
 SUPPORTED_ROPE_TYPES = ("default", "llama3")  # pure rotations whose frequencies ignore max_position_embeddings
 
 
@@ -48,6 +50,10 @@ class EngineSettings:
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
             raise ValueError(f"group_size must be a whole number >= 1 in vLLM (one G per engine), "
                              f"got {self.group_size!r}")
+        if self.group_size > DEFAULT_MAX_GROUP_SIZE:  # the library's automatic G stops there too
+            raise ValueError(f"group_size={self.group_size} is more than {DEFAULT_MAX_GROUP_SIZE}, the largest G "
+                             "SelfExtend uses (selfextend.positions.DEFAULT_MAX_GROUP_SIZE); choose G <= "
+                             f"{DEFAULT_MAX_GROUP_SIZE} (G sets the RoPE table vLLM builds: (L - w) * G + w rows)")
         self.as_settings()  # validates L and w with the library's own rules
 
     def as_settings(self) -> Settings:
@@ -86,7 +92,13 @@ def settings_from_config(hf_config) -> EngineSettings | None:
     data = getattr(hf_config, SETTINGS_KEY, None)
     if data is None and hasattr(hf_config, "get_text_config"):
         data = getattr(hf_config.get_text_config(), SETTINGS_KEY, None)
-    return None if data is None else EngineSettings.from_dict(data)
+    if data is None:
+        return None
+    try:
+        return EngineSettings.from_dict(data)
+    except ValueError as e:
+        raise UnsupportedConfigError(f"the model config's SelfExtend settings ({SETTINGS_KEY!r} in hf_overrides) "
+                                     f"are invalid: {e}") from None
 
 
 def check_model_config(hf_config) -> None:
@@ -166,10 +178,57 @@ def choose_settings(pretrained_length: int, group_size: int | None, window: int 
 
 
 def hf_overrides_for(settings: EngineSettings, max_model_len: int, user_overrides: dict | None = None) -> dict:
-    """``hf_overrides`` carrying the settings, with the RoPE table sized for ``max_model_len``."""
+    """``hf_overrides`` carrying the settings, with the RoPE table sized for ``max_model_len``, merged
+    with the user's own overrides; a user override of either key SelfExtend sets is refused by name."""
+    overrides = check_user_overrides(user_overrides)
+    overrides[SETTINGS_KEY] = settings.to_dict()
+    overrides[TABLE_KEY] = max(max_model_len, settings.pretrained_length)
+    return overrides
+
+
+def check_user_overrides(user_overrides) -> dict:
+    """A copy of the user's ``hf_overrides`` (``{}`` for None); refuses a non-dict and, by name, the
+    two keys SelfExtend sets itself (a silent overwrite would drop one side's value)."""
     if user_overrides is not None and not isinstance(user_overrides, dict):
         raise ValueError("hf_overrides must be a dict when SelfExtend adds its settings to it")
     overrides = dict(user_overrides or {})
-    overrides[SETTINGS_KEY] = settings.to_dict()
-    overrides["max_position_embeddings"] = max(max_model_len, settings.pretrained_length)
+    if SETTINGS_KEY in overrides:
+        raise ValueError(f"hf_overrides already has a {SETTINGS_KEY!r} entry: SelfExtend writes it from "
+                         "group_size, window, max_model_len and rule (-G, -w, --max-model-len, --rule); remove it")
+    if TABLE_KEY in overrides:
+        raise ValueError(f"hf_overrides sets {TABLE_KEY!r}: SelfExtend sets it to max_model_len so that vLLM's "
+                         "RoPE table covers every position (the trained length is pretrained_length); remove it")
     return overrides
+
+
+def apply_overrides(config, overrides: dict | None):
+    """``config`` (a transformers config, changed in place and returned) with ``hf_overrides``
+    applied as vLLM 0.32 applies them (``ModelConfig``): a dict value updates a nested config of
+    that name key by key, any other value replaces the attribute."""
+    for key, value in (overrides or {}).items():
+        nested = getattr(config, key, None)
+        if isinstance(value, dict) and nested is not None and hasattr(nested, "to_dict"):
+            _update_nested(nested, value)
+        else:
+            setattr(config, key, value)
+    return config
+
+
+def _update_nested(target, updates: dict) -> None:
+    for key, value in updates.items():
+        nested = target.get(key) if isinstance(target, dict) else getattr(target, key, None)
+        if isinstance(value, dict) and nested is not None and (isinstance(nested, dict) or hasattr(nested, "__dict__")):
+            _update_nested(nested, value)
+        elif isinstance(target, dict):
+            target[key] = value
+        else:
+            setattr(target, key, value)
+
+
+def check_plugin_allowed(vllm_plugins: list[str] | None) -> None:
+    """Refuse when ``VLLM_PLUGINS`` (vLLM's allow-list of plugins, None when unset) leaves SelfExtend's
+    out: vLLM would then never load the plugin and serve the settings with plain attention."""
+    if vllm_plugins is not None and PLUGIN_NAME not in vllm_plugins:
+        raise UnsupportedConfigError(
+            f"VLLM_PLUGINS={','.join(vllm_plugins)!r} leaves out the {PLUGIN_NAME!r} plugin, so vLLM would serve "
+            f"plain attention: add {PLUGIN_NAME} to VLLM_PLUGINS or unset it")

@@ -37,6 +37,13 @@ def check_vllm_config(vllm_config, settings: EngineSettings) -> None:
         raise UnsupportedConfigError(
             f"max_model_len={max_len} is beyond SelfExtend's extended limit {settings.limit} "
             f"({settings.describe()}); pass --max-model-len {settings.limit} or less")
+    model_config = vllm_config.model_config
+    table = getattr(getattr(model_config, "hf_text_config", None) or model_config.hf_config,
+                    "max_position_embeddings", None)
+    if isinstance(table, int) and table < max_len:  # possible with VLLM_ALLOW_LONG_MAX_MODEL_LEN=1
+        raise UnsupportedConfigError(
+            f"max_model_len={max_len} is beyond the model's RoPE table (max_position_embeddings={table}); "
+            f"set max_position_embeddings to {max_len} in hf_overrides (engine_args and vllm-serve do)")
 
 
 def check_layer(sliding_window, alibi_slopes, logits_soft_cap, sinks, attn_type, kv_sharing) -> None:
