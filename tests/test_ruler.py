@@ -117,3 +117,27 @@ def test_eval_ruler_runs_resumes_and_reports(tiny, essays, tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "## RULER" in report and "| niah_single_2 | single needle | 700 |" in report
     assert main(["eval", "ruler", "--model", str(tiny), "--out", str(out), "--tasks", "nope"]) == 2
+
+
+def _record(method, length, task, question, value):
+    return {"trial": dict(experiment="ruler", method=method, length=length, task=task, haystack=0, sets=10,
+                          question=question, seed=0), "score": value}
+
+
+def test_average_is_rulers_mean_of_task_means_and_effective_length_uses_the_interval():
+    from selfextend.evaluation.ruler_report import averages, effective_length, ruler_section
+
+    records = [_record("plain", 4096, "niah_single_2", q, 1.0 if q < 8 else 0.0) for q in range(10)]
+    records += [_record("plain", 4096, "niah_multivalue", q, 0.5) for q in range(10)]
+    records += [_record("plain", 16384, "niah_single_2", q, 0.0) for q in range(10)]
+    records += [_record("plain", 16384, "niah_multivalue", q, 0.0) for q in range(10)]
+    records += [_record("dca", n, t, q, 1.0 if q < 6 else 0.0) for n in (4096, 16384)
+                for t in ("niah_single_2", "niah_multivalue") for q in range(10)]
+    avg = averages(records)
+    assert avg[("plain", 4096)][0] == pytest.approx((0.8 + 0.5) / 2)  # mean over tasks of each task's mean
+    assert avg[("plain", 4096)][4] == 20
+    bar = avg[("plain", 4096)][0]
+    assert effective_length(avg, "plain", [4096, 16384], bar) == "4096"  # 0/20 at 16k: interval below 0.65
+    assert effective_length(avg, "dca", [4096, 16384], bar) == ">= 16384"  # 12/20: its interval reaches 0.65
+    section = ruler_section(records, ["plain", "dca"])
+    assert "| niah_single_2 | single needle | 16384 | 0/10 [0-28] | 6/10 [31-83] |" in section
