@@ -16,7 +16,8 @@ from pathlib import Path
 from ..commands.common import (CommandError, add_model_argument, add_selfextend_arguments, bad_input,
                                check_output_folder, positive_int, positive_ints)
 from .experiments import EXPERIMENTS, FolderBusy, FolderLock, Grid, Inputs, Runner, trials
-from .methods import ALL_METHODS, check_method, parse_method, resolve_methods, selfextend_method
+from .methods import DEFAULT_METHODS, PEERS, check_method, parse_method, resolve_methods, selfextend_method
+from .ruler_runner import HaystackInputs, estimate, timing_model
 
 
 def depth_list(text: str) -> list[float]:
@@ -30,6 +31,17 @@ def depth_list(text: str) -> list[float]:
     return values
 
 
+def task_list(text: str) -> list[str]:
+    """argparse type: comma-separated RULER task names."""
+    from .ruler import TASKS
+
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if not tasks or unknown:
+        raise argparse.ArgumentTypeError(f"unknown RULER task {(unknown or [text])[0]!r}; choose from {', '.join(TASKS)}")
+    return tasks
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = Grid(methods=[])
     parser.add_argument("experiments", nargs="*", metavar="EXPERIMENT",
@@ -37,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_argument(parser)
     add_selfextend_arguments(parser)
     parser.add_argument("--out", type=Path, default=None, help="results folder (default results/eval/<model>)")
-    parser.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma-separated, default {','.join(ALL_METHODS)}; "
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated, default "
+                        f"{','.join(DEFAULT_METHODS)}; also {', '.join(PEERS)} (STRING, DCA: selfextend.peers); "
                         "a SelfExtend mode takes fixed settings as name:G:w, e.g. selfextend:4:1024; "
                         "selfextend@RULE picks G and w per input length: @cover (w = L/4, the smallest G that "
                         "covers the input) or @f=F (w = L/8, grouped distances below F*L), e.g. selfextend@f=0.5, "
@@ -51,6 +64,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ablation-length", type=positive_int, default=d.ablation_length)
     parser.add_argument("--ablation-groups", type=positive_ints, default=d.ablation_groups)
     parser.add_argument("--ablation-windows", type=positive_ints, default=d.ablation_windows)
+    parser.add_argument("--tasks", type=task_list, default=d.ruler_tasks,
+                        help=f"ruler: RULER tasks, comma-separated (default all: {','.join(d.ruler_tasks)})")
+    parser.add_argument("--haystacks", type=positive_int, default=d.haystacks,
+                        help="ruler: haystacks per task and length (one prefill each per method)")
+    parser.add_argument("--questions", type=positive_int, default=d.questions,
+                        help="ruler: needle sets asked per haystack, for the tasks that name a key (cwe, fwe: 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--report-only", action="store_true", help="only rewrite report.md and plots")
 
@@ -63,7 +82,7 @@ def run(args) -> int:
     with bad_input():
         selfextend = selfextend_method(args.group_size, args.window, args.mode, args.rule)
         methods = resolve_methods(args.methods, selfextend)
-    experiments = args.experiments or list(EXPERIMENTS)
+    experiments = args.experiments or [e for e in EXPERIMENTS if e != "ruler"]
     unknown = [e for e in experiments if e not in EXPERIMENTS]
     if unknown:
         raise CommandError(f"unknown experiment {unknown[0]!r}; choose from {', '.join(EXPERIMENTS)}")
@@ -79,25 +98,29 @@ def run(args) -> int:
     grid = Grid(methods=methods, lengths=args.lengths, depths=args.depths, keys=args.keys,
                 key_digits=args.key_digits, keylength_length=args.keylength_length,
                 ppl_sequences=args.ppl_sequences, ablation_length=args.ablation_length,
-                ablation_groups=args.ablation_groups, ablation_windows=args.ablation_windows, seed=args.seed)
+                ablation_groups=args.ablation_groups, ablation_windows=args.ablation_windows,
+                ruler_tasks=args.tasks, haystacks=args.haystacks, questions=args.questions, seed=args.seed)
     todo = {experiment: trials(experiment, grid) for experiment in experiments}
     with bad_input():
         for spec in dict.fromkeys([selfextend.spec] + [t["method"] for ts in todo.values() for t in ts]):
             check_method(parse_method(spec), config)
     tokenizer = load_tokenizer(args.model)
     inputs = Inputs(tokenizer)
+    ruler_inputs = HaystackInputs(tokenizer) if "ruler" in todo else None
     with bad_input():
-        for experiment_trials in todo.values():
-            inputs.check(experiment_trials)
+        for experiment, experiment_trials in todo.items():
+            (ruler_inputs if experiment == "ruler" else inputs).check(experiment_trials)
 
     with results_lock(out):  # a second run on this folder is refused before its weights load
         model, _ = load_model(args.model, tokenizer=tokenizer)
         _record_command(out, getattr(args, "command_line", None))
         runner = Runner(model, tokenizer, out, inputs=inputs)
         header = _header(out, model_name(args.model), L)
+        if "ruler" in todo:
+            print(estimate(todo["ruler"], runner, timing_model(model)), file=sys.stderr, flush=True)
         for experiment in experiments:
             print(f"== {experiment}", file=sys.stderr, flush=True)
-            runner.run(todo[experiment])
+            runner.run(todo[experiment], ruler_inputs)
             path = write_report(out, L, header, runner.records)
     print(f"report: {path}")
     return 0

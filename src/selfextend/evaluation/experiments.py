@@ -26,8 +26,10 @@ from tqdm.auto import tqdm
 from .. import prompts
 from ..generation import generate
 from .methods import Method, applied, computation, log_likelihoods, parse_method, recorded_settings
+from .ruler import TASKS as RULER_TASKS
+from .ruler_runner import HaystackInputs, run_ruler, ruler_trials
 
-EXPERIMENTS = ("passkey", "keylength", "needle", "perplexity", "ablation")
+EXPERIMENTS = ("passkey", "keylength", "needle", "perplexity", "ablation", "ruler")
 
 
 @dataclass
@@ -43,6 +45,9 @@ class Grid:
     ablation_length: int = 16384
     ablation_groups: list[int] = field(default_factory=lambda: [2, 4, 8, 16])
     ablation_windows: list[int] = field(default_factory=lambda: [512, 1024, 2048, 4096])
+    ruler_tasks: list[str] = field(default_factory=lambda: list(RULER_TASKS))
+    haystacks: int = 1                              # ruler: haystacks per task and length
+    questions: int = 10                             # ruler: needle sets (questions) per haystack, where the task allows
     seed: int = 0
 
 
@@ -72,6 +77,8 @@ def trials(experiment: str, grid: Grid) -> list[dict]:
             for seq in range(grid.ppl_sequences):
                 out += [dict(experiment=experiment, method=m.spec, length=length, sequence=seq)
                         for m in grid.methods]
+    elif experiment == "ruler":
+        out = ruler_trials(grid.methods, grid.lengths, grid.ruler_tasks, grid.haystacks, grid.questions, grid.seed)
     elif experiment == "ablation":
         for w in grid.ablation_windows:
             for g in grid.ablation_groups:
@@ -85,8 +92,10 @@ def trials(experiment: str, grid: Grid) -> list[dict]:
 # what a record of each experiment holds: its trial's fields, and the number the report reads
 TRIAL_FIELDS = {"passkey": ("method", "length", "depth", "key"), "keylength": ("method", "length", "depth", "key"),
                 "needle": ("method", "length", "depth"), "perplexity": ("method", "length", "sequence"),
-                "ablation": ("method", "length", "group_size", "window", "sequence")}
-RESULT_FIELD = {"passkey": "score", "keylength": "score", "needle": "score", "perplexity": "ppl", "ablation": "ppl"}
+                "ablation": ("method", "length", "group_size", "window", "sequence"),
+                "ruler": ("method", "length", "task", "haystack", "sets", "question", "seed")}
+RESULT_FIELD = {"passkey": "score", "keylength": "score", "needle": "score", "perplexity": "ppl", "ablation": "ppl",
+                "ruler": "score"}
 
 
 def trial_key(trial: dict) -> str:
@@ -303,6 +312,8 @@ class Runner:
         # a generating trial decodes at most max_new_tokens + len(answer) // 2 tokens (run_one); answers
         # are at most 100 digits, so 64 more positions bound every one of them
         generated = self.max_new_tokens + 64 if RESULT_FIELD[trial["experiment"]] == "score" else 0
+        if trial["experiment"] == "ruler":
+            generated = max(spec.new_tokens for spec in RULER_TASKS.values())
         try:
             computed = computation(parse_method(trial["method"]), self.pretrained_length, trial["length"], generated)
         except ValueError:  # a rule this model cannot run (a record from another model): nothing is shared
@@ -318,11 +329,9 @@ class Runner:
 
     def _finished(self, trial: dict) -> dict:
         """The record of ``trial``: copied from an equal computation if there is one, else run now."""
-        earlier = self.computed.get(self.same_computation(trial))
-        if earlier is not None:
-            settings = recorded_settings(parse_method(trial["method"]), self.pretrained_length, trial["length"])
-            return {**earlier, "trial": trial, "settings": settings, "seconds": 0.0,
-                    "same_as": earlier["trial"]["method"]}
+        copy = self.copied(trial)
+        if copy is not None:
+            return copy
         t0 = time.perf_counter()
         result = self.run_one(trial)
         return {"trial": trial, **result, "seconds": round(time.perf_counter() - t0, 2)}
@@ -331,7 +340,29 @@ class Runner:
     def records(self) -> list[dict]:
         return list(self.done.values())
 
-    def run(self, todo: list[dict]) -> None:
+    @staticmethod
+    def key(trial: dict) -> str:
+        return trial_key(trial)
+
+    def copied(self, trial: dict) -> dict | None:
+        """The record of ``trial`` copied from a finished trial that computed exactly the same, or None."""
+        earlier = self.computed.get(self.same_computation(trial))
+        if earlier is None:
+            return None
+        settings = recorded_settings(parse_method(trial["method"]), self.pretrained_length, trial["length"])
+        return {**earlier, "trial": trial, "settings": settings, "seconds": 0.0, "same_as": earlier["trial"]["method"]}
+
+    def append(self, record: dict) -> None:
+        """Write a finished trial's record to results.jsonl and remember it."""
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.done[trial_key(record["trial"])] = record
+        self._remember(record)
+
+    def run(self, todo: list[dict], ruler_inputs: HaystackInputs | None = None) -> None:
+        if todo and todo[0]["experiment"] == "ruler":
+            run_ruler(self, todo, ruler_inputs)
+            return
         remaining = [t for t in todo if trial_key(t) not in self.done]
         if len(remaining) < len(todo):
             tqdm.write(f"{len(todo) - len(remaining)} of {len(todo)} trials already in {self.path}; skipping them",
@@ -339,11 +370,7 @@ class Runner:
         with tqdm(remaining, desc="trials", unit="trial") as bar:
             for trial in bar:
                 bar.set_postfix_str(f"{trial['experiment']} {trial['method']} {trial['length']}")
-                record = self._finished(trial)
-                with self.path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-                self.done[trial_key(trial)] = record
-                self._remember(record)
+                self.append(self._finished(trial))
 
     def run_one(self, trial: dict) -> dict:
         inputs = self.inputs.build(trial)

@@ -9,6 +9,9 @@
                 rule and is recorded under its name) or fixed (``selfextend:4:1024``)
     rerope      SelfExtend with G = infinity (every far key at distance w)
     leaky       SelfExtend without the floor (positions divided by G, not floored)
+    string      STRING (An et al. 2024, arXiv 2410.18745): distances >= S = 0.33 L scored at d - S + W, W = 128
+    dca         dual chunk attention (ChunkLlama, An et al. 2024, arXiv 2402.17463): chunk_size = 3L/4, w = L/8
+                (both in ``selfextend.peers``, with their papers' default parameters)
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 
 import selfextend
 
+from .. import peers
 from ..assets import trained_length
 from ..positions import DEFAULT_RULE, rule_name
 from ..schedule import Schedule
@@ -29,7 +33,9 @@ from ..settings import Settings
 
 ROPE_SCALING = {"linear": "linear", "dynamic": "dynamic", "yarn": "yarn"}
 SELFEXTEND_MODES = {"selfextend": "floor", "rerope": "rerope", "leaky": "leaky"}
-ALL_METHODS = ("plain", *ROPE_SCALING, *SELFEXTEND_MODES)
+PEERS = ("string", "dca")
+ALL_METHODS = ("plain", *ROPE_SCALING, *SELFEXTEND_MODES, *PEERS)
+DEFAULT_METHODS = ("plain", *ROPE_SCALING, *SELFEXTEND_MODES)  # what --methods means when not given
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,8 @@ def check_method(method: Method, config) -> None:
             selfextend_settings(method, config)
         elif method.name in ROPE_SCALING:
             _single_rope_parameters(config.get_text_config())
+        elif method.name in PEERS:
+            peers.peer_settings(method.name, trained_length(config))
     except ValueError as e:
         raise ValueError(f"method {method.spec!r}: {e}") from None
 
@@ -173,6 +181,13 @@ def settings_record(settings: Settings, length: int) -> dict:
     return {"G": g if math.isfinite(g) else "inf", "w": settings.window, **rule}
 
 
+def peer_record(settings, length: int) -> dict:
+    """What a STRING or DCA trial records as its settings for an input of ``length`` tokens."""
+    if isinstance(settings, peers.StringSettings):
+        return {"S": settings.shift, "W": settings.local, "largest_position": settings.largest_position(length)}
+    return {"chunk": settings.chunk, "w": settings.local, "logit_scale": round(settings.logit_scale(length), 4)}
+
+
 def _single_rope_parameters(config) -> dict:
     """The model's one set of rope parameters; per-layer-type sets (Gemma 3) are refused."""
     params = dict(getattr(config, "rope_parameters", None) or {})
@@ -195,6 +210,13 @@ def applied(model, method: Method, length: int):
     if method.name in SELFEXTEND_MODES:
         with selfextend.enable(model, **_enable_arguments(method)) as handle:
             yield settings_record(handle.settings, length)
+        return
+    if method.name in PEERS:
+        settings = peers.enable_peer(model, method.name)
+        try:
+            yield peer_record(settings, length)
+        finally:
+            peers.disable_peer(model)
         return
     config = model.config.get_text_config()
     L = trained_length(model)

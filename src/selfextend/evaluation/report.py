@@ -14,6 +14,7 @@ from pathlib import Path
 from .experiments import load_results
 from .methods import ALL_METHODS, parse_method
 from .render import Panel, markdown_table, new_figure, save_line_plots
+from .ruler_report import ruler_section
 
 STUDY_NOTES = "study.md"  # hand-written conclusion of the study, next to results.jsonl; pasted into the report
 PPL_TOLERANCE = 0.02      # a rule may cost at most this much perplexity against the paper's rule to be the default
@@ -350,7 +351,8 @@ def write_report(out_dir: Path, L: int, header: str = "", records: list[dict] | 
     sections = [passkey_section(records, out_dir, L), keylength_section(records),
                 heatmap_section(records, out_dir, "needle", "Needle in a haystack (Paul Graham essays)"),
                 perplexity_section(records, out_dir, L), short_context_section(records, L),
-                ablation_section(records, out_dir), study_section(records, out_dir, L)]
+                ablation_section(records, out_dir), study_section(records, out_dir, L),
+                ruler_section(records, _methods(records, fixed=True))]
     path = out_dir / "report.md"
     path.write_text(header + budget_section(records) + "\n\n".join(s for s in sections if s))
     (out_dir / "summary.json").write_text(json.dumps({"trials": len(records), "trained_length": L}, indent=1))

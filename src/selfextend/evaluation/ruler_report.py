@@ -1,0 +1,120 @@
+"""The RULER section of ``report.md``: a summary per method and length (RULER's average over tasks with
+a 95% interval, and each method's effective length) and the table task x length x method.
+
+Cells are ``k/n``: questions answered with every expected value, out of questions asked, with the 95%
+Wilson interval of that fraction. The average per method and length is RULER's: the mean over tasks of
+each task's mean ``string_match_all`` score (the fraction of expected values found; equal to k/n for
+one-value tasks); its interval is the Wilson interval of the summed scores over the questions, which is
+wider than the true one for fractional scores (their variance is at most the binomial's). Questions of
+one haystack share its prefix, so they are not independent: the intervals are a lower bound on the
+uncertainty.
+
+Effective length (RULER's notion, with this model's own bar): the longest length up to which, at every
+measured length, the upper end of the method's average interval reaches the plain model's average at
+the shortest length measured (the model within its trained context).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from .render import markdown_table
+
+FAMILY_ORDER = ["single needle", "multi-key", "multi-value", "multi-query", "variable tracking", "common words",
+                "frequent words"]
+
+
+def _wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    from .report import wilson_interval
+
+    return wilson_interval(k, n, z)
+
+
+def _cells(records):
+    cells = defaultdict(list)
+    for r in records:
+        t = r["trial"]
+        if t["experiment"] == "ruler":
+            cells[(t["method"], t["length"], t["task"])].append(r)
+    return cells
+
+
+def averages(records) -> dict:
+    """(method, length) -> (average score, low, high, tasks, questions) over the tasks measured."""
+    cells = _cells(records)
+    per = defaultdict(dict)
+    for (m, n, task), rs in cells.items():
+        per[(m, n)][task] = rs
+    out = {}
+    for key, tasks in per.items():
+        means = [sum(r["score"] for r in rs) / len(rs) for rs in tasks.values()]
+        total = sum(len(rs) for rs in tasks.values())
+        summed = sum(r["score"] for rs in tasks.values() for r in rs)
+        lo, hi = _wilson(summed, total)
+        out[key] = (sum(means) / len(means), lo, hi, len(tasks), total)
+    return out
+
+
+def effective_length(avg: dict, method: str, lengths: list[int], bar: float) -> str:
+    """The longest length up to which every measured average of ``method`` reaches ``bar`` within its interval."""
+    best = None
+    for n in lengths:
+        cell = avg.get((method, n))
+        if cell is None:
+            continue
+        if cell[2] < bar:
+            break
+        best = n
+    if best is None:
+        return f"< {lengths[0]}"
+    return f">= {best}" if best == lengths[-1] else str(best)
+
+
+def ruler_section(records, methods_order) -> str:
+    """The Markdown section (empty if no RULER records)."""
+    from .ruler import TASKS
+
+    cells = _cells(records)
+    if not cells:
+        return ""
+    methods = [m for m in methods_order if any(k[0] == m for k in cells)]
+    lengths = sorted({k[1] for k in cells})
+    tasks = sorted({k[2] for k in cells}, key=lambda t: (FAMILY_ORDER.index(TASKS[t].family), t))
+    complete = {t for t in tasks if all((m, n, t) in cells for m in methods for n in lengths)}
+    avg = averages([r for r in records if r["trial"]["experiment"] == "ruler" and r["trial"]["task"] in complete])
+    base = avg.get(("plain", lengths[0]))
+    bar = base[0] if base else None
+    rows = []
+    for m in methods:
+        row = [m]
+        for n in lengths:
+            a = avg.get((m, n))
+            row.append("-" if a is None else f"{100 * a[0]:.1f} [{100 * a[1]:.0f}-{100 * a[2]:.0f}] ({a[4]} q)")
+        row.append(effective_length(avg, m, lengths, bar) if bar is not None else "-")
+        rows.append(row)
+    summary = markdown_table(["method"] + [str(n) for n in lengths] + ["effective length"], rows)
+    detail = []
+    for t in tasks:
+        for n in lengths:
+            row = [t, TASKS[t].family, n]
+            for m in methods:
+                rs = cells.get((m, n, t), [])
+                if not rs:
+                    row.append("-")
+                    continue
+                k = sum(r["score"] >= 1 for r in rs)
+                lo, hi = _wilson(k, len(rs))
+                row.append(f"{k}/{len(rs)} [{100 * lo:.0f}-{100 * hi:.0f}]")
+            detail.append(row)
+    missing = [t for t in tasks if t not in complete]
+    note = (f"\n\nTasks not yet measured for every method and length (left out of the averages): {', '.join(missing)}."
+            if missing else "")
+    bar_text = f"{100 * bar:.1f}" if bar is not None else "-"
+    return ("## RULER (synthetic tasks)\n\n"
+            "RULER's tasks generated offline (`selfextend.evaluation.ruler`), scored as RULER scores them; one "
+            "prefill per haystack and method, each question asked from a copy of the KV cache. Average: RULER's "
+            "score in % (mean over the tasks measured everywhere of each task's mean string_match_all), 95% "
+            "interval in brackets, questions in parentheses. Effective length: the longest length up to which the "
+            f"interval reaches the plain model's average at {lengths[0]} tokens ({bar_text}).\n\n"
+            + summary + note + "\n\nPer task (questions answered with every expected value / questions, 95% Wilson "
+            "interval in %):\n\n" + markdown_table(["task", "family", "length"] + methods, detail) + "\n")

@@ -1,0 +1,143 @@
+"""RULER's tasks (``evaluation.ruler``): deterministic prompts of the target length in the model's tokens,
+RULER's templates and scoring, and questions asked from a copied KV cache answering as the whole prompt
+would. The tiny checkpoint's tokenizer and a small local essay corpus stand in for the real ones."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny_fixtures import essays, essay_cache, loaded, tiny  # noqa: F401
+
+from selfextend import assets
+from selfextend.cli import main
+from selfextend.evaluation import ruler
+from selfextend.evaluation.methods import applied, parse_method
+from selfextend.evaluation.ruler import TASKS, Builder, make_haystack, score
+from selfextend.evaluation.ruler_runner import _prefill, ask
+from selfextend.generation import decode_tokens, end_of_sequence_tokens
+
+SHORT_TASKS = [t for t in TASKS if t != "cwe"]  # cwe's solved example alone is ~1500 tiny-tokenizer tokens
+
+
+def test_string_match_all_as_ruler_scores():
+    """RULER's string_match_all: the fraction of references found, case-insensitive, per answer."""
+    assert score(" 1234567.", ["1234567"]) == 1.0
+    assert score("The numbers are 11, 22", ["11", "22", "33", "44"]) == 0.5
+    assert score("ABCDE and fghij", ["abcde", "FGHIJ"]) == 1.0
+    assert score("\x00 abc", ["ABC"]) == 1.0
+    assert score("12345", ["1234567"]) == 0.0
+
+
+@pytest.mark.parametrize("task", SHORT_TASKS)
+def test_haystacks_are_deterministic_and_of_the_target_length(loaded, essays, task):
+    _, tokenizer = loaded
+    text = assets.essay_text()
+    a = make_haystack(Builder(tokenizer), task, 3000, 0, 3, seed=5, essays=text)
+    b = make_haystack(Builder(tokenizer), task, 3000, 0, 3, seed=5, essays=text)
+    other = make_haystack(Builder(tokenizer), task, 3000, 1, 3, seed=5, essays=text)
+    assert a.prefix_ids == b.prefix_ids and [q.suffix_ids for q in a.questions] == [q.suffix_ids for q in b.questions]
+    assert [q.answers for q in a.questions] != [q.answers for q in other.questions]
+    if TASKS[task].kind in ("niah", "vt"):
+        assert a.length == 3000 and len(a.questions) == 3  # exactly the target, with the longest question
+    else:
+        assert 2900 < a.length <= 3000 and len(a.questions) == 1  # RULER's fit: the most words that fit
+
+
+def test_needles_hold_what_the_question_expects(loaded, essays):
+    _, tokenizer = loaded
+    h = make_haystack(Builder(tokenizer), "niah_multivalue", 3000, 0, 2, essays=assets.essay_text())
+    text = tokenizer.decode(h.prefix_ids)
+    assert text.startswith(tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
+                                                           add_generation_prompt=True).split("x")[0])
+    assert "Some special magic numbers are hidden within the following text." in text
+    for q in h.questions:
+        assert len(q.answers) == 4 and all(f"is: {v}." in text for v in q.answers)
+        suffix = tokenizer.decode(q.suffix_ids)
+        assert suffix.rstrip().endswith("mentioned in the provided text are")
+    single = make_haystack(Builder(tokenizer), "niah_single_1", 3000, 0, 2, essays=None)
+    assert "A special magic number is hidden" in tokenizer.decode(single.prefix_ids)  # RULER's singular wording
+    assert tokenizer.decode(single.questions[0].suffix_ids).rstrip().endswith("text is")
+
+
+def test_variable_tracking_chain_is_in_the_text(loaded):
+    _, tokenizer = loaded
+    h = make_haystack(Builder(tokenizer), "vt", 3000, 0, 2)
+    text = tokenizer.decode(h.prefix_ids)
+    for q in h.questions:
+        names = q.answers
+        assert len(names) == 5 and all(f"VAR {names[j + 1]} = VAR {names[j]}" in text for j in range(4))
+
+
+def test_fill_places_needles_at_their_depths():
+    units = [[1, 2, 3]] * 10
+    ids, starts = ruler.fill(units, 40, [(0.5, [9, 9]), (0.0, [8]), (1.0, [7])])
+    assert len(ids) == 40 and ids[starts[1]] == 8 and ids[starts[0]] == 9 and ids[starts[2]] == 7
+    assert starts[1] == 0 and starts[2] == 39 and 15 <= starts[0] <= 21
+
+
+@pytest.mark.parametrize("method", ["plain", "selfextend", "dca", "rerope"])
+def test_a_question_from_a_copied_cache_answers_as_the_whole_prompt(loaded, essays, method):
+    """The cache after the haystack, copied per question, gives the tokens one pass over haystack +
+    question gives (greedy), so one prefill serves every question -- with SelfExtend's G and DCA's scale
+    chosen for the whole prompt (the longest question's, which the prefill announces)."""
+    model, tokenizer = loaded
+    h = make_haystack(Builder(tokenizer), "niah_multikey_1", 1500, 0, 2, essays=assets.essay_text())
+    longest = max(h.questions, key=lambda q: len(q.suffix_ids))
+    with applied(model, parse_method(method), h.length):
+        _ask_both_ways(model, tokenizer, h, [longest] if method != "plain" else h.questions)
+
+
+def _ask_both_ways(model, tokenizer, h, questions):
+    cache = _prefill(model, h.prefix_ids, h.length)
+    eos = end_of_sequence_tokens(model, tokenizer)
+    for q in questions:
+        whole = []
+        for step in decode_tokens(model, h.prefix_ids + q.suffix_ids, 6):
+            if step.token in eos:
+                break
+            whole.append(step.token)
+        assert ask(model, tokenizer, cache, q.suffix_ids, 6) == tokenizer.decode(whole, skip_special_tokens=True)
+    assert cache.get_seq_length() == len(h.prefix_ids)  # the original cache was not extended
+
+
+def test_eval_ruler_runs_resumes_and_reports(tiny, essays, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["eval", "ruler", "--model", str(tiny), "--out", str(out), "--methods", "plain,dca,selfextend",
+            "--lengths", "700", "--tasks", "niah_single_2,fwe", "--questions", "2"]
+    assert main(args) == 0
+    assert "CPU estimate: 6 prefills and 9 questions" in capsys.readouterr().err
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(records) == 9 and {r["trial"]["task"] for r in records} == {"niah_single_2", "fwe"}
+    assert all(0 <= r["score"] <= 1 for r in records)
+    assert main(args) == 0  # resumed: nothing left to run
+    assert "CPU estimate: 0 prefills" in capsys.readouterr().err
+    assert len((out / "results.jsonl").read_text().splitlines()) == 9
+    report = (out / "report.md").read_text()
+    assert "## RULER" in report and "| niah_single_2 | single needle | 700 |" in report
+    assert main(["eval", "ruler", "--model", str(tiny), "--out", str(out), "--tasks", "nope"]) == 2
+
+
+def _record(method, length, task, question, value):
+    return {"trial": dict(experiment="ruler", method=method, length=length, task=task, haystack=0, sets=10,
+                          question=question, seed=0), "score": value}
+
+
+def test_average_is_rulers_mean_of_task_means_and_effective_length_uses_the_interval():
+    from selfextend.evaluation.ruler_report import averages, effective_length, ruler_section
+
+    records = [_record("plain", 4096, "niah_single_2", q, 1.0 if q < 8 else 0.0) for q in range(10)]
+    records += [_record("plain", 4096, "niah_multivalue", q, 0.5) for q in range(10)]
+    records += [_record("plain", 16384, "niah_single_2", q, 0.0) for q in range(10)]
+    records += [_record("plain", 16384, "niah_multivalue", q, 0.0) for q in range(10)]
+    records += [_record("dca", n, t, q, 1.0 if q < 6 else 0.0) for n in (4096, 16384)
+                for t in ("niah_single_2", "niah_multivalue") for q in range(10)]
+    avg = averages(records)
+    assert avg[("plain", 4096)][0] == pytest.approx((0.8 + 0.5) / 2)  # mean over tasks of each task's mean
+    assert avg[("plain", 4096)][4] == 20
+    bar = avg[("plain", 4096)][0]
+    assert effective_length(avg, "plain", [4096, 16384], bar) == "4096"  # 0/20 at 16k: interval below 0.65
+    assert effective_length(avg, "dca", [4096, 16384], bar) == ">= 16384"  # 12/20: its interval reaches 0.65
+    section = ruler_section(records, ["plain", "dca"])
+    assert "| niah_single_2 | single needle | 16384 | 0/10 [0-28] | 6/10 [31-83] |" in section
