@@ -14,13 +14,13 @@ import math
 
 import pytest
 import torch
-from conftest import L, ids_of, logits, tiny_model
+from conftest import L, ids_of, logits, model_frequencies, tiny_model
 from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from selfextend import peers
 from selfextend.peers.formulas import DcaSettings, StringSettings
-from selfextend.rope import inv_freq_for_layer
+from selfextend.sequence import prompt_length
 
 S, W = 21, 5  # STRING on the tiny models (L = 64): S = int(0.33 * L); W < S (the paper's 128 needs L > 388)
 
@@ -132,7 +132,7 @@ def reference_logits(model, ids, table, scale, dtype=torch.float64):
     config = model.config.get_text_config()
     types = getattr(config, "layer_types", None)
     REF.update(table=table, scale=scale, dtype=dtype,
-               inv_freq={i: inv_freq_for_layer(model, config, types[i] if types else None)
+               inv_freq={i: model_frequencies(model, types[i] if types else None)
                          for i in range(config.num_hidden_layers)})
     original = model.config._attn_implementation
     model.set_attn_implementation("peer_reference")
@@ -196,9 +196,8 @@ def test_decoding_and_a_copied_cache_continue_as_one_pass(name, params):
     try:
         with torch.no_grad():
             cache = DynamicCache(config=model.config)
-            peers.plan_length(cache, 180)
-            model(ids[:, :150], cache=cache)
-            peers.plan_length(cache, None)
+            with prompt_length(180):
+                model(ids[:, :150], cache=cache)
             chunk = model(ids[:, 150:], cache=copy.deepcopy(cache)).logits
             steps = [model(ids[:, t : t + 1], cache=cache).logits[:, -1] for t in range(150, 180)]
     finally:

@@ -340,7 +340,7 @@ def _blocks(runs, first_position: int, start: int, lq: int, block_size: int):
     return blocks
 
 
-def _pieces(row: Row, q: torch.Tensor, rows: Span, keys: Keys, span: Span, cuts, allowed: Span):
+def pieces(row: Row, q: torch.Tensor, rows: Span, keys: Keys, span: Span, cuts, allowed: Span):
     """Attention of query rows ``q [Hq, n, D]`` at positions ``rows.lo..rows.hi`` over the keys of
     ``keys`` at positions ``span.lo..span.hi``, restricted to the distances ``allowed.lo <= p_i - p_j <=
     allowed.hi``, as pieces split after each position in ``cuts``. A piece runs
@@ -389,7 +389,7 @@ def _pieces(row: Row, q: torch.Tensor, rows: Span, keys: Keys, span: Span, cuts,
     return parts
 
 
-def _write(out: torch.Tensor, rows: slice, parts) -> None:
+def write_merged(out: torch.Tensor, rows: slice, parts) -> None:
     """Merge ``parts`` (all over the same rows) into ``out[:, rows]`` (float32 directly, else cast)."""
     target = out[:, rows]
     if out.dtype == torch.float32 and len(parts) > 1:
@@ -398,7 +398,7 @@ def _write(out: torch.Tensor, rows: slice, parts) -> None:
         target.copy_(merge(parts)[0])
 
 
-def _near_blocks(row: Row, s: int, e: int, window: int, far, out: torch.Tensor) -> None:
+def near_blocks(row: Row, s: int, e: int, window: int, far, out: torch.Tensor) -> None:
     """Rows ``s..e-1`` of ``row`` over their near keys, distances ``0..window-1``, in sub-blocks of
     fewer than ``window`` rows (so each band is an upper triangle, an unmasked middle and a lower
     triangle); each sub-block is merged with its rows of the ``far`` parts (``[(out [Hq, e - s, D],
@@ -409,10 +409,10 @@ def _near_blocks(row: Row, s: int, e: int, window: int, far, out: torch.Tensor) 
     for a in range(s, e, step):
         b = min(e, a + step)
         pa, pb = row.first_position + a, row.first_position + b - 1
-        near = _pieces(row, row.q[:, a:b], Span(pa, pb), keys, Span(max(row.first_key_position, pa - window + 1), pb),
+        near = pieces(row, row.q[:, a:b], Span(pa, pb), keys, Span(max(row.first_key_position, pa - window + 1), pb),
                        [pb - window + 1, pa - 1], Span(0, window - 1))
         rows_of_far = [(o[:, a - s : b - s], lse[:, a - s : b - s]) for o, lse in far]
-        _write(out, slice(a, b), rows_of_far + near)
+        write_merged(out, slice(a, b), rows_of_far + near)
 
 
 def _merge_two(a, b) -> torch.Tensor:
@@ -471,17 +471,17 @@ def selfextend_row(row: Row, schedule: Schedule, rotary: Rotary, grouped_keys: G
     for s, e, g in _blocks(runs, row.first_position, start, lq, settings.block_size or block_rows(w)):
         p0, p1 = row.first_position + s, row.first_position + e - 1
         if g == 1:  # ordinary causal attention: keys [first_pos, p1], any distance >= 0
-            parts = _pieces(row, row.q[:, s:e], Span(p0, p1), Keys(row.k, row.v, row.key_offset), Span(first_pos, p1),
+            parts = pieces(row, row.q[:, s:e], Span(p0, p1), Keys(row.k, row.v, row.key_offset), Span(first_pos, p1),
                             [p0 - 1], ANY_DISTANCE)
-            _write(out, slice(s, e), parts)
+            write_merged(out, slice(s, e), parts)
             continue
         far = []  # keys [first_pos, p1 - w] at grouped positions (distance >= w)
         if p1 - w >= first_pos:
             last = p1 - w + row.key_offset
             grouped = Keys(grouped_keys(g, last, None), row.v[:, row.first_key : last + 1], -first_pos)
             qg = queries_to_grouped(row.q[:, s:e], p0, row.shift, schedule, g, rotary)
-            far = _pieces(row, qg, Span(p0, p1), grouped, Span(first_pos, p1 - w), [p0 - w - 1], Span(w, math.inf))
-        _near_blocks(row, s, e, w, far, out)
+            far = pieces(row, qg, Span(p0, p1), grouped, Span(first_pos, p1 - w), [p0 - w - 1], Span(w, math.inf))
+        near_blocks(row, s, e, w, far, out)
     return out
 
 
@@ -494,5 +494,5 @@ def sliding_window_row(row: Row, window: int, out: torch.Tensor | None = None) -
         out = torch.empty(row.q.shape[0], lq, row.v.shape[-1], dtype=row.q.dtype, device=row.q.device)
     start = max(0, -row.first_position)
     out[:, :start] = 0
-    _near_blocks(row, start, lq, window, [], out)
+    near_blocks(row, start, lq, window, [], out)
     return out

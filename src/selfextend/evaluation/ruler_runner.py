@@ -16,7 +16,6 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from .. import peers
 from ..sequence import prompt_length
 from ..generation import decode_tokens, end_of_sequence_tokens
 from .methods import applied, parse_method
@@ -81,12 +80,8 @@ def _prefill(model, ids: list[int], total: int) -> DynamicCache:
     """The haystack's prefix in one forward pass; SelfExtend and DCA are told the full prompt length
     first, so they choose their G / scale for the whole prompt, as one pass over it would."""
     cache = DynamicCache(config=model.config)
-    peers.plan_length(cache, total)
-    try:
-        with prompt_length(total):
-            model(torch.tensor([ids], device=model.device), cache=cache, logits_to_keep=1)
-    finally:
-        peers.plan_length(cache, None)
+    with prompt_length(total):
+        model(torch.tensor([ids], device=model.device), cache=cache, logits_to_keep=1)
     return cache
 
 

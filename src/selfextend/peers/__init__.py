@@ -9,7 +9,6 @@ position map and where it comes from.
 """
 
 from .formulas import DcaSettings, StringSettings
-from .hooks import PEER_NAMES, disable_peer, enable_peer, peer_settings, plan_length
+from .hooks import PEER_NAMES, disable_peer, enable_peer, peer_settings
 
-__all__ = ["PEER_NAMES", "StringSettings", "DcaSettings", "enable_peer", "disable_peer", "peer_settings",
-           "plan_length"]
+__all__ = ["PEER_NAMES", "StringSettings", "DcaSettings", "enable_peer", "disable_peer", "peer_settings"]

@@ -2,8 +2,9 @@
 public hooks SelfExtend uses (``selfextend.integration``): an attention function and a mask function
 registered with transformers under the method's name, selected with ``set_attn_implementation``.
 
-The mask function returns a small :class:`PeerMask` (the mask arguments), never an ``L x L`` tensor; the
-attention function computes each row in blocks (``peers.kernel``). Sliding-window layers (Gemma 2/3)
+The mask function is SelfExtend's (``call.selfextend_mask``: the mask arguments, never an ``L x L``
+tensor, and the call's KV cache); the attention function computes each row in blocks on SelfExtend's
+kernel pieces (``peers.kernel``). Sliding-window layers (Gemma 2/3)
 keep their ordinary positions and window, computed in blocks too. Sequences must be unpadded (a batch of
 one, or of equal lengths): what ``selfextend eval`` runs.
 
@@ -14,21 +15,21 @@ was chosen for, and DCA's keys moved to ``j mod c``, live on the KV cache object
 
 from __future__ import annotations
 
-import threading
-import weakref
 from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from ..rope import inv_freq_for_layer
+from ..attention import Row, sliding_window_row
+from ..call import DeferredMask, hand_over_cache, selfextend_mask
+from ..rope import Rotary, RotaryError, layer_rotary
+from ..sequence import announced_length
 from .formulas import DcaSettings, StringSettings
-from .kernel import dca_keys, dca_row, sliding_row, string_row
+from .kernel import dca_keys, dca_row, string_row
 
 PEER_NAMES = ("string", "dca")
 _LENGTH_ATTR = "_selfextend_peer_length"  # on a cache: the length the sequence's DCA scale was chosen for
-_PLANNED_ATTR = "_selfextend_peer_planned"  # on a cache: the announced length of the next sequence
 _KEYS_ATTR = "_selfextend_peer_dca_keys"  # on a cache: {(layer, row): (count, last key, moved keys)}
 
 
@@ -39,61 +40,21 @@ class PeerSetup:
     original_impl: str
 
 
-class PeerMask:
-    """The mask factory's arguments, kept instead of the ``[B, 1, Lq, Lk]`` tensor it would build."""
-
-    ndim = 4
-
-    def __init__(self, kwargs: dict):
-        padding = kwargs.get("attention_mask")
-        self.padding = padding.padding if isinstance(padding, PeerMask) else padding
-        q_offset = kwargs.get("q_offset") or 0
-        self.q_offset = int(q_offset)
-        self.local_size = kwargs.get("local_size")
-        self.shape = (kwargs.get("batch_size"), 1, kwargs.get("q_length"), kwargs.get("kv_length"))
-
-
-def _peer_mask(**kwargs) -> PeerMask:
-    return PeerMask(kwargs)
-
-
-_CALL = threading.local()
-
-
-def _hand_over_cache(module, args, kwargs):
-    cache = kwargs.get("cache", kwargs.get("past_key_values", kwargs.get("layer_past")))
-    _CALL.module, _CALL.cache = module, (weakref.ref(cache) if cache is not None else None)
-
-
-def _call_cache(module):
-    if getattr(_CALL, "module", None) is not module or _CALL.cache is None:
-        return None
-    return _CALL.cache()
-
-
-def plan_length(cache, length: int | None) -> None:
-    """Announce that the next sequence written into ``cache`` from position 0 will have ``length`` tokens
-    although its first forward call holds fewer (a prompt prefilled in parts): DCA chooses its scale
-    for the whole sequence, as one pass over it would. None forgets the announcement."""
-    setattr(cache, _PLANNED_ATTR, length)
-
-
-def _sequence_length(module, first: int, total: int) -> int:
-    """The length DCA's scale is chosen for: fixed by the call that holds the sequence from position 0."""
-    cache = _call_cache(module)
-    if cache is None:
-        return total
+def _sequence_length(cache, first: int, total: int) -> int:
+    """The length DCA's scale is chosen for: fixed by the call that holds the sequence from position 0
+    (the length announced with ``selfextend.prompt_length`` if any, as for SelfExtend's G), kept on the
+    KV cache for the calls after it."""
     if first == 0:
-        length = max(total, getattr(cache, _PLANNED_ATTR, None) or 0)
-        setattr(cache, _LENGTH_ATTR, length)
+        length = announced_length(0, 1) or total
+        if cache is not None:
+            setattr(cache, _LENGTH_ATTR, length)
         return length
     return getattr(cache, _LENGTH_ATTR, None) or total
 
 
-def _moved_keys(module, settings, inv_freq, k, row: int):
+def _moved_keys(module, cache, settings, rotary, k, row: int):
     """``count -> keys [Hkv, count, D]`` at ``j mod c``, kept on the KV cache between calls (checked
     against the cache's key at the last index kept: a key that deep depends on every earlier token)."""
-    cache = _call_cache(module)
     store = None
     if cache is not None:
         store = getattr(cache, _KEYS_ATTR, None)
@@ -105,7 +66,7 @@ def _moved_keys(module, settings, inv_freq, k, row: int):
         kept = store.get((module.layer_idx, row)) if store is not None else None
         if kept is not None and kept[0] >= count and torch.equal(k[:, kept[0] - 1], kept[1]):
             return kept[2][:, :count]
-        moved = dca_keys(k, count, settings, inv_freq)
+        moved = dca_keys(k, count, settings, rotary)
         if store is not None:
             store[(module.layer_idx, row)] = (count, k[:, count - 1].clone(), moved)
         return moved
@@ -120,10 +81,10 @@ def peer_attention(module, query, key, value, attention_mask, dropout=0.0, scali
     if layer is None:
         raise RuntimeError(f"{type(module).__name__} runs a peer attention implementation but was not set up by "
                            "selfextend.peers.enable_peer(model, ...)")
-    setup, inv_freq = layer
+    setup, rotary = layer
     if dropout and module.training:
         raise NotImplementedError("STRING and DCA run for inference only: call model.eval()")
-    mask = attention_mask if isinstance(attention_mask, PeerMask) else None
+    mask = attention_mask if isinstance(attention_mask, DeferredMask) else None
     if attention_mask is not None and mask is None:
         raise NotImplementedError(f"{setup.name} received a ready-made 4D attention mask; pass none (unpadded input)")
     if mask is not None and mask.padding is not None and not bool(mask.padding.all()):
@@ -136,26 +97,26 @@ def peer_attention(module, query, key, value, attention_mask, dropout=0.0, scali
     if position_ids is not None and int(position_ids.reshape(-1)[0]) != first:
         raise NotImplementedError(f"{setup.name} needs position_ids that count from 0 with the cache (no shift)")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    softcap = kwargs.get("softcap")
     window = mask.local_size if mask is not None and mask.local_size else kwargs.get("sliding_window")
+    cache = mask.cache if mask is not None else None
     out = torch.empty(batch, lq, query.shape[1], value.shape[-1], dtype=query.dtype, device=query.device)
     settings = setup.settings
     for b in range(batch):
-        q, k, v = query[b], key[b, :, :total], value[b, :, :total]
+        row = Row(query[b], key[b, :, :total], value[b, :, :total], first, 0, scale, kwargs.get("softcap"))
         target = out[b].transpose(0, 1)  # [Hq, Lq, D] view
         if window:
-            sliding_row(q, k, v, first, window, scale, softcap, settings.block_size, out=target)
+            sliding_window_row(row, window, out=target)
         elif isinstance(settings, StringSettings):
-            string_row(q, k, v, first, settings, inv_freq, scale, softcap, out=target)
+            string_row(row, settings, rotary, out=target)
         else:
-            dca_row(q, k, v, first, settings, inv_freq, scale, _sequence_length(module, first, total), softcap,
-                    out=target, chunk_keys=_moved_keys(module, settings, inv_freq, k, b))
+            dca_row(row, settings, rotary, _sequence_length(cache, first, total), out=target,
+                    chunk_keys=_moved_keys(module, cache, settings, rotary, row.k, b))
     return out, None
 
 
 for _name in PEER_NAMES:
     AttentionInterface.register(_name, peer_attention)
-    AttentionMaskInterface.register(_name, _peer_mask)
+    AttentionMaskInterface.register(_name, selfextend_mask)
 
 
 def _attention_modules(model):
@@ -182,19 +143,21 @@ def enable_peer(model, name: str, pretrained_length: int | None = None, **params
         raise ValueError("another method is enabled on this model; disable it first")
     layer_types = getattr(config, "layer_types", None)
     modules = _attention_modules(model)
-    freqs = {}
+    rotaries = {}
     for m in modules:
         layer_type = layer_types[m.layer_idx] if layer_types and m.layer_idx < len(layer_types) else None
-        inv_freq = inv_freq_for_layer(model, config, layer_type)
-        if inv_freq is None:
-            raise ValueError(f"{name} needs rotary position embeddings; this model has none")
-        freqs[m] = inv_freq.to(torch.float64)
+        if layer_type not in rotaries:
+            try:
+                rotaries[layer_type] = layer_rotary(model, m, config, layer_type)
+            except RotaryError as err:
+                raise ValueError(f"{name} cannot run on this model: {err}") from None
     setup = PeerSetup(name, settings, model.config._attn_implementation or "sdpa")
     model.set_attn_implementation(name)
     model._selfextend_peer = setup
     for m in modules:
-        m._selfextend_peer = (setup, freqs[m])
-        m.register_forward_pre_hook(_hand_over_cache, with_kwargs=True)
+        layer_type = layer_types[m.layer_idx] if layer_types and m.layer_idx < len(layer_types) else None
+        m._selfextend_peer = (setup, rotaries[layer_type].to(next(m.parameters()).device))
+        m.register_forward_pre_hook(hand_over_cache, with_kwargs=True)
     return settings
 
 
@@ -207,11 +170,11 @@ def disable_peer(model) -> None:
         if "_selfextend_peer" in m.__dict__ and m is not model:
             del m._selfextend_peer
         for hook_id, hook in list(m._forward_pre_hooks.items()):
-            if hook is _hand_over_cache:
+            if hook is hand_over_cache:
                 del m._forward_pre_hooks[hook_id]
                 m._forward_pre_hooks_with_kwargs.pop(hook_id, None)
     model.set_attn_implementation(setup.original_impl)
     del model._selfextend_peer
 
 
-__all__ = ["PEER_NAMES", "enable_peer", "disable_peer", "peer_settings", "plan_length", "peer_attention"]
+__all__ = ["PEER_NAMES", "enable_peer", "disable_peer", "peer_settings", "peer_attention"]
