@@ -78,20 +78,20 @@ def _tokens(n: int, seed: int) -> list[int]:
 
 LONG = _tokens(300, 1)
 PROMPTS = {
-    "long": LONG,                                   # 2.3x the trained length
+    "long": LONG,                                   # 2.3x the trained length: G = 4
     "long2": _tokens(260, 2),
     "long3": _tokens(200, 3),
-    "mid": _tokens(100, 4),                         # within L, beyond w: SelfExtend already differs
-    "short": _tokens(20, 5),                        # prompt + output within the window
-    "shared": LONG[:256] + _tokens(44, 6),          # first 8 blocks of "long": a prefix-cache hit
+    "mid": _tokens(100, 4),                         # + 12 new tokens fits L: G = 1, vLLM's stock path
+    "short": _tokens(20, 5),                        # within the window too
+    "shared": LONG[:256] + _tokens(44, 6),          # first 8 blocks of "long": a prefix-cache hit (both G = 4)
+    "prefix_fits": LONG[:96] + _tokens(10, 14),     # the first 3 blocks of "long", but G = 1: no hit
     "x64": _tokens(64, 7),                          # two full blocks, cached ...
-    "x64b": _tokens(64, 7) + _tokens(10, 8),        # ... then read by these two, which decode 5 positions apart
-    "x64c": _tokens(64, 7) + _tokens(5, 12),
-    "x64d": _tokens(64, 7) + _tokens(100, 13),     # reads those blocks as grouped keys while x64b moves some
+    "x64b": _tokens(64, 7) + _tokens(100, 8),       # ... then read by these two (G = 4), which decode
+    "x64c": _tokens(64, 7) + _tokens(95, 12),       # 5 positions apart, sharing both blocks
 }
 PROMPTS.update({f"tight{i}": _tokens(250, 9 + i) for i in range(3)})  # 8 blocks each, a 9th while decoding
-ONE_BATCH = ["long", "long2", "long3", "mid", "short"]
-TIGHT = ["tight0", "tight1", "tight2"]
+ONE_BATCH = ["long", "long2", "long3", "mid", "short"]  # G = 4, 4, 4, 1, 1 in one batch
+TIGHT = ["tight0", "tight1", "tight2", "mid"]  # G = 4, 4, 4, 1 under cache pressure
 
 
 @pytest.fixture(scope="session")
@@ -99,13 +99,25 @@ def tiny_model(tmp_path_factory) -> str:
     return str(make_tiny_llama(tmp_path_factory.mktemp("tiny-llama")))
 
 
-def run_reference(model: str, prompts: dict[str, list[int]], selfextend: bool, group_size: int = G,
-                  window: int = W) -> dict[str, dict]:
-    """Reference outputs (see reference.py) computed in .venv, keyed like ``prompts``."""
+def request_group(prompt_tokens: int, group_size: int | None = G, window: int = W, new_tokens: int = NEW_TOKENS,
+                  trained: int = L) -> int:
+    """The G a request gets, written out from the design: 1 when prompt + max_tokens fits the trained
+    length; else the engine's fixed G, or (None) the smallest G with (L - w) * G + w >= that length."""
+    total = prompt_tokens + new_tokens
+    if total <= trained:
+        return 1
+    return group_size if group_size is not None else -(-(total - window) // (trained - window))
+
+
+def run_reference(model: str, prompts: dict[str, list[int]], selfextend: bool = True,
+                  groups: dict[str, int] | None = None, window: int = W) -> dict[str, dict]:
+    """Reference outputs (see reference.py) computed in .venv, keyed like ``prompts``: with SelfExtend,
+    each prompt with its own G (``groups``, default :func:`request_group` for the fixed G)."""
     if not REFERENCE_PYTHON.exists():
         pytest.fail(f"{REFERENCE_PYTHON} is missing: the reference runs in .venv; run bash scripts/setup.sh")
-    request = {"model": model, "group_size": group_size if selfextend else None,
-               "window": window if selfextend else None, "prompts": list(prompts.values()),
+    groups = groups or {}
+    sizes = [(groups.get(name) or request_group(len(ids))) if selfextend else None for name, ids in prompts.items()]
+    request = {"model": model, "group_sizes": sizes, "window": window, "prompts": list(prompts.values()),
                "max_new_tokens": NEW_TOKENS}
     proc = subprocess.run([str(REFERENCE_PYTHON), str(ROOT / "tests_vllm" / "reference.py")], input=json.dumps(request),
                           capture_output=True, text=True, timeout=900)
@@ -115,8 +127,9 @@ def run_reference(model: str, prompts: dict[str, list[int]], selfextend: bool, g
 
 @pytest.fixture(scope="session")
 def reference(tiny_model) -> dict[str, dict]:
-    """The transformers path with SelfExtend (G, W) on every prompt."""
-    return run_reference(tiny_model, PROMPTS, selfextend=True)
+    """The transformers path with SelfExtend on every prompt, each with the G its request gets from an
+    engine with G = 4 fixed (1 for prompts that fit L)."""
+    return run_reference(tiny_model, PROMPTS)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -239,9 +252,25 @@ def assert_matches(output, ref: dict, what: str, atol: float = ATOL) -> None:
 
 @pytest.fixture(scope="session")
 def one_pass(tiny_model) -> dict:
-    """SelfExtend, prefix caching off, every prompt prefilled in one step."""
+    """SelfExtend with G = 4 for requests past L, prefix caching off, every prompt prefilled in one step:
+    each prompt alone, then all in one batch (G = 4 and G = 1 rows together)."""
     with engine(tiny_model, enable_prefix_caching=False, max_num_batched_tokens=2048) as llm:
-        return {"backends": worker_backends(llm), "alone": generate(llm, ["long"]), "batch": generate(llm, ONE_BATCH)}
+        watch_cache(llm)
+        return {"backends": worker_backends(llm),
+                "alone": {name: generate(llm, [name])[name] for name in ONE_BATCH},
+                "batch": generate(llm, ONE_BATCH),
+                "asked_g2": generate(llm, ["long3", "mid"], extra_args={"selfextend_group_size": 2}),
+                "refused": {g: refusal(llm, "long", g) for g in (2, 65, "4")},
+                "cache_watch": cache_watch(llm)}
+
+
+def refusal(llm, name: str, group) -> str:
+    """The error a request for ``name`` asking for G = ``group`` gets (it must get one)."""
+    try:
+        generate(llm, [name], extra_args={"selfextend_group_size": group})
+    except ValueError as e:
+        return str(e)
+    raise AssertionError(f"a request asking for G = {group!r} was served")
 
 
 @pytest.fixture(scope="session")
@@ -250,20 +279,69 @@ def chunked(tiny_model) -> dict:
     three "tight" requests fill 24 while prefilling and each needs a 9th block while decoding."""
     with engine(tiny_model, enable_prefix_caching=True, max_num_batched_tokens=64, num_gpu_blocks_override=26,
                 disable_log_stats=False) as llm:
+        watch_cache(llm)
         results = {"alone": generate(llm, ["long"])}
         # vLLM reads no cached blocks for a request that asks for prompt log-probs: ask for none
         results["shared"] = generate(llm, ["shared"], prompt_logprobs=None)  # hits the blocks of "long"
+        results["prefix_fits"] = generate(llm, ["prefix_fits"], prompt_logprobs=None)  # G = 1: must not hit them
+        results["prefix_g4"] = generate(llm, ["prefix_fits"], prompt_logprobs=None,
+                                        extra_args={"selfextend_group_size": 4})  # G = 4: hits them
+        results["prefix_g3"] = generate(llm, ["prefix_fits"], prompt_logprobs=None,
+                                        extra_args={"selfextend_group_size": 3})  # G = 3: must not
         results["pressure"] = generate(llm, TIGHT)
         results["preemptions"] = counter(llm, "vllm:num_preemptions")
-        generate(llm, ["x64"])  # caches two full blocks
-        results["clash"] = generate(llm, ["x64b", "x64c"], prompt_logprobs=None)
-        results["mover_and_reader"] = generate(llm, ["x64b", "x64d"], prompt_logprobs=None)
+        generate(llm, ["x64"], extra_args={"selfextend_group_size": 4})  # caches two full blocks at G = 4 ...
+        results["x64"] = generate(llm, ["x64b", "x64c"], prompt_logprobs=None)  # ... both read while decoding
+        results["cache_watch"] = cache_watch(llm)
         return results
 
 
 def counter(llm, name: str) -> float:
     """Value of a counter metric of the engine."""
     return sum(m.value for m in llm.get_metrics() if m.name == name)
+
+
+def watch_cache(llm) -> None:
+    """In every worker, wrap each attention layer's forward: compare the whole KV cache before and after
+    each call and count the (block, head, slot) entries that changed other than the call's new slots."""
+
+    def install(worker):
+        import torch
+        from vllm.model_executor.layers.attention import Attention
+
+        from selfextend.vllm.cpu_backend import probe_layout
+
+        stats = worker.__dict__.setdefault("_cache_watch", {"calls": 0, "changed": 0, "written": 0})
+        for module in worker.model_runner.model.modules():
+            if not isinstance(module, Attention) or getattr(module.impl, "_watched", False):
+                continue
+            impl, forward = module.impl, module.impl.forward
+
+            def watched(layer, query, key, value, kv_cache, metadata, output, *args, _forward=forward, **kwargs):
+                if metadata is None:
+                    return _forward(layer, query, key, value, kv_cache, metadata, output, *args, **kwargs)
+                before = kv_cache.clone()
+                result = _forward(layer, query, key, value, kv_cache, metadata, output, *args, **kwargs)
+                blocks, heads, block, _ = kv_cache.shape
+                layout = probe_layout(layer.isa, block, heads, query.shape[-1], kv_cache.dtype, "auto")
+                pages = lambda t: t.view(blocks, heads, 2, block * query.shape[-1])  # noqa: E731  key, value pages
+                diff = pages(before) != pages(kv_cache)  # [blocks, H, 2, B * D]
+                changed = diff[:, :, 0][..., layout.key_index].any(-1) | diff[:, :, 1][..., layout.value_index].any(-1)
+                slots = metadata.slot_mapping[: metadata.num_actual_tokens].long()
+                stats["written"] += int(changed[slots // block, :, slots % block].sum())
+                changed[slots // block, :, slots % block] = False  # the new keys and values
+                stats["calls"] += 1
+                stats["changed"] += int(changed.sum())
+                return result
+
+            impl.forward, impl._watched = watched, True
+        return True
+
+    llm.collective_rpc(install)
+
+
+def cache_watch(llm) -> list[dict]:
+    return llm.collective_rpc(lambda worker: dict(worker._cache_watch))
 
 
 PLAIN_BATCH = ["mid", "short"]  # what fits a plain engine (max_model_len = L)

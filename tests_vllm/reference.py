@@ -4,8 +4,8 @@ Runs in ``.venv`` (the transformers version the library supports), not in ``.ven
 
     .venv/bin/python tests_vllm/reference.py < request.json > outputs.json
 
-request: {"model": folder, "group_size": G or null, "window": w or null, "prompts": [[ids]], "max_new_tokens": n}
-(group_size null = the plain model). For each prompt it writes the log-probability of every prompt
+request: {"model": folder, "group_sizes": [G or null per prompt], "window": w, "prompts": [[ids]],
+"max_new_tokens": n} (G null or 1 = the plain model for that prompt). For each prompt it writes the log-probability of every prompt
 token given the ones before it (one forward pass), and the greedy continuation with each chosen
 token's log-probability and its margin over the runner-up (``model.generate`` with the KV cache).
 """
@@ -40,9 +40,12 @@ def main() -> None:
     torch.set_num_threads(1)
     request = json.load(sys.stdin)
     model = AutoModelForCausalLM.from_pretrained(request["model"], dtype=torch.float32).eval()
-    if request.get("group_size") is not None:
-        selfextend.enable(model, group_size=request["group_size"], window=request["window"])
-    results = [outputs_for(model, prompt, request["max_new_tokens"]) for prompt in request["prompts"]]
+    results = []
+    for prompt, group in zip(request["prompts"], request["group_sizes"]):
+        if group not in (None, 1):
+            selfextend.enable(model, group_size=group, window=request["window"])
+        results.append(outputs_for(model, prompt, request["max_new_tokens"]))
+        selfextend.disable(model)
     json.dump(results, sys.stdout)
 
 

@@ -11,7 +11,7 @@ import pytest
 from selfextend.cli import main as cli_main
 from selfextend.positions import DEFAULT_RULE, rule_window
 from selfextend.vllm import SWITCH_ENV, UnsupportedConfigError, engine_args
-from selfextend.vllm.config import EngineSettings
+from selfextend.vllm.settings import engine_limit, from_dict
 
 
 def model_folder(tmp_path, **config) -> str:
@@ -29,19 +29,19 @@ def test_engine_args_carry_the_settings_and_cap_max_model_len(tmp_path, monkeypa
     kwargs = engine_args(model_folder(tmp_path), group_size=4, window=1024, dtype="float32")
     limit = (8192 - 1024) * 4 + 1024
     assert kwargs == {"model": str(tmp_path), "dtype": "float32", "max_model_len": limit, "hf_overrides": {
-        "selfextend": {"pretrained_length": 8192, "window": 1024, "group_size": 4, "mode": "floor"},
+        "selfextend": {"pretrained_length": 8192, "window": 1024, "group_size": 4, "rule": "cover"},
         "max_position_embeddings": limit}}
     assert os.environ[SWITCH_ENV] == "1"  # worker processes started from here inherit the switch
 
 
-def test_group_size_defaults_to_what_the_rule_picks_for_max_model_len(tmp_path):
-    # rule f=0.5: w = 8192 // 8, grouped distances below 4096: (4096 - 1024) * 7 + 1024 >= 20000
-    kwargs = engine_args(model_folder(tmp_path), max_model_len=20000, rule="f=0.5")
-    assert kwargs["hf_overrides"]["selfextend"]["group_size"] == 7
-    assert kwargs["hf_overrides"]["selfextend"]["window"] == 1024 and kwargs["max_model_len"] == 20000
-    # the paper's rule: the smallest G that covers it, (8192 - 2048) * 3 + 2048 = 20480
-    kwargs = engine_args(model_folder(tmp_path), window=2048, max_model_len=20000, rule="cover")
-    assert kwargs["hf_overrides"]["selfextend"]["group_size"] == 3
+def test_without_a_group_size_each_request_gets_the_rules_g(tmp_path):
+    """No G for the engine: the rule picks each request's (settings.request_group); the engine serves 4 L."""
+    kwargs = engine_args(model_folder(tmp_path), rule="f=0.5")
+    assert kwargs["hf_overrides"]["selfextend"] == {"pretrained_length": 8192, "window": 1024, "group_size": None,
+                                                    "rule": "f=0.5"}
+    assert kwargs["max_model_len"] == 4 * 8192
+    kwargs = engine_args(model_folder(tmp_path), max_model_len=20000)
+    assert kwargs["hf_overrides"]["selfextend"]["rule"] == "cover" and kwargs["max_model_len"] == 20000
 
 
 def test_user_hf_overrides_are_kept(tmp_path):
@@ -50,8 +50,9 @@ def test_user_hf_overrides_are_kept(tmp_path):
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(group_size=4, window=1024, max_model_len=30000), "beyond SelfExtend's extended limit 29696"),
-    (dict(window=1024), "give group_size, max_model_len, or both"),
+    (dict(group_size=4, window=1024, max_model_len=30000), "max_model_len=30000: input has 30000 tokens but "
+                                                           "SelfExtend's extended limit is 29696 tokens"),
+    (dict(group_size=4, rule="cover"), "give group_size=4 or rule='cover', not both"),
     (dict(group_size=2.5), "whole number"),
     (dict(group_size=4, window=8192), "window must be"),
     (dict(group_size=4, kv_cache_dtype="fp8"), "kv_cache_dtype='fp8' is not supported"),
@@ -75,11 +76,11 @@ def test_unsupported_models_are_refused(tmp_path, config, message):
 
 
 def test_settings_from_a_model_config_are_validated():
-    assert EngineSettings.from_dict({"pretrained_length": 64, "window": 16, "group_size": 4}).limit == 208
+    assert engine_limit(from_dict({"pretrained_length": 64, "window": 16, "group_size": 4})) == 208
     with pytest.raises(ValueError, match="unknown SelfExtend settings"):
-        EngineSettings.from_dict({"pretrained_length": 64, "window": 16, "group_size": 4, "G": 2})
+        from_dict({"pretrained_length": 64, "window": 16, "group_size": 4, "G": 2})
     with pytest.raises(ValueError, match="mode 'floor' only"):
-        EngineSettings(64, 16, 4, mode="rerope")
+        from_dict({"pretrained_length": 64, "window": 16, "mode": "rerope"})
 
 
 def test_plugin_registers_only_when_switched_on(monkeypatch):
@@ -114,7 +115,7 @@ def printed_command(capsys, folder: str, *argv: str) -> list[str]:
     return shlex.split(capsys.readouterr().out)
 
 
-SETTINGS_G4 = {"pretrained_length": 8192, "window": 1024, "group_size": 4, "mode": "floor"}
+SETTINGS_G4 = {"pretrained_length": 8192, "window": 1024, "group_size": 4, "rule": "cover"}
 
 
 def test_vllm_serve_prints_the_vllm_command(tmp_path, capsys):
@@ -169,7 +170,7 @@ def test_engine_args_refuse_user_hf_overrides_of_selfextends_keys(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["-G", "100000"], "group_size=100000 is more than 64"),
+    (["-G", "100000"], "must be a whole number from 1 to 64"),
     (["-G", "4", "--", "--kv-cache-dtype", "fp8"], "kv_cache_dtype='fp8' is not supported"),
     (["-G", "4", "--", "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2}'],
      "speculative decoding"),
@@ -179,7 +180,7 @@ def test_engine_args_refuse_user_hf_overrides_of_selfextends_keys(tmp_path):
      "rope type 'yarn'"),
     (["-G", "4", "--", "--hf-overrides", '{"sliding_window": 4096}'], "sliding-window attention"),
     (["-G", "4", "-w", "8192"], "window must be"),
-    (["-G", "4", "--max-model-len", "99999"], "beyond SelfExtend's extended limit"),
+    (["-G", "4", "--max-model-len", "99999"], "SelfExtend's extended limit is"),
 ])
 def test_vllm_serve_refuses_unsupported_settings_before_vllm_starts(tmp_path, capsys, argv, message):
     """Before: accepted here, refused in the worker minutes later ("Engine core initialization failed")."""
@@ -213,7 +214,7 @@ def test_overrides_are_applied_as_vllm_applies_them(tmp_path, overrides, monkeyp
     from transformers import AutoConfig
     from vllm.engine.arg_utils import EngineArgs
 
-    from selfextend.vllm.config import apply_overrides
+    from selfextend.vllm.frontend import apply_overrides
 
     monkeypatch.setenv(SWITCH_ENV, "0")  # no SelfExtend settings here; vLLM just builds the config
     folder = model_folder(tmp_path)
@@ -234,4 +235,4 @@ def test_vllm_serve_refuses_bad_settings_in_one_line(tmp_path, capsys):
     assert cli_main(["vllm-serve", "--model", model_folder(tmp_path), "-G", "4", "--max-model-len", "99999"]) == 2
     err = capsys.readouterr().err.strip()
     w = rule_window(DEFAULT_RULE, 8192)  # the default window
-    assert "\n" not in err and f"extended limit {(8192 - w) * 4 + w}" in err
+    assert "\n" not in err and f"extended limit is {(8192 - w) * 4 + w} tokens" in err

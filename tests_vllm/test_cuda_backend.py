@@ -15,9 +15,9 @@ import torch
 from conftest import engine, generate, greedy, max_difference, prompt_logprobs, worker_backends
 from test_paged import INV_FREQ, at, reference
 
-from selfextend.vllm.cuda_backend import FlashOps, flash_selfextend
-from selfextend.vllm.paged import Geometry, attend, rotated
-from selfextend.vllm.plan import build_flash_plan
+from selfextend.attention import attend
+from selfextend.vllm.cuda_backend import FlashOps, build_flash_plan, flash_selfextend
+from selfextend.vllm.rotations import RotationTable
 
 
 # ------------------------------------------------------------------------------------------------
@@ -43,9 +43,9 @@ def varlen(q, k, v, cu_seqlens_q, max_seqlen_q, softmax_scale, causal, return_so
         mask = keys <= last_visible
         if window_size is not None:
             mask &= keys >= last_visible - window_size[0]
-        out, lse = attend(q_r, k_r.transpose(0, 1), v_r.transpose(0, 1), softmax_scale, mask)
-        outs.append(out)
-        lses.append(lse)
+        out, lse = attend(q_r.transpose(0, 1), k_r.transpose(0, 1), v_r.transpose(0, 1), softmax_scale, mask)
+        outs.append(out.transpose(0, 1))  # [n, Hq, D]
+        lses.append(lse.transpose(0, 1))  # [n, Hq]
     return torch.cat(outs), torch.cat(lses).transpose(0, 1).contiguous()  # lse [H, T] as FlashAttention
 
 
@@ -56,40 +56,41 @@ def cache_write(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype
 
 
 def test_flash_path_matches_float64_reference_on_cpu():
-    """A batch of a prefill chunk (53 tokens cached), a decode, a whole prompt and a short prompt."""
+    """One batch, each request with its own G: a prefill chunk (53 tokens cached, G = 3), a decode
+    (G = 4), a whole prompt (G = 1: every move by 0) and a short prompt within the window (G = 2)."""
     from vllm.v1.attention.ops.merge_attn_states import merge_attn_states
 
     torch.manual_seed(0)
-    hq, hkv, d, scale, window, group, block = 4, 2, 32, 32 ** -0.5, 16, 3, 8
-    geometry = Geometry(window, group, INV_FREQ)
-    requests = [(90, 37), (50, 1), (40, 40), (10, 10)]  # (seq_len, new tokens)
+    hq, hkv, d, scale, window, block = 4, 2, 32, 32 ** -0.5, 16, 8
+    table = RotationTable(INV_FREQ, 100)
+    requests = [(90, 37, 3), (50, 1, 4), (40, 40, 1), (10, 10, 2)]  # (seq_len, new tokens, G)
     key_cache, value_cache = torch.zeros(40, block, hkv, d), torch.zeros(40, block, hkv, d)
     block_table = torch.zeros(len(requests), 12, dtype=torch.int32)
     free = iter(torch.randperm(39).tolist())
     queries, keys, values, slots, expected = [], [], [], [], []
-    for r, (S, n) in enumerate(requests):
+    for r, (S, n, group) in enumerate(requests):
         for b in range(-(-S // block)):
             block_table[r, b] = next(free) + 1
         q_raw, k_raw, v = torch.randn(S, hq, d) * 2, torch.randn(S, hkv, d) * 2, torch.randn(S, hkv, d)
         pos = torch.arange(S)
-        k_plain = at(k_raw, pos).float()
         slot = block_table[r, pos // block].long() * block + pos % block
-        cached = S - n  # earlier steps left these keys in the cache, at their grouped positions
-        cache_write(rotated(k_plain[:cached], geometry.rotation(geometry.shifts(pos[:cached])[1])), v[:cached],
-                    key_cache, value_cache, slot[:cached], "auto", None, None)
+        cached = S - n  # earlier steps left these keys in the cache, at their grouped positions j // G
+        cache_write(at(k_raw[:cached], pos[:cached] // group).float(), v[:cached], key_cache, value_cache,
+                    slot[:cached], "auto", None, None)
         queries.append(at(q_raw, pos).float()[cached:])
-        keys.append(k_plain[cached:])
+        keys.append(at(k_raw, pos).float()[cached:])
         values.append(v[cached:])
         slots.append(slot[cached:])
         expected.append(reference(q_raw, k_raw, v, window, group, scale)[cached:])
-    query_start_loc = torch.tensor([0] + [n for _, n in requests]).cumsum(0).to(torch.int32)
-    seq_lens = torch.tensor([S for S, _ in requests], dtype=torch.int32)
+    query_start_loc = torch.tensor([0] + [n for _, n, _ in requests]).cumsum(0).to(torch.int32)
+    seq_lens = torch.tensor([S for S, _, _ in requests], dtype=torch.int32)
+    groups = torch.tensor([g for _, _, g in requests], dtype=torch.int32)
     num_tokens = int(query_start_loc[-1])
-    plan = build_flash_plan(geometry, query_start_loc, seq_lens, block_table, block, num_tokens)
+    plan = build_flash_plan(groups, window, table, query_start_loc, seq_lens, block_table, block, num_tokens)
     output = torch.zeros(num_tokens, hq, d)
-    flash_selfextend(FlashOps(varlen, cache_write, merge_attn_states), plan, torch.cat(queries), torch.cat(keys),
-                     torch.cat(values), key_cache, value_cache, torch.cat(slots), query_start_loc,
-                     max(n for _, n in requests), block_table, window, scale, output)
+    flash_selfextend(FlashOps(varlen, cache_write, merge_attn_states), plan, table, torch.cat(queries),
+                     torch.cat(keys), torch.cat(values), key_cache, value_cache, torch.cat(slots), query_start_loc,
+                     max(n for _, n, _ in requests), block_table, window, scale, output)
     assert (output.double() - torch.cat(expected)).abs().max() < 2e-5
 
 

@@ -1,6 +1,5 @@
 """The KV cache layouts of vLLM's CPU kernels, as the backend measures them: keys and values written by
-vLLM's own cache writer are read back exactly, and keys rotated in place inside their pages come out
-as rotated keys, for each instruction set this machine has."""
+vLLM's own cache writer are read back exactly, for each instruction set this machine has."""
 
 from __future__ import annotations
 
@@ -9,7 +8,6 @@ import torch
 from vllm import _custom_ops as ops
 
 from selfextend.vllm.cpu_backend import probe_layout
-from selfextend.rope import rotate
 
 CASES = [("vec", torch.float32, 32), ("vec", torch.bfloat16, 32), ("vec16", torch.float32, 16)]
 if torch.cpu._is_amx_tile_supported():
@@ -29,10 +27,3 @@ def test_written_keys_and_values_are_found_where_the_layout_says(isa, dtype, blo
     ops.cpu_attn_reshape_and_cache(keys, values, key_cache, value_cache, slots, isa)
     k, v = layout.gather(key_cache, value_cache, table, n)
     assert torch.equal(k.transpose(0, 1), keys) and torch.equal(v.transpose(0, 1), values)
-    angles = torch.rand(2, block, d // 2) * 6  # a different rotation for every slot of both blocks
-    key_cache[table] = layout.rotate_key_pages(key_cache[table], *layout.orient(angles.cos(), angles.sin()))
-    k, v_after = layout.gather(key_cache, value_cache, table, n)
-    cos = torch.cat((angles.cos(), angles.cos()), -1).reshape(2 * block, 1, d)[:n]
-    sin = torch.cat((angles.sin(), angles.sin()), -1).reshape(2 * block, 1, d)[:n]
-    torch.testing.assert_close(k.transpose(0, 1), rotate(keys.float(), cos, sin).to(dtype))
-    assert torch.equal(v_after, v)

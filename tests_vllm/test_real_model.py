@@ -22,7 +22,7 @@ def test_bundled_model_past_its_trained_length_matches_transformers():
     prompt = prompts.passkey_prompt(AutoTokenizer.from_pretrained(folder), 9000, 0.5,
                                     prompts.random_key(random.Random(0)))
     inputs = {"passkey": prompt.input_ids}
-    reference = run_reference(folder, inputs, selfextend=True, group_size=4, window=1024)
+    reference = run_reference(folder, inputs, groups={"passkey": 4}, window=1024)
     with engine(folder, group_size=4, window=1024, max_num_batched_tokens=4096, num_gpu_blocks_override=None,
                 gpu_memory_utilization=0.2) as llm:
         output = generate(llm, ["passkey"], inputs)["passkey"]

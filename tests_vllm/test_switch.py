@@ -14,7 +14,7 @@ from conftest import ENGINE_DEFAULTS, L, LIMIT, W, G, switch_off, worker_backend
 from selfextend.vllm import SWITCH_ENV
 from selfextend.vllm.plugin import CPU_BACKEND
 
-SETTINGS = {"pretrained_length": L, "window": W, "group_size": G, "mode": "floor"}
+SETTINGS = {"pretrained_length": L, "window": W, "group_size": G, "rule": "cover"}
 CPU_ATTN = "vllm.v1.attention.backends.cpu_attn.CPUAttentionBackend"
 
 
@@ -83,9 +83,10 @@ def test_settings_with_selfextend_switched_off_are_refused(folder, monkeypatch):
 
 @pytest.mark.parametrize("config, message", [
     (dict(settings={**SETTINGS, "window": L}), "invalid: window must be"),
-    (dict(settings={**SETTINGS, "group_size": 1000}), "invalid: group_size=1000 is more than 64"),
+    (dict(settings={**SETTINGS, "group_size": 1000}), "invalid: group_size must be a whole number from 1 to 64"),
     (dict(settings={**SETTINGS, "stride": 2}), "unknown SelfExtend settings"),
     (dict(max_model_len=LIMIT + 1), f"beyond SelfExtend's extended limit {LIMIT}"),
+    (dict(worker_cls="my.Worker"), "worker_cls='my.Worker': SelfExtend runs with vLLM's own"),
     (dict(kv_cache_dtype="fp8"), "kv_cache_dtype='fp8' is not supported"),
     (dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3}),
      "speculative decoding"),

@@ -114,7 +114,7 @@ def attend(q, k, v, scale: float, mask: torch.Tensor | None = None, softcap: flo
            causal: bool = False):
     """Softmax attention of q over k/v.
 
-    q ``[Hq, n, D]``, k/v ``[Hkv, m, D]`` (any float dtype, m >= 1), mask ``[n, m]`` bool (True =
+    q ``[Hq, n, D]``, k/v ``[Hkv, m, D]`` (any float dtype, m >= 0), mask ``[n, m]`` bool (True =
     attend) or None; ``causal=True`` (square only, n == m) lets query i see keys 0..i. Returns
     ``(out [Hq, n, D] in q's dtype, or float32 on the explicit path; lse [Hq, n] float32)``; a row
     with no allowed key gets out = 0 and lse = -inf.
@@ -137,6 +137,9 @@ def needs_grad(*tensors: torch.Tensor) -> bool:
 
 def _attend_forward(q, k, v, scale, mask, softcap, causal):
     """:func:`attend` without autograd: the fused kernel where there is one, else the explicit path."""
+    if k.shape[1] == 0:  # no keys at all (torch's CPU kernel would divide by zero): every row is empty
+        return (torch.zeros(*q.shape[:2], v.shape[-1], dtype=q.dtype, device=q.device),
+                torch.full(q.shape[:2], NEG_INF, device=q.device))
     fused = softcap is None and (
         (q.device.type == "cpu" and _FLASH_CPU is not None) or (q.device.type == "cuda" and _EFFICIENT_CUDA is not None))
     if not fused:

@@ -3,9 +3,12 @@
     python -m selfextend.vllm.bench passkey --out results/vllm
         the passkey at 16k tokens through `vllm serve` and the OpenAI client: plain vLLM, then
         `selfextend vllm-serve`; writes passkey-16k.md (the transcript) and passkey-16k.json
-    python -m selfextend.vllm.bench throughput --out results/vllm
-        many concurrent requests in one engine, plain vLLM and SelfExtend alternately, each engine in
-        its own process; writes throughput.json and throughput.md (the ratios)
+    python -m selfextend.vllm.bench throughput --rounds 3 --out results/vllm
+        workloads under and past the trained length, with prefix caching on (as `vllm serve` has it)
+        and off, at 1, 8 and 16 concurrent requests: plain vLLM and SelfExtend engines alternate in
+        every round (each engine in its own process, the order swapped each round), so a change of
+        machine load hits both; each round's ratio is reported and their median; writes
+        throughput.json and throughput.md
 
 Both use the bundled model by default (its GGUF dequantised once to a float32 folder).
 """
@@ -23,9 +26,9 @@ import sys
 import tempfile
 import time
 import urllib.request
+import zlib
 from pathlib import Path
 
-from ..commands.common import positive_int
 from .plugin import SWITCH_ENV
 
 PLAIN, SELFEXTEND = "plain", "selfextend"
@@ -70,8 +73,7 @@ def _server_commands(args, folder: str, trained: int) -> dict[str, list[str]]:
     plain_len = args.length + args.max_tokens
     plain = ["vllm", "serve", folder, "--port", str(args.port), "--max-model-len", str(plain_len),
              "--hf-overrides", json.dumps(_plain_overrides(plain_len, trained)), *common]
-    ours = ["selfextend", "vllm-serve", "--model", args.model, "-G", str(args.group_size), "-w", str(args.window),
-            "--", "--port", str(args.port + 1), *common]
+    ours = ["selfextend", "vllm-serve", "--model", args.model, "--", "--port", str(args.port + 1), *common]
     return {PLAIN: plain, SELFEXTEND: ours}
 
 
@@ -174,8 +176,7 @@ def run_passkey(args) -> int:
 
 
 def _print_command(args) -> str:
-    command = ["selfextend", "vllm-serve", "--model", args.model, "-G", str(args.group_size), "-w", str(args.window),
-               "--print-command"]
+    command = ["selfextend", "vllm-serve", "--model", args.model, "--print-command"]
     return subprocess.run(_executable(command), capture_output=True, text=True).stdout.strip()
 
 
@@ -213,122 +214,195 @@ def _passkey_transcript(record: dict, args) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
-# throughput: many concurrent requests, plain vs SelfExtend
+# throughput: workloads under and past L, plain vLLM and SelfExtend engines alternating per round
 # ------------------------------------------------------------------------------------------------
 
+# name -> (requests, prompt tokens, shared prefix tokens, output tokens, prefix caching on/off runs it)
+WORKLOADS = {
+    "under_L_1": (1, 1500, 0, 64, ("on",)),
+    "under_L_8": (8, 1500, 0, 64, ("on", "off")),
+    "under_L_16": (16, 1500, 0, 64, ("on",)),
+    "past_L_2": (2, 12000, 0, 32, ("on", "off")),
+    "shared_prefix_16": (16, 3100, 3000, 32, ("on",)),
+    "distinct_prefix_16": (16, 3100, 0, 32, ("on",)),
+    "shared_prefix_past_L_4": (4, 9100, 9000, 32, ("on",)),
+    "distinct_prefix_past_L_4": (4, 9100, 0, 32, ("on",)),
+}
 
-def _workload(folder: str, requests: int, prompt_tokens: int) -> list[list[int]]:
-    """``requests`` passkey prompts of exactly ``prompt_tokens`` tokens, keys at spread depths."""
+
+def _prompts(folder: str, name: str) -> list[list[int]]:
+    """The prompts of one workload: passkey prompts of exactly the workload's length, keys at spread
+    depths (token ids); with a shared prefix, every prompt starts with the same one and differs after."""
     from .. import prompts
 
+    requests, length, shared, _, _ = WORKLOADS[name]
     tokenizer = _tokenizer(folder)
-    rng = random.Random(0)
-    return [prompts.passkey_prompt(tokenizer, prompt_tokens, i / max(1, requests - 1), prompts.random_key(rng)).input_ids
+    rng = random.Random(zlib.crc32(name.encode()))  # the same prompts in every process
+    made = [prompts.passkey_prompt(tokenizer, length, i / max(1, requests - 1), prompts.random_key(rng)).input_ids
             for i in range(requests)]
+    if shared:
+        common = made[0][:shared]
+        made = [common + ids[shared:] for ids in made]
+    return made
 
 
 def run_engine(args) -> int:
-    """(child process) One engine, one mode: time a prefill-only pass and a full pass; print JSON."""
+    """(child process) One engine -- plain or SelfExtend, prefix caching on or off -- through the
+    workloads; prints one JSON line of timings (from vLLM's per-request timestamps) and log-probs."""
     from vllm import LLM, SamplingParams
 
     from . import engine_args
     from .models import hf_folder
 
     folder = str(hf_folder(args.model))
-    work = _workload(folder, args.requests, args.prompt_tokens)
-    length = args.prompt_tokens + args.output_tokens
-    options = dict(dtype=args.dtype, enable_prefix_caching=False, max_num_seqs=args.requests, seed=0,
-                   gpu_memory_utilization=args.gpu_memory_utilization, disable_log_stats=True)
+    trained = _trained_length(folder)
+    names = [n for n in args.workloads.split(",") if args.caching in WORKLOADS[n][4]]
+    longest = max(WORKLOADS[n][1] + WORKLOADS[n][3] for n in names)
+    options = dict(dtype=args.dtype, enable_prefix_caching=args.caching == "on", max_num_seqs=16, seed=0,
+                   gpu_memory_utilization=args.gpu_memory_utilization, disable_log_stats=False,
+                   max_num_batched_tokens=args.max_num_batched_tokens)
+    max_model_len = max(longest, trained)
     if args.mode == SELFEXTEND:
-        kwargs = engine_args(folder, group_size=args.group_size, window=args.window, **options)
+        kwargs = engine_args(folder, max_model_len=max_model_len, **options)
     else:
-        kwargs = dict(model=folder, max_model_len=max(length, 2048),
-                      hf_overrides=_plain_overrides(max(length, 2048), _trained_length(folder)), **options)
+        kwargs = dict(model=folder, max_model_len=max_model_len, hf_overrides=_plain_overrides(max_model_len, trained),
+                      **options)
     llm = LLM(**kwargs)
-    llm.generate([{"prompt_token_ids": work[0][:64]}], SamplingParams(max_tokens=2), use_tqdm=False)  # warm up
-    timings = {}
-    for phase, tokens in (("prefill", 1), ("full", args.output_tokens)):
-        params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
-        start = time.perf_counter()
+    llm.generate([{"prompt_token_ids": list(range(100, 164))}], SamplingParams(max_tokens=2), use_tqdm=False)  # warm up
+    results = {}
+    for name in names:
+        work = _prompts(folder, name)
+        params = SamplingParams(max_tokens=WORKLOADS[name][3], temperature=0, ignore_eos=True, logprobs=0)
         outputs = llm.generate([{"prompt_token_ids": ids} for ids in work], params, use_tqdm=False)
-        timings[phase] = time.perf_counter() - start
-        assert all(len(o.outputs[0].token_ids) == tokens for o in outputs)
-    print("RESULT " + json.dumps(timings), flush=True)
+        results[name] = _measure(outputs, work)
+    print("RESULT " + json.dumps(results), flush=True)
     return 0
 
 
-def _engine_timings(args, mode: str) -> dict:
-    command = [sys.executable, "-m", "selfextend.vllm.bench", "_engine", "--mode", mode, *_workload_args(args)]
+def _measure(outputs, work) -> dict:
+    """Rates of one workload from vLLM's engine-core timestamps: prefill = first scheduled to the last
+    first token (every prompt in); decode = the rest of the tokens, after the last first token."""
+    metrics = [o.metrics for o in outputs]
+    start = min(m.scheduled_ts for m in metrics)
+    prefill_end = max(m.first_token_ts for m in metrics)
+    end = max(m.last_token_ts for m in metrics)
+    generated = sum(len(o.outputs[0].token_ids) for o in outputs)
+    prompt_tokens = sum(len(ids) for ids in work)
+    cached = sum(o.num_cached_tokens or 0 for o in outputs)
+    decoded_after = generated - len(outputs)
+    return {"prefill_s": prefill_end - start, "decode_s": end - prefill_end,
+            "prefill_tokens_per_s": (prompt_tokens - cached) / max(prefill_end - start, 1e-9),
+            "decode_tokens_per_s": decoded_after / max(end - prefill_end, 1e-9),
+            "decode_ms_per_token": 1000 * (end - prefill_end) / max(decoded_after / len(outputs), 1e-9),
+            "cached_tokens": cached,
+            "logprobs": [[float(entry[t].logprob) for entry, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
+                         for o in outputs]}
+
+
+def _engine_results(args, mode: str, caching: str) -> dict:
+    command = [sys.executable, "-m", "selfextend.vllm.bench", "_engine", "--mode", mode, "--caching", caching,
+               *_common_args(args)]
     env = {k: v for k, v in os.environ.items() if k != SWITCH_ENV}
     proc = subprocess.run(command, env=env, capture_output=True, text=True)
     found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not found:
-        raise RuntimeError(f"{mode} engine failed (status {proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{mode} engine (prefix caching {caching}) failed (status {proc.returncode}):\n"
+                           f"{proc.stderr[-3000:]}")
     return json.loads(found[-1].removeprefix("RESULT "))
 
 
-def _workload_args(args) -> list[str]:
-    return ["--model", args.model, "--requests", str(args.requests), "--prompt-tokens", str(args.prompt_tokens),
-            "--output-tokens", str(args.output_tokens), "-G", str(args.group_size), "-w", str(args.window),
-            "--dtype", args.dtype, "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+def _common_args(args) -> list[str]:
+    return ["--model", args.model, "--workloads", args.workloads, "--dtype", args.dtype,
+            "--gpu-memory-utilization", str(args.gpu_memory_utilization),
+            "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
 
 
-def _rates(timings: dict, args) -> dict:
-    """Throughputs from the two passes: prefill tokens/s, decode tokens/s, total tokens/s."""
-    decode_seconds = timings["full"] - timings["prefill"]
-    n = args.requests
-    return {"seconds": round(timings["full"], 2),
-            "prefill_tokens_per_s": round(n * args.prompt_tokens / timings["prefill"], 1),
-            "decode_tokens_per_s": round(n * (args.output_tokens - 1) / decode_seconds, 2),
-            "total_tokens_per_s": round(n * (args.prompt_tokens + args.output_tokens) / timings["full"], 1)}
+RATES = ("prefill_tokens_per_s", "decode_tokens_per_s")
 
 
 def run_throughput(args) -> int:
+    """Rounds of plain and SelfExtend engines (the order swapped each round), ratios per round and their
+    median, plus how far SelfExtend's log-probs are from plain vLLM's on the workloads that fit L."""
+    from statistics import median
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rounds = []
     for r in range(args.rounds):
-        for mode in (PLAIN, SELFEXTEND):  # alternate, so both see the same machine load
-            print(f"round {r + 1}/{args.rounds}: {mode} ...", file=sys.stderr, flush=True)
-            rounds.append({"round": r + 1, "mode": mode, **_rates(_engine_timings(args, mode), args)})
-    summary = {}
-    for mode in (PLAIN, SELFEXTEND):
-        rows = [row for row in rounds if row["mode"] == mode]
-        summary[mode] = {k: round(sum(row[k] for row in rows) / len(rows), 2) for k in rows[0] if k not in ("round", "mode")}
-    ratio = {k: round(summary[SELFEXTEND][k] / summary[PLAIN][k], 3) for k in summary[PLAIN] if k != "seconds"}
+        for caching in args.caching.split(","):
+            modes = (PLAIN, SELFEXTEND) if r % 2 == 0 else (SELFEXTEND, PLAIN)
+            found = {}
+            for mode in modes:
+                print(f"round {r + 1}/{args.rounds}, prefix caching {caching}: {mode} ...", file=sys.stderr,
+                      flush=True)
+                found[mode] = _engine_results(args, mode, caching)
+            rounds.append({"round": r + 1, "caching": caching, "order": list(modes), "results": found})
+    table = []
+    for caching in args.caching.split(","):
+        for name in (n for n in args.workloads.split(",") if caching in WORKLOADS[n][4]):
+            cells = [rd["results"] for rd in rounds if rd["caching"] == caching]
+            ratios = {rate: [c[SELFEXTEND][name][rate] / c[PLAIN][name][rate] for c in cells] for rate in RATES}
+            plain_lp = [lp for c in cells for lp in c[PLAIN][name]["logprobs"]]
+            ours_lp = [lp for c in cells for lp in c[SELFEXTEND][name]["logprobs"]]
+            table.append({"workload": name, "caching": caching, "shape": WORKLOADS[name][:4],
+                          "plain": {rate: median(c[PLAIN][name][rate] for c in cells) for rate in
+                                    (*RATES, "decode_ms_per_token")},
+                          "selfextend": {rate: median(c[SELFEXTEND][name][rate] for c in cells) for rate in
+                                         (*RATES, "decode_ms_per_token")},
+                          "cached_tokens": cells[0][SELFEXTEND][name]["cached_tokens"],
+                          "ratio_rounds": ratios, "ratio_median": {k: median(v) for k, v in ratios.items()},
+                          "max_logprob_difference": _max_difference(plain_lp, ours_lp)})
     record = {"command": "python -m selfextend.vllm.bench throughput " + shlex.join(
-        [*_workload_args(args), "--rounds", str(args.rounds), "--out", args.out]), "versions": _versions(),
-        "workload": {"requests": args.requests, "prompt_tokens": args.prompt_tokens,
-                     "output_tokens": args.output_tokens, "group_size": args.group_size, "window": args.window,
-                     "dtype": args.dtype}, "rounds": rounds, "mean": summary, "ratio_selfextend_over_plain": ratio}
-    path = out / "throughput.json"
-    history = json.loads(path.read_text()) if path.exists() else []
-    history = [h for h in history if h["workload"] != record["workload"]] + [record]
-    path.write_text(json.dumps(history, indent=2) + "\n")
-    (out / "throughput.md").write_text(_throughput_table(history))
-    print(json.dumps(ratio), flush=True)
+        [*_common_args(args), "--caching", args.caching, "--rounds", str(args.rounds), "--out", args.out]),
+        "versions": _versions(), "threads": os.environ.get("OMP_NUM_THREADS", "vLLM's default"),
+        "load_average_before": os.getloadavg(), "rows": table, "rounds": rounds}
+    (out / "throughput.json").write_text(json.dumps(record, indent=1) + "\n")
+    (out / "throughput.md").write_text(_throughput_table(record))
+    print(_throughput_table(record))
     return 0
 
 
-def _throughput_table(history: list[dict]) -> str:
-    lines = ["# Throughput: SelfExtend in vLLM vs plain vLLM, same run", "",
-             "Each row: one workload, plain and SelfExtend engines alternating (each in its own process), "
-             "means over rounds. Prefill = a pass with 1 output token; decode = the rest of a full pass.", "",
-             "| requests | prompt | output | G | w | dtype | plain tok/s (prefill / decode / total) | "
-             "SelfExtend tok/s | ratio prefill | ratio decode | ratio total |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for h in history:
-        w, p, s, r = h["workload"], h["mean"][PLAIN], h["mean"][SELFEXTEND], h["ratio_selfextend_over_plain"]
-        rate = lambda m: f"{m['prefill_tokens_per_s']} / {m['decode_tokens_per_s']} / {m['total_tokens_per_s']}"  # noqa: E731
-        lines.append(f"| {w['requests']} | {w['prompt_tokens']} | {w['output_tokens']} | {w['group_size']} | "
-                     f"{w['window']} | {w['dtype']} | {rate(p)} | {rate(s)} | {r['prefill_tokens_per_s']} | "
-                     f"{r['decode_tokens_per_s']} | {r['total_tokens_per_s']} |")
-    lines += ["", "Commands and versions:", ""] + [f"- `{h['command']}` ({h['versions']})" for h in history]
+def _max_difference(a: list[list[float]], b: list[list[float]]) -> float | None:
+    """Largest |a - b| over aligned generated tokens (None when the greedy tokens parted ways)."""
+    if len(a) != len(b) or any(len(x) != len(y) for x, y in zip(a, b)):
+        return None
+    return max((abs(p - q) for x, y in zip(a, b) for p, q in zip(x, y)), default=0.0)
+
+
+def _throughput_table(record: dict) -> str:
+    lines = ["# SelfExtend in vLLM against plain vLLM, same run", "",
+             f"`{record['command']}` ({record['versions']}; load average before: "
+             f"{', '.join(f'{x:.1f}' for x in record['load_average_before'])}).", "",
+             "Each round starts a plain vLLM engine and a SelfExtend engine (`engine_args`, G chosen per request) "
+             "one after the other, each in its own process, the order swapped every round; the same prompts "
+             "(token ids, passkey text) in every engine. Prefill: prompt tokens not served from the prefix cache, "
+             "per second from the first scheduled request to the last first token; decode: generated tokens after "
+             "the first, per second after that. Past the trained length plain vLLM runs with its position limit "
+             "raised. A ratio is SelfExtend / plain: the median over rounds, each round's in brackets.", "",
+             "| workload | requests x (prompt, shared prefix) -> out | prefix cache | plain prefill tok/s | "
+             "plain decode ms/token | prefill ratio | decode ratio | cached tokens | max log-prob diff |",
+             "|---|---|---|---:|---:|---|---|---:|---:|"]
+    for row in record["rows"]:
+        n, length, shared, new = row["shape"]
+        fmt = lambda rate: f"{row['ratio_median'][rate]:.2f} ({', '.join(f'{x:.2f}' for x in row['ratio_rounds'][rate])})"  # noqa: E731
+        diff = row["max_logprob_difference"]
+        lines.append(f"| {row['workload']} | {n} x ({length}, {shared}) -> {new} | {row['caching']} | "
+                     f"{row['plain']['prefill_tokens_per_s']:.0f} | {row['plain']['decode_ms_per_token']:.0f} | "
+                     f"{fmt('prefill_tokens_per_s')} | {fmt('decode_tokens_per_s')} | {row['cached_tokens']} | "
+                     f"{'greedy tokens differ' if diff is None else f'{diff:.1e}'} |")
     return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------------------------------------
 # command line
 # ------------------------------------------------------------------------------------------------
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -338,8 +412,6 @@ def _parser() -> argparse.ArgumentParser:
     for name in ("passkey", "throughput", "_engine"):
         p = sub.add_parser(name, allow_abbrev=False)
         p.add_argument("--model", default="smollm2-135m")
-        p.add_argument("--group-size", "-G", type=positive_int, default=4)
-        p.add_argument("--window", "-w", type=positive_int, default=1024)
         p.add_argument("--dtype", default="float32")
         p.add_argument("--out", default="results/vllm")
         if name == "passkey":
@@ -352,11 +424,11 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--served-name", default="smollm2-135m")
             p.add_argument("--startup-timeout", type=float, default=1200)
         else:
-            p.add_argument("--requests", type=positive_int, default=16)
-            p.add_argument("--prompt-tokens", type=positive_int, default=3000)
-            p.add_argument("--output-tokens", type=positive_int, default=64)
-            p.add_argument("--rounds", type=positive_int, default=1)
+            p.add_argument("--workloads", default=",".join(WORKLOADS))
+            p.add_argument("--caching", default="on,off" if name == "throughput" else "on")
+            p.add_argument("--rounds", type=positive_int, default=3)
             p.add_argument("--gpu-memory-utilization", type=float, default=0.25)
+            p.add_argument("--max-num-batched-tokens", type=positive_int, default=4096)
             p.add_argument("--mode", choices=(PLAIN, SELFEXTEND), default=SELFEXTEND)
     return parser
 

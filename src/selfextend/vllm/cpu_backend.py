@@ -1,21 +1,26 @@
-"""The SelfExtend attention backend for vLLM on CPU, registered in place of ``CPU_ATTN``.
+"""The SelfExtend attention backend for vLLM on CPU, registered in place of ``CPU_ATTN`` (worker process).
 
 vLLM's CPU platform always picks ``CPU_ATTN``; the plugin points that name at this subclass when
-switched on. For a model whose config carries no ``selfextend`` settings every call goes to the
-stock implementation unchanged, so one process can serve plain and SelfExtend engines.
+switched on. A step whose rows all have G = 1 -- every request that fits the trained length, every
+model without SelfExtend settings, every sliding-window layer whose window is at most w -- runs the
+stock implementation unchanged: the same metadata, the same cache writes, the same kernel.
 
-Per step (see ``plan.py`` for the geometry):
+A step with rows of G > 1 (see ``plan.py``):
 
-1. new keys are rotated to their grouped positions and written with vLLM's own cache writer;
-2. decoding requests: their neighbor keys are moved in place for this step, one pass of vLLM's
-   paged CPU kernel over the whole cache gives the exact result, the saved keys are written back;
-3. other requests (prefill, chunked prefill, recompute, the rare shared-slot decode): their keys
-   are gathered and attended in blocks with torch's flash kernel, parts merged by log-sum-exp.
+1. the new keys of those rows are rotated to their grouped positions (a table lookup, no trig) and
+   every new key and value is written with vLLM's own cache writer;
+2. rows with G = 1: vLLM's stock kernel over the paged cache (a sub-batch);
+3. rows with G > 1 that decode: the decode kernel (``decode_kernel``) over the paged cache, which
+   never writes it; without it (no AVX-512, or ``SELFEXTEND_VLLM_KERNEL=torch``) the general path;
+4. the other rows with G > 1 (prefill, chunks, recompute): keys gathered, the library's kernel.
+
+Nothing in the cache changes during a step except the new keys.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -30,55 +35,68 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from .config import EngineSettings, UnsupportedConfigError
-from .paged import CacheLayout, rotated, selfextend_attention
+from ..settings import Settings
+from . import decode_kernel
+from .paged import CacheLayout, attend_request
 from .plan import StepPlan, build_plan
-from .engine import check_layer, check_vllm_config, engine_settings, find_geometry
+from .rotations import RotationTable
+from .settings import UnsupportedConfigError
+from .worker import check_layer, check_vllm_config, engine_settings, global_inv_freq, groups_layer
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
 class SelfExtendCPUMetadata(CPUAttentionMetadata):
-    """The stock CPU metadata plus this step's SelfExtend plan (None for a plain model)."""
+    """The stock CPU metadata plus this step's SelfExtend plan and what the layers share to run it."""
 
     plan: StepPlan | None = None
+    table: RotationTable | None = None
+    layout: CacheLayout | None = None
 
 
 class SelfExtendCPUMetadataBuilder(CPUAttentionMetadataBuilder):
-    """Builds the stock metadata, then the step plan shared by every layer."""
+    """Builds the stock metadata, then, when some row of the step has G > 1, the step plan shared by
+    every layer. ``request_groups`` (the G of each row) is set by the model runner each step
+    (``worker.RequestGroups``)."""
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        self.settings = engine_settings(vllm_config)
+        self.request_groups: torch.Tensor | None = None
+        settings = engine_settings(vllm_config)
+        window = None if self.window_size == -1 else self.window_size
+        self.settings = settings if settings is not None and groups_layer(settings, window) else None
         if self.settings is not None:
-            self.geometry = find_geometry(vllm_config, self.settings, self.head_dim)
+            inv_freq = global_inv_freq(vllm_config, self.head_dim)
+            self.table = RotationTable(inv_freq, vllm_config.model_config.max_model_len)
             self.layout = probe_layout(self.isa, self.block_size, self.num_kv_heads, self.head_dim, self.dtype,
                                        self.kv_cache_dtype)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
-        if self.settings is None:
-            return metadata
-        plan = build_plan(self.geometry, metadata.query_start_loc, metadata.seq_lens, metadata.block_table,
-                          self.block_size, metadata.num_actual_tokens)
-        plan.layout = self.layout
-        if plan.decode is not None:
-            plan.decode.tail_cos, plan.decode.tail_sin = self.layout.orient(plan.decode.tail_cos, plan.decode.tail_sin)
-        if plan.decode is not None:
-            if len(plan.decode.rows) == common_attn_metadata.num_reqs:
-                plan.decode.kernel_metadata = metadata.scheduler_metadata  # the whole batch decodes
-            else:
-                plan.decode.kernel_metadata = ops.cpu_attn_get_scheduler_metadata(
-                    num_reqs=len(plan.decode.rows), num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-                    head_dim=self.head_dim, seq_lens=plan.decode.seq_lens, dtype=self.dtype,
-                    query_start_loc=plan.decode.query_start_loc, causal=True, sliding_window_size=-1,
-                    isa=self.isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
-                    kv_cache_dtype=self.kv_cache_dtype)
+        num_reqs = common_attn_metadata.num_reqs
+        groups = self.request_groups
+        if self.settings is None or groups is None or not bool((groups[:num_reqs] > 1).any()):
+            return metadata  # every row plain: vLLM's own metadata and path
+        plan = build_plan(groups[:num_reqs], metadata.query_start_loc, metadata.seq_lens, metadata.block_table,
+                          metadata.num_actual_tokens)
+        if plan.plain is not None:
+            plan = dataclasses.replace(plan, plain=dataclasses.replace(plan.plain, kernel_metadata=self._scheduler(
+                plan.plain.query_start_loc, plan.plain.seq_lens)))
         fields = {f.name: getattr(metadata, f.name) for f in dataclasses.fields(metadata)}
-        return SelfExtendCPUMetadata(**fields, plan=plan)
+        return SelfExtendCPUMetadata(**fields, plan=plan, table=self.table, layout=self.layout)
+
+    def _scheduler(self, query_start_loc: torch.Tensor, seq_lens: torch.Tensor):
+        """The stock kernel's scheduler metadata for a sub-batch."""
+        return ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=seq_lens.numel(), num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim, seq_lens=seq_lens, dtype=self.dtype, query_start_loc=query_start_loc,
+            causal=True, sliding_window_size=-1, isa=self.isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
+            kv_cache_dtype=self.kv_cache_dtype)
 
 
 class SelfExtendCPUImpl(CPUAttentionBackendImpl):
-    """CPU attention with SelfExtend when the model config asks for it, stock otherwise."""
+    """CPU attention with SelfExtend for rows with G > 1, stock otherwise."""
 
     def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
                  kv_cache_dtype, logits_soft_cap=None, attn_type=AttentionType.DECODER,
@@ -86,77 +104,92 @@ class SelfExtendCPUImpl(CPUAttentionBackendImpl):
         super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
                          logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks)
         vllm_config = get_current_vllm_config()
-        self.settings: EngineSettings | None = engine_settings(vllm_config)
+        settings = engine_settings(vllm_config)
+        self.settings: Settings | None = settings if settings is not None and groups_layer(settings, sliding_window) \
+            else None
+        if settings is not None:
+            check_vllm_config(vllm_config, settings)
         if self.settings is not None:
-            check_vllm_config(vllm_config, self.settings)
-            check_layer(sliding_window, alibi_slopes, logits_soft_cap, sinks, attn_type,
-                         kv_sharing_target_layer_name)
+            check_layer(alibi_slopes, logits_soft_cap, sinks, attn_type, kv_sharing_target_layer_name)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
         if attn_metadata is None:  # profiling run
             return output
-        if self.settings is None:  # plain model: exactly the stock path
+        plan: StepPlan | None = getattr(attn_metadata, "plan", None)
+        if self.settings is None or plan is None:  # every row plain: exactly the stock path
             if self.attn_type not in (AttentionType.ENCODER_ONLY, AttentionType.ENCODER):
                 self.do_kv_cache_update(layer, key, value, kv_cache, attn_metadata.slot_mapping)
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                    output_scale, output_block_scale)
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("fused output quantization is not supported with SelfExtend")
-        plan: StepPlan = attn_metadata.plan
         n = plan.num_tokens
         key_cache, value_cache = _split(kv_cache)
-        self._write_grouped_keys(layer, key[:n], value[:n], key_cache, value_cache, attn_metadata.slot_mapping[:n],
-                                 plan)
-        q_grouped = rotated(query[:n], plan.query_rotation)
+        self._write_keys(layer, key[:n], value[:n], key_cache, value_cache, attn_metadata, plan)
+        if plan.plain is not None:
+            self._plain(layer, query, key_cache, value_cache, plan.plain, output)
         if plan.decode is not None:
-            self._decode(layer, q_grouped, key_cache, value_cache, plan, output)
+            self._decode(query, key_cache, value_cache, attn_metadata, plan, output)
         for request in plan.general:
-            self._attend_request(query, q_grouped, key_cache, value_cache, attn_metadata, plan, request, output)
+            self._general(query, key_cache, value_cache, attn_metadata, request, output)
         return output
 
-    # -- the three steps ---------------------------------------------------------------------------
+    # -- the steps ------------------------------------------------------------------------------------
 
-    def _write_grouped_keys(self, layer, key, value, key_cache, value_cache, slot_mapping, plan) -> None:
-        """Store the new tokens' keys rotated to their grouped positions, and their values."""
-        ops.cpu_attn_reshape_and_cache(rotated(key, plan.key_rotation), value, key_cache, value_cache, slot_mapping,
+    def _write_keys(self, layer, key, value, key_cache, value_cache, metadata, plan: StepPlan) -> None:
+        """Store the new keys (rows with G > 1: rotated to their grouped positions) and values."""
+        if plan.grouped_tokens.numel():
+            key = key.clone()
+            key[plan.grouped_tokens] = metadata.table.rotate(key[plan.grouped_tokens], plan.key_delta)
+        ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, metadata.slot_mapping[: plan.num_tokens],
                                        layer.isa, k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
                                        kv_cache_dtype=self.kv_cache_dtype)
 
-    def _decode(self, layer, q_grouped, key_cache, value_cache, plan: StepPlan, output) -> None:
-        """One stock kernel pass for every decoding request on the fast path (see ``plan.py``)."""
-        d = plan.decode
-        saved = key_cache[d.tail_blocks]  # [Mb, Hkv, B, D]: the blocks holding neighbor keys (a copy)
-        key_cache[d.tail_blocks] = plan.layout.rotate_key_pages(saved, d.tail_cos, d.tail_sin)
-        try:
-            n = len(d.rows)
-            query = q_grouped[:n] if d.is_prefix else q_grouped[d.tokens]
-            out = output[:n] if d.is_prefix else torch.empty_like(query)
-            ops.cpu_attention_with_kv_cache(
-                query=query, key_cache=key_cache, value_cache=value_cache, output=out,
-                query_start_loc=d.query_start_loc, seq_lens=d.seq_lens, scale=self.scale, causal=True,
-                alibi_slopes=None, sliding_window=-1, block_table=d.block_table, softcap=0,
-                scheduler_metadata=d.kernel_metadata, s_aux=None, k_scale=layer._k_scale_float,
-                v_scale=layer._v_scale_float, kv_cache_dtype=self.kv_cache_dtype)
-            if not d.is_prefix:
-                output[d.tokens] = out
-        finally:
-            key_cache[d.tail_blocks] = saved
+    def _plain(self, layer, query, key_cache, value_cache, rows, output) -> None:
+        """vLLM's stock kernel for the rows with G = 1."""
+        q = query[: rows.tokens.numel()] if rows.is_prefix else query[rows.tokens]
+        out = output[: rows.tokens.numel()] if rows.is_prefix else torch.empty_like(q)
+        ops.cpu_attention_with_kv_cache(
+            query=q, key_cache=key_cache, value_cache=value_cache, output=out,
+            query_start_loc=rows.query_start_loc, seq_lens=rows.seq_lens, scale=self.scale, causal=True,
+            alibi_slopes=None, sliding_window=-1, block_table=rows.block_table, softcap=0,
+            scheduler_metadata=rows.kernel_metadata, s_aux=None, k_scale=layer._k_scale_float,
+            v_scale=layer._v_scale_float, kv_cache_dtype=self.kv_cache_dtype)
+        if not rows.is_prefix:
+            output[rows.tokens] = out
 
-    def _attend_request(self, query, q_grouped, key_cache, value_cache, metadata, plan, request, output) -> None:
+    def _decode(self, query, key_cache, value_cache, metadata, plan: StepPlan, output) -> None:
+        """The rows with G > 1 that decode one token: the decode kernel, reading the cache as stored."""
+        rows = plan.decode
+        if not decode_kernel.available():
+            _warn_fallback()
+            for r, t, s, g in zip(rows.rows.tolist(), rows.tokens.tolist(), rows.seq_lens.tolist(),
+                                  rows.group_size.tolist()):
+                self._general_rows(query, key_cache, value_cache, metadata, r, t, 1, s, g, output)
+            return
+        out, _ = decode_kernel.decode(query[rows.tokens], key_cache, value_cache, rows.block_table, rows.seq_lens,
+                                      rows.group_size, self.settings.window, self.scale, metadata.table)
+        output[rows.tokens] = out.view(output[rows.tokens].shape)
+
+    def _general(self, query, key_cache, value_cache, metadata, request, output) -> None:
+        self._general_rows(query, key_cache, value_cache, metadata, request.row, request.first_token,
+                           request.num_tokens, request.seq_len, request.group_size, output)
+
+    def _general_rows(self, query, key_cache, value_cache, metadata, row, first_token, num_tokens, seq_len, group,
+                      output) -> None:
         """Exact SelfExtend attention of one request's new tokens over its gathered cache."""
-        S, block_size = request.seq_len, key_cache.shape[2]
-        blocks = metadata.block_table[request.index, : -(-S // block_size)].long()
-        k_grouped, v = plan.layout.gather(key_cache, value_cache, blocks, S)  # [Hkv, S, D]
-        first, back = plan.neighbor_rotation(request)
-        k_neighbor = rotated(k_grouped[:, first:].transpose(0, 1), back).transpose(0, 1)
-        t0, t1 = request.first_token, request.first_token + request.num_tokens
-        output[t0:t1] = selfextend_attention(query[t0:t1], q_grouped[t0:t1], k_grouped, k_neighbor, v,
-                                             self.settings.window, self.scale)
+        block_size = key_cache.shape[2]
+        blocks = metadata.block_table[row, : -(-seq_len // block_size)].long()
+        k_stored, v = metadata.layout.gather(key_cache, value_cache, blocks, seq_len)  # [Hkv, S, D]
+        settings = dataclasses.replace(self.settings, group_size=group)
+        t0, t1 = first_token, first_token + num_tokens
+        output[t0:t1] = attend_request(query[t0:t1], k_stored, v, settings, metadata.table, self.scale).view(
+            output[t0:t1].shape)
 
 
 class SelfExtendCPUBackend(CPUAttentionBackend):
-    """``CPU_ATTN`` with SelfExtend; writes the KV cache inside ``forward`` (it needs the positions)."""
+    """``CPU_ATTN`` with SelfExtend; writes the KV cache inside ``forward`` (it needs each row's G)."""
 
     forward_includes_kv_cache_update: bool = True
 
@@ -167,6 +200,16 @@ class SelfExtendCPUBackend(CPUAttentionBackend):
     @staticmethod
     def get_builder_cls():
         return SelfExtendCPUMetadataBuilder
+
+
+_WARNED = []
+
+
+def _warn_fallback() -> None:
+    if not _WARNED:
+        _WARNED.append(True)
+        logger.warning("SelfExtend: the decode kernel is not available (%s); decoding gathers each request's keys "
+                       "instead (exact, slower)", decode_kernel.reason())
 
 
 def _split(kv_cache: torch.Tensor):

@@ -61,8 +61,9 @@ def register() -> None:
     """The entry point: install the guards (always), and point the platform's attention backend at
     SelfExtend's if switched on.
 
-    On CPU vLLM always takes ``CPU_ATTN``; on CUDA the SelfExtend backend replaces ``FLASH_ATTN``
-    (``engine_args`` selects that backend explicitly)."""
+    On CPU vLLM always takes ``CPU_ATTN``: SelfExtend's backend is registered under that name (it runs
+    the stock code for every step that groups nothing). On CUDA it is registered as vLLM's ``CUSTOM``
+    backend, which ``engine_args`` (and the command ``vllm-serve`` prints) select."""
     install_guards()
     if not switched_on():
         return
@@ -88,7 +89,7 @@ def selfextend_backend():
     if current_platform.is_cpu():
         return AttentionBackendEnum.CPU_ATTN, CPU_BACKEND
     if current_platform.is_cuda():
-        return AttentionBackendEnum.FLASH_ATTN, CUDA_BACKEND
+        return AttentionBackendEnum.CUSTOM, CUDA_BACKEND
     return None, None
 
 
@@ -127,7 +128,7 @@ def install_guards() -> None:
         switch_on()  # a process the switch did not reach (e.g. a Ray actor): the settings switch it on
         path = choose(selected_backend, *args, **kwargs)
         if path not in (CPU_BACKEND, CUDA_BACKEND):
-            from .config import UnsupportedConfigError
+            from .settings import UnsupportedConfigError
 
             raise UnsupportedConfigError(f"vLLM chose the attention backend {path} for a model with SelfExtend "
                                          f"settings; SelfExtend needs {_backend_hint()}")
@@ -135,6 +136,7 @@ def install_guards() -> None:
 
     platform.check_and_update_config = check_and_update_config
     platform.get_attn_backend_cls = get_attn_backend_cls
+    _guard_requests()
     platform._selfextend_guards = True
 
 
@@ -146,8 +148,8 @@ def admit(vllm_config) -> None:
         return
     from vllm.platforms import current_platform
 
-    from .config import UnsupportedConfigError
-    from .engine import check_vllm_config
+    from .settings import UnsupportedConfigError
+    from .worker import SELFEXTEND_WORKERS, check_vllm_config
 
     _refuse_if_switched_off()
     replaced, _ = selfextend_backend()
@@ -158,12 +160,47 @@ def admit(vllm_config) -> None:
     if current_platform.is_cuda() and chosen is not None and chosen != replaced:  # the CPU platform ignores it
         raise UnsupportedConfigError(f"attention backend {chosen.name} was chosen; SelfExtend needs {_backend_hint()}")
     check_vllm_config(vllm_config, settings)
+    parallel = vllm_config.parallel_config
+    if parallel.worker_cls in SELFEXTEND_WORKERS:  # vLLM's own worker, whose runner hands over each row's G
+        parallel.worker_cls = SELFEXTEND_WORKERS[parallel.worker_cls]
+    elif parallel.worker_cls not in SELFEXTEND_WORKERS.values():
+        raise UnsupportedConfigError(f"worker_cls={parallel.worker_cls!r}: SelfExtend runs with vLLM's own CPU or GPU "
+                                     "worker (it extends it to choose G per request); remove --worker-cls")
     switch_on()
+
+
+def _guard_requests() -> None:
+    """Wrap the front end's ``InputProcessor.process_inputs`` (where vLLM turns a prompt and its
+    sampling parameters into the request the engine core receives): for an engine with SelfExtend
+    settings, check the request's G against its length (a ValueError, which the server answers with
+    400) and salt its prefix-cache hash with its G when G > 1, so cached blocks are never shared between
+    requests whose keys sit at different positions."""
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    if vars(InputProcessor).get("_selfextend_guard"):
+        return
+    process_inputs = InputProcessor.process_inputs
+
+    def guarded(self, *args, **kwargs):
+        request = process_inputs(self, *args, **kwargs)
+        settings = _settings(self.vllm_config)
+        params = request.sampling_params
+        if settings is not None and params is not None:
+            from .frontend import admit_request
+
+            tokens = request.prompt_token_ids
+            request.cache_salt = admit_request(settings, None if tokens is None else len(tokens), params.max_tokens,
+                                               self.vllm_config.model_config.max_model_len, params.extra_args,
+                                               request.cache_salt) or request.cache_salt
+        return request
+
+    InputProcessor.process_inputs = guarded
+    InputProcessor._selfextend_guard = True
 
 
 def _settings(vllm_config):
     """SelfExtend settings of a vLLM config (None without a model config or without settings)."""
-    from .config import settings_from_config
+    from .settings import settings_from_config
 
     model_config = getattr(vllm_config, "model_config", None)
     return None if model_config is None else settings_from_config(model_config.hf_config)
@@ -171,7 +208,7 @@ def _settings(vllm_config):
 
 def _refuse_if_switched_off() -> None:
     if switched_off():
-        from .config import SETTINGS_KEY, UnsupportedConfigError
+        from .settings import SETTINGS_KEY, UnsupportedConfigError
 
         raise UnsupportedConfigError(
             f"the model config carries SelfExtend settings ({SETTINGS_KEY!r} in hf_overrides) but "
