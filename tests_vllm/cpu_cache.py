@@ -1,0 +1,77 @@
+"""A vLLM CPU paged KV cache holding given keys and values, written by vLLM's own writer.
+
+``PagedCache(keys, values, block_size, dtype)`` allocates the tensor vLLM 0.32's CPU backend allocates,
+``[num_blocks, Hkv, 2B, D]`` (keys in the first B rows of each page, values in the last B), hands out
+blocks in a shuffled order (a request's blocks are not adjacent, as in a running engine), and stores
+every key and value with ``vllm._custom_ops.cpu_attn_reshape_and_cache`` -- so the layout the tests
+read is vLLM's, whatever it is, not a copy of it. Slots no request uses hold random numbers, or NaN
+every 97th element with ``poison=True`` (a kernel that reads past a request's keys shows it).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class PagedCache:
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], block_size: int, dtype: torch.dtype,
+                 extra_blocks: int = 8, seed: int = 0, poison: bool = False):
+        """keys / values: per request ``[S_n, Hkv, D]`` (keys as they are to be stored)."""
+        from vllm import _custom_ops as ops
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+        generator = torch.Generator().manual_seed(seed)
+        hkv, d = keys[0].shape[1], keys[0].shape[2]
+        lens = [k.shape[0] for k in keys]
+        blocks = [-(-s // block_size) for s in lens]
+        total = sum(blocks) + extra_blocks
+        self.kv = torch.randn(total, hkv, 2 * block_size, d, generator=generator).to(dtype)
+        if poison:
+            self.kv.view(-1)[::97] = float("nan")
+        order = torch.randperm(total, generator=generator)
+        self.block_table = torch.zeros(len(keys), max(max(blocks), 1), dtype=torch.int32)
+        at = 0
+        for n, b in enumerate(blocks):
+            self.block_table[n, :b] = order[at: at + b].to(torch.int32)
+            at += b
+        self.key_cache, self.value_cache = self.kv.chunk(2, dim=2)  # [num_blocks, Hkv, B, D] views
+        self.isa = _get_attn_isa(dtype, block_size, d)
+        for n, (k, v) in enumerate(zip(keys, values)):
+            j = torch.arange(k.shape[0])
+            slots = self.block_table[n, j // block_size].long() * block_size + j % block_size
+            ops.cpu_attn_reshape_and_cache(k.to(dtype).contiguous(), v.to(dtype).contiguous(), self.key_cache,
+                                           self.value_cache, slots, self.isa)
+        self.seq_lens = torch.tensor(lens, dtype=torch.int32)
+        self.block_size = block_size
+
+    def checksum(self) -> str:
+        """Hash of every byte of the cache (NaNs included)."""
+        import hashlib
+
+        return hashlib.sha256(self.kv.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+    def stock(self, query: torch.Tensor, scale: float, metadata=None) -> torch.Tensor:
+        """vLLM's stock CPU kernel: plain causal attention of one decoding ``query [N, Hq, D]`` per request."""
+        from vllm import _custom_ops as ops
+
+        n = query.shape[0]
+        if metadata is None:
+            metadata = self.metadata(query.shape[1], query.dtype)
+        out = torch.empty_like(query)
+        ops.cpu_attention_with_kv_cache(query=query, key_cache=self.key_cache, value_cache=self.value_cache,
+                                        output=out, query_start_loc=torch.arange(n + 1, dtype=torch.int32),
+                                        seq_lens=self.seq_lens, scale=scale, causal=True, alibi_slopes=None,
+                                        sliding_window=-1, block_table=self.block_table, softcap=0,
+                                        scheduler_metadata=metadata,
+                                        s_aux=None)
+        return out
+
+    def metadata(self, num_heads: int, dtype: torch.dtype):
+        """vLLM's scheduler metadata for ``stock`` (vLLM builds it once per step for all layers)."""
+        from vllm import _custom_ops as ops
+
+        n = len(self.seq_lens)
+        return ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=n, num_heads=num_heads, num_kv_heads=self.key_cache.shape[1], head_dim=self.key_cache.shape[3],
+            seq_lens=self.seq_lens, dtype=dtype, query_start_loc=torch.arange(n + 1, dtype=torch.int32),
+            causal=True, sliding_window_size=-1, isa=self.isa, enable_kv_split=True)
