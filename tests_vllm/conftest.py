@@ -189,6 +189,13 @@ def worker_backends(llm) -> list[tuple[str, bool]]:
     return llm.collective_rpc(probe)
 
 
+def kernel_refusals(llm) -> list:
+    """Per worker, why each SelfExtend metadata builder does not use the decode kernel (None: it does)."""
+    return llm.collective_rpc(lambda worker: [getattr(builder, "kernel_refusal", "not a SelfExtend builder")
+                                             for per_cache in worker.model_runner.attn_groups for group in per_cache
+                                             for builder in group.metadata_builders])
+
+
 def sampling(**overrides):
     from vllm import SamplingParams
 
@@ -256,12 +263,24 @@ def one_pass(tiny_model) -> dict:
     each prompt alone, then all in one batch (G = 4 and G = 1 rows together)."""
     with engine(tiny_model, enable_prefix_caching=False, max_num_batched_tokens=2048) as llm:
         watch_cache(llm)
-        return {"backends": worker_backends(llm),
+        return {"backends": worker_backends(llm), "kernel_refusals": kernel_refusals(llm),
                 "alone": {name: generate(llm, [name])[name] for name in ONE_BATCH},
                 "batch": generate(llm, ONE_BATCH),
                 "asked_g2": generate(llm, ["long3", "mid"], extra_args={"selfextend_group_size": 2}),
                 "refused": {g: refusal(llm, "long", g) for g in (2, 65, "4")},
                 "cache_watch": cache_watch(llm)}
+
+
+@pytest.fixture(scope="session")
+def torch_decode(tiny_model) -> dict:
+    """As ``one_pass`` (the batch), with the decode kernel switched off: decoding rows gather their keys."""
+    os.environ["SELFEXTEND_VLLM_KERNEL"] = "torch"  # the engine's worker processes inherit it
+    try:
+        with engine(tiny_model, enable_prefix_caching=False, max_num_batched_tokens=2048) as llm:
+            watch_cache(llm)
+            return {"batch": generate(llm, ONE_BATCH), "cache_watch": cache_watch(llm)}
+    finally:
+        del os.environ["SELFEXTEND_VLLM_KERNEL"]
 
 
 def refusal(llm, name: str, group) -> str:

@@ -12,6 +12,13 @@ def test_the_selfextend_backend_runs_in_the_worker(one_pass):
     assert one_pass["backends"] == [("SelfExtendCPUImpl", True)]
 
 
+def test_decoding_rows_use_the_decode_kernel_where_it_builds(one_pass):
+    from selfextend.vllm import decode_kernel
+
+    expected = None if decode_kernel.available() else decode_kernel.reason()
+    assert one_pass["kernel_refusals"] == [[expected]]
+
+
 def test_each_request_gets_its_own_group_size():
     assert [request_group(len(PROMPTS[name])) for name in ONE_BATCH] == [4, 4, 4, 1, 1]
 
@@ -24,6 +31,13 @@ def test_every_prompt_alone_matches_transformers(one_pass, reference):
 def test_a_batch_mixing_g1_and_g4_requests_matches_transformers(one_pass, reference):
     for name in ONE_BATCH:
         assert_matches(one_pass["batch"][name], reference[name], f"{name} ({len(PROMPTS[name])} tokens) in a batch")
+
+
+def test_the_torch_decode_path_matches_transformers(torch_decode, reference):
+    """Without the decode kernel (no AVX-512, or SELFEXTEND_VLLM_KERNEL=torch) decoding rows gather."""
+    for name in ONE_BATCH:
+        assert_matches(torch_decode["batch"][name], reference[name], f"{name}, decoding in torch")
+    assert all(w["changed"] == 0 and w["calls"] > 0 for w in torch_decode["cache_watch"])
 
 
 def test_a_request_in_a_mixed_batch_equals_the_request_alone(one_pass):

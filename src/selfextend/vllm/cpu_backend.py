@@ -11,7 +11,8 @@ A step with rows of G > 1 (see ``plan.py``):
    every new key and value is written with vLLM's own cache writer;
 2. rows with G = 1: vLLM's stock kernel over the paged cache (a sub-batch);
 3. rows with G > 1 that decode: the decode kernel (``decode_kernel``) over the paged cache, which
-   never writes it; without it (no AVX-512, or ``SELFEXTEND_VLLM_KERNEL=torch``) the general path;
+   never writes it; without it (no AVX-512, a geometry it is not built for, the ``amx`` cache layout,
+   or ``SELFEXTEND_VLLM_KERNEL=torch``) the general path;
 4. the other rows with G > 1 (prefill, chunks, recompute): keys gathered, the library's kernel.
 
 Nothing in the cache changes during a step except the new keys.
@@ -53,6 +54,7 @@ class SelfExtendCPUMetadata(CPUAttentionMetadata):
     plan: StepPlan | None = None
     table: RotationTable | None = None
     layout: CacheLayout | None = None
+    decode_kernel: bool = False  # the C++ decode kernel serves this layer's decoding rows
 
 
 class SelfExtendCPUMetadataBuilder(CPUAttentionMetadataBuilder):
@@ -71,6 +73,13 @@ class SelfExtendCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             self.table = RotationTable(inv_freq, vllm_config.model_config.max_model_len)
             self.layout = probe_layout(self.isa, self.block_size, self.num_kv_heads, self.head_dim, self.dtype,
                                        self.kv_cache_dtype)
+            self.kernel_refusal = decode_kernel.unsupported(self.dtype, self.head_dim, self.num_heads,
+                                                            self.num_kv_heads, self.block_size, self.isa)
+            if self.kernel_refusal is None and not decode_kernel.available():
+                self.kernel_refusal = decode_kernel.reason()
+            if self.kernel_refusal is not None:
+                logger.warning("SelfExtend: decoding gathers each request's keys (exact, slower) instead of using "
+                               "the decode kernel: %s", self.kernel_refusal)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
@@ -84,7 +93,8 @@ class SelfExtendCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             plan = dataclasses.replace(plan, plain=dataclasses.replace(plan.plain, kernel_metadata=self._scheduler(
                 plan.plain.query_start_loc, plan.plain.seq_lens)))
         fields = {f.name: getattr(metadata, f.name) for f in dataclasses.fields(metadata)}
-        return SelfExtendCPUMetadata(**fields, plan=plan, table=self.table, layout=self.layout)
+        return SelfExtendCPUMetadata(**fields, plan=plan, table=self.table, layout=self.layout,
+                                     decode_kernel=self.kernel_refusal is None)
 
     def _scheduler(self, query_start_loc: torch.Tensor, seq_lens: torch.Tensor):
         """The stock kernel's scheduler metadata for a sub-batch."""
@@ -162,15 +172,18 @@ class SelfExtendCPUImpl(CPUAttentionBackendImpl):
     def _decode(self, query, key_cache, value_cache, metadata, plan: StepPlan, output) -> None:
         """The rows with G > 1 that decode one token: the decode kernel, reading the cache as stored."""
         rows = plan.decode
-        if not decode_kernel.available():
-            _warn_fallback()
+        if not metadata.decode_kernel:  # (the builder said why, once)
             for r, t, s, g in zip(rows.rows.tolist(), rows.tokens.tolist(), rows.seq_lens.tolist(),
                                   rows.group_size.tolist()):
                 self._general_rows(query, key_cache, value_cache, metadata, r, t, 1, s, g, output)
             return
-        out, _ = decode_kernel.decode(query[rows.tokens], key_cache, value_cache, rows.block_table, rows.seq_lens,
-                                      rows.group_size, self.settings.window, self.scale, metadata.table)
-        output[rows.tokens] = out.view(output[rows.tokens].shape)
+        n = rows.tokens.numel()
+        out = output[:n].view(n, self.num_heads, self.head_size) if rows.is_prefix else None
+        out, _ = decode_kernel.decode(query[:n] if rows.is_prefix else query[rows.tokens], key_cache, value_cache,
+                                      rows.block_table, rows.seq_lens, rows.group_size, self.settings.window,
+                                      self.scale, metadata.table, out=out)
+        if not rows.is_prefix:
+            output[rows.tokens] = out.view(output[rows.tokens].shape)
 
     def _general(self, query, key_cache, value_cache, metadata, request, output) -> None:
         self._general_rows(query, key_cache, value_cache, metadata, request.row, request.first_token,
@@ -200,16 +213,6 @@ class SelfExtendCPUBackend(CPUAttentionBackend):
     @staticmethod
     def get_builder_cls():
         return SelfExtendCPUMetadataBuilder
-
-
-_WARNED = []
-
-
-def _warn_fallback() -> None:
-    if not _WARNED:
-        _WARNED.append(True)
-        logger.warning("SelfExtend: the decode kernel is not available (%s); decoding gathers each request's keys "
-                       "instead (exact, slower)", decode_kernel.reason())
 
 
 def _split(kv_cache: torch.Tensor):
