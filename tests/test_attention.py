@@ -12,11 +12,11 @@ import pytest
 import torch
 from conftest import (FAMILIES, FAMILY_NAMES, L, ids_of, left_padded_pair, logits, reference_logits, sequence_logits,
                       tiny_model)
-from reference import reference_attention
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 import selfextend
 from selfextend.attention import Row, selfextend_row
+from selfextend.naive import naive_attention as reference_attention
 from selfextend.rope import Rotary
 from selfextend.schedule import Schedule
 from selfextend.sequence import RowKeys

@@ -1,5 +1,6 @@
-"""`selfextend bench` (selfextend.bench) on the tiny checkpoint: cells in subprocesses, ratios to plain,
-several SelfExtend settings in one run, bad input refused before the first cell."""
+"""`selfextend bench` (selfextend.commands.bench, selfextend.bench) on the tiny checkpoint: cells in
+subprocesses, ratios to plain, several SelfExtend settings in one run, bad input refused before the
+first cell."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 import pytest
 
 from selfextend.cli import main
-from tiny_fixtures import error_lines, tiny  # noqa: F401  (fixtures)
+from tiny_fixtures import error_lines
 
 
 def test_bench_runs_several_selfextend_settings_in_one_run(tiny, tmp_path):
@@ -19,7 +20,7 @@ def test_bench_runs_several_selfextend_settings_in_one_run(tiny, tmp_path):
     assert [(r["method"], r["length"]) for r in rows] == [("plain", 96), ("selfextend@f=0.5:-:8", 96),
                                                           ("selfextend:4:16", 96)]
     assert all(r["prefill_s"] > 0 and r["decode_s_per_token"] > 0 for r in rows)
-    # the default rule f=0.5 keeps grouped distances below 32: (32 - 8) * 4 + 8 >= 96
+    # --rule f=0.5 keeps grouped distances below 32 (half of L = 64): (32 - 8) * 4 + 8 >= 96
     assert [(r["group_size"], r["window"]) for r in rows[1:]] == [(4, 8), (4, 16)]
     table = (out / "bench.md").read_text()
     assert "| 96 | plain |  |" in table

@@ -10,9 +10,9 @@ import pytest
 import selfextend
 from selfextend import prompts
 from selfextend.cli import main
-from selfextend.commands.calibrate import check_target, effective_length, recommend
+from selfextend.evaluation.calibration import check_target, effective_length, recommend
 from selfextend.positions import DEFAULT_RULE, choose_settings
-from tiny_fixtures import error_lines, essay_cache, essays, loaded, tiny  # noqa: F401  (fixtures)
+from tiny_fixtures import error_lines
 
 
 @pytest.mark.parametrize("passkey, expected", [

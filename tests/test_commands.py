@@ -12,8 +12,8 @@ import torch
 import selfextend
 from selfextend.cli import main
 from selfextend.positions import DEFAULT_RULE, rule_window
-from selfextend.testing import TINY_LENGTH
-from tiny_fixtures import error_lines, loaded, tiny  # noqa: F401  (fixtures)
+from tiny_checkpoint import TINY_LENGTH
+from tiny_fixtures import error_lines
 
 
 def test_passkey_command_compares_plain_and_selfextend(tiny, capsys):

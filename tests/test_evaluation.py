@@ -13,8 +13,8 @@ from selfextend.cli import main
 from selfextend.evaluation.experiments import Grid, Inputs, Runner, load_results, trials
 from selfextend.evaluation.methods import Method, applied, log_likelihoods, parse_methods
 from selfextend.positions import DEFAULT_RULE, choose_group_size, choose_settings, max_extended_length, rule_window
-from selfextend.testing import TINY_LENGTH
-from tiny_fixtures import error_lines, essay_cache, essays, loaded, tiny  # noqa: F401  (fixtures)
+from tiny_checkpoint import TINY_LENGTH
+from tiny_fixtures import error_lines
 
 
 def test_methods_are_exact_within_trained_length_and_change_beyond(loaded):

@@ -17,8 +17,7 @@ from selfextend.generation import (
     GenerationCancelled, TextStream, decode_tokens, decoder_layers, encode_prompt, generate, make_sampler,
     stream_generate, token_logprobs,
 )
-from selfextend.testing import TINY_LENGTH
-from tiny_fixtures import loaded, tiny  # noqa: F401  (fixtures)
+from tiny_checkpoint import TINY_LENGTH
 
 LONG_TEXT = "The grass is green. The sky is blue. The sun is yellow. Here we go. " * 2  # past 64 tokens
 
@@ -272,11 +271,20 @@ def test_cancelling_between_tokens_stops_before_the_next(fresh):
         next(steps)
 
 
+def hooks(model) -> dict[str, int]:
+    """Module name -> how many forward and forward pre-hooks the module has."""
+    return {name: len(m._forward_hooks) + len(m._forward_pre_hooks) for name, m in model.named_modules()}
+
+
 def test_a_closed_generation_leaves_no_hook_behind(fresh):
     model, tokenizer = fresh
+    before = hooks(model)
     cancelled = threading.Event()
     with closing(stream_generate(model, tokenizer, [5, 6, 7, 8], 10, cancelled=cancelled)) as steps:
         next(steps)
+        running = hooks(model)
+    assert sum(running.values()) > sum(before.values())  # a running generation hooks the decoder layers
+    assert hooks(model) == before  # closed: every hook it added is gone
     cancelled.set()
     with torch.no_grad():
-        model(torch.tensor([[5, 6]]))  # no GenerationCancelled: the hooks are gone
+        model(torch.tensor([[5, 6]]))  # no GenerationCancelled either

@@ -15,11 +15,11 @@ import threading
 import pytest
 import torch
 from conftest import FAMILY_NAMES, L, ids_of, left_padded_pair, logits, sequence_logits, tiny_model
-from reference import reference_attention
 from transformers import DynamicCache, QuantizedCache, StaticCache
 
 import selfextend
 from selfextend.attention import Row, selfextend_row
+from selfextend.naive import naive_attention as reference_attention
 from selfextend.rope import Rotary
 from selfextend.schedule import Schedule
 from selfextend.sequence import RowKeys, decode_stats
@@ -110,7 +110,7 @@ def test_automatic_group_size_past_its_cap_matches_reference():
 
 def test_cli_with_limit_warn_finishes_past_the_automatic_limit(tmp_path):
     """`selfextend generate --limit warn` on an input past (L - w) * 64 + w: it runs, warns, answers."""
-    from selfextend.testing import make_tiny_checkpoint
+    from tiny_checkpoint import make_tiny_checkpoint
 
     folder = make_tiny_checkpoint(tmp_path / "tiny")
     doc = tmp_path / "long.txt"

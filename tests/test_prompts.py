@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from selfextend import prompts
-from tiny_fixtures import loaded, tiny  # noqa: F401  (fixtures)
 
 
 @pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])

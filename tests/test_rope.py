@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 import selfextend
-from selfextend.naive import _rotate_by
+from selfextend.naive import rotate_by
 from selfextend.rope import FIXED_ROPE_TYPES, LENGTH_DEPENDENT_ROPE_TYPES, Rotary, find_rotary_modules
 
 W, G = 16, 4
@@ -94,7 +94,7 @@ def test_rotary_rotates_as_the_reference(interleaved):
     x = torch.randn(3, 5, 16, dtype=torch.float64)
     delta = torch.tensor([0.0, 1.0, 17.0, 4096.0, 32767.0])
     ours = Rotary(inv_freq, interleaved).rotate_by(x.float(), delta)
-    ref = _rotate_by(x, delta, inv_freq, interleaved)
+    ref = rotate_by(x, delta, inv_freq, interleaved)
     assert (ours.double() - ref).abs().max() < 1e-5
     assert torch.equal(ours[..., 12:], x[..., 12:].float())  # pass-through dims untouched
 

@@ -8,7 +8,6 @@ import json
 
 import pytest
 import torch
-from tiny_fixtures import essays, essay_cache, loaded, tiny  # noqa: F401
 
 from selfextend import assets
 from selfextend.cli import main

@@ -13,10 +13,9 @@ import openai
 import pytest
 
 from selfextend import cli
-from test_server_support import (  # noqa: F401  (fixtures)
+from server_support import (
     CHAT, GROUP_SIZE, LIMIT, LONG_PROMPT, NAME, PROMPTS, SENTENCES, TINY_LENGTH, WINDOW, Gate, chat_ids, check_error,
-    checkpoint, client, completion_body, gated, gated_server, greedy, http, one_torch_thread, prompt_ids, reference,
-    sse_events, stream_text, url, wait_until)
+    completion_body, greedy, prompt_ids, sse_events, stream_text, wait_until)
 
 
 def test_health_and_models_report_context_lengths(client, http):

@@ -11,9 +11,8 @@ from fastapi.testclient import TestClient
 
 import selfextend
 from selfextend.serve.app import create_app, default_max_input_tokens, default_max_output_tokens
-from test_server_support import (  # noqa: F401  (fixtures)
-    LIMIT, NAME, SENTENCES, TINY_LENGTH, chat_ids, check_error, checkpoint, completion_body, greedy, load_extended,
-    one_torch_thread, reference, url)
+from server_support import (
+    LIMIT, NAME, SENTENCES, TINY_LENGTH, chat_ids, check_error, completion_body, greedy, load_extended)
 
 MAX_INPUT = 80  # tokens, below the extended limit of 112
 
@@ -28,16 +27,16 @@ def test_default_max_input_tokens_is_4x_trained_length_within_the_limit(group_si
     assert default_max_input_tokens(settings) == expected
 
 
-def test_max_input_tokens_above_the_extended_limit_is_refused(checkpoint):
-    model, tokenizer, handle = load_extended(checkpoint)
+def test_max_input_tokens_above_the_extended_limit_is_refused(tiny):
+    model, tokenizer, handle = load_extended(tiny)
     with pytest.raises(ValueError, match=f"above SelfExtend's extended limit of {LIMIT} tokens"):
         create_app(model, tokenizer, NAME, handle, max_input_tokens=LIMIT + 1)
 
 
 @pytest.fixture(scope="module")
-def limited(checkpoint):
+def limited(tiny):
     """A server that accepts at most MAX_INPUT prompt tokens: TestClient on the app."""
-    model, tokenizer, handle = load_extended(checkpoint)
+    model, tokenizer, handle = load_extended(tiny)
     with TestClient(create_app(model, tokenizer, NAME, handle, max_input_tokens=MAX_INPUT)) as client:
         yield client
 
@@ -59,9 +58,9 @@ def test_prompts_over_max_input_tokens_get_a_400_stating_the_limit(limited, refe
     assert limited.get("/v1/models").json()["data"][0]["max_input_tokens"] == MAX_INPUT
 
 
-def test_default_limit_refuses_what_automatic_g_would_accept(checkpoint):
+def test_default_limit_refuses_what_automatic_g_would_accept(tiny):
     """Automatic G extends the tiny model to 3088 tokens; by default the server takes 4 x 64 = 256."""
-    model, tokenizer, _ = load_extended(checkpoint)
+    model, tokenizer, _ = load_extended(tiny)
     selfextend.disable(model)
     handle = selfextend.enable(model)
     assert handle.max_length > 4 * TINY_LENGTH
@@ -131,16 +130,16 @@ def test_default_max_output_tokens_is_a_quarter_of_the_trained_length(trained, e
     assert default_max_output_tokens(settings) == expected
 
 
-def test_max_output_tokens_above_the_extended_limit_is_refused(checkpoint):
-    model, tokenizer, handle = load_extended(checkpoint)
+def test_max_output_tokens_above_the_extended_limit_is_refused(tiny):
+    model, tokenizer, handle = load_extended(tiny)
     with pytest.raises(ValueError, match=f"above SelfExtend's extended limit of {LIMIT} tokens"):
         create_app(model, tokenizer, NAME, handle, max_output_tokens=LIMIT + 1)
 
 
 @pytest.fixture(scope="module")
-def capped(checkpoint):
+def capped(tiny):
     """A server that generates at most MAX_OUTPUT tokens per request: TestClient on the app."""
-    model, tokenizer, handle = load_extended(checkpoint)
+    model, tokenizer, handle = load_extended(tiny)
     with TestClient(create_app(model, tokenizer, NAME, handle, max_output_tokens=MAX_OUTPUT)) as client:
         yield client
 

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from selfextend.serve.protocol import token_text
-from test_server_support import (  # noqa: F401  (fixtures)
-    CHAT, LONG_PROMPT, NAME, chat_ids, checkpoint, client, http, one_torch_thread, prompt_ids, reference, url)
+from server_support import CHAT, LONG_PROMPT, NAME, chat_ids, prompt_ids
 
 TOLERANCE = 1e-4  # float32 logits from two runs of the same computation
 

@@ -15,7 +15,7 @@ import threading
 
 import httpx
 
-from test_server_support import LONG_PROMPT, NAME, checkpoint, completion_body, wait_until  # noqa: F401
+from server_support import LONG_PROMPT, NAME, completion_body, wait_until
 
 BOOTSTRAP = """
 import sys, time
@@ -73,10 +73,10 @@ class Output:
         return any(text in line for line in self.lines)
 
 
-def test_sigterm_during_a_prefill_stops_it_between_layers_and_exits_0(checkpoint, tmp_path):
+def test_sigterm_during_a_prefill_stops_it_between_layers_and_exits_0(tiny, tmp_path):
     log, go = tmp_path / "layers.log", tmp_path / "go"
     port = free_port()
-    command = [sys.executable, "-c", BOOTSTRAP, str(log), str(go), "serve", "--model", str(checkpoint),
+    command = [sys.executable, "-c", BOOTSTRAP, str(log), str(go), "serve", "--model", str(tiny),
                "--group-size", "2", "--port", str(port), "--served-name", NAME]
     server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     stderr = Output(server.stderr)

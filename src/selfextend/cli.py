@@ -1,7 +1,8 @@
 """The `selfextend` command: one entry point, one module per subcommand.
 
-Each subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int``; modules are
-imported only when their subcommand runs, so ``selfextend --help`` stays fast.
+Each subcommand is a module ``selfextend.commands.<name>`` with ``add_arguments(parser)`` and
+``run(args) -> int``; modules are imported only when their subcommand runs, so ``selfextend --help``
+stays fast.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "passkey": ("selfextend.commands.passkey", "hide a passkey in a long prompt; plain model vs SelfExtend"),
     "generate": ("selfextend.commands.generate", "answer a prompt about a long document"),
-    "bench": ("selfextend.bench", "time and memory of SelfExtend vs plain attention"),
-    "eval": ("selfextend.evaluation.cli", "the paper's evaluations with baselines side by side"),
+    "bench": ("selfextend.commands.bench", "time and memory of SelfExtend vs plain attention"),
+    "eval": ("selfextend.commands.eval", "the paper's evaluations with baselines side by side"),
     "calibrate": ("selfextend.commands.calibrate", "measure a model's retrieval; recommend G and w for a target length"),
-    "serve": ("selfextend.serve", "OpenAI-compatible HTTP server with SelfExtend"),
-    "vllm-serve": ("selfextend.vllm.serve", "vLLM's OpenAI server with SelfExtend (in .venv-vllm)"),
+    "serve": ("selfextend.commands.serve", "OpenAI-compatible HTTP server with SelfExtend"),
+    "vllm-serve": ("selfextend.commands.vllm_serve", "vLLM's OpenAI server with SelfExtend (in .venv-vllm)"),
 }
 
 

@@ -7,7 +7,7 @@
                            per sequence for "floor", per position for "leaky"); always None for
                            "rerope", whose G is infinite
        rule                how an automatic G (and the default w) is chosen (``positions``):
-                           DEFAULT_RULE for SelfExtend, "cover" (the paper's) for leaky and rerope
+                           DEFAULT_RULE, SelfExtend's default, unless given (every mode)
        block_size          queries per block of the kernel (None: the kernel's default for w)
 
 Which G applies at which position of a sequence is its :class:`~selfextend.schedule.Schedule`.
@@ -20,8 +20,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .positions import (COVER_RULE, DEFAULT_MAX_GROUP_SIZE, DEFAULT_RULE, MODES, max_extended_length, rule_name,
-                        rule_window, rule_window_and_reach)
+from .positions import (DEFAULT_MAX_GROUP_SIZE, DEFAULT_RULE, MODES, max_extended_length, rule_name, rule_window,
+                        rule_window_and_reach)
 from .schedule import Schedule
 
 
@@ -77,9 +77,9 @@ class Settings:
                     pretrained_length: int | None = None, mode: str = "floor", log_scale: bool = False,
                     block_size: int | None = None, rule: str | None = None) -> Settings:
         """Settings for a model with this config; defaults: ``L = max_position_embeddings``, ``rule``
-        :data:`~selfextend.positions.DEFAULT_RULE` for SelfExtend ("cover", the paper's, for the leaky
-        and rerope variants), ``w`` the rule's window. A fixed ``group_size`` and a ``rule`` exclude
-        each other. Raises ValueError naming what to change."""
+        SelfExtend's default :data:`~selfextend.positions.DEFAULT_RULE` (in every mode), ``w`` the
+        rule's window. A fixed ``group_size`` and a ``rule`` exclude each other. Raises ValueError
+        naming what to change."""
         if hasattr(config, "get_text_config"):
             config = config.get_text_config()
         if pretrained_length is None:
@@ -89,7 +89,7 @@ class Settings:
         if rule is not None and group_size is not None:
             raise ValueError(f"give group_size={group_size!r} or rule={rule!r}, not both: the rule chooses G")
         if rule is None:
-            rule = DEFAULT_RULE if mode == "floor" else COVER_RULE
+            rule = DEFAULT_RULE
         if window is None and _is_int(pretrained_length) and pretrained_length >= 2 and isinstance(rule, str):
             window = rule_window(rule, pretrained_length)
         return cls(pretrained_length, window, group_size, mode, log_scale, block_size, rule)

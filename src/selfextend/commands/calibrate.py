@@ -1,9 +1,6 @@
 """`selfextend calibrate`: measure how far a model's own retrieval reaches, and recommend G and w.
 
-SelfExtend maps every far distance into the range the model was trained on. Many models retrieve
-reliably only well inside that range, up to their *effective length* E; keeping the largest grouped
-distance below E (the rule ``f=E/L`` of :func:`selfextend.positions.choose_settings`) uses only
-distances the model still handles. The command:
+The recommendation and the measurements are :mod:`selfextend.evaluation.calibration`. The command:
 
 1. runs the plain model on the passkey prompt at a few lengths up to the trained length L (a few
    depths each), from the shortest up, and stops after the first length where it misses at least
@@ -24,19 +21,14 @@ import argparse
 import json
 import sys
 import tempfile
-from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..positions import (DEFAULT_MAX_GROUP_SIZE, DEFAULT_RULE, choose_group_size, max_extended_length, rule_window,
-                         rule_window_and_reach)
-from .common import add_model_argument, bad_input, check_output_folder, positive_int, positive_ints
-
-DEPTHS = (0.2, 0.5, 0.8)
+from ..evaluation.calibration import DEPTHS
+from .common import (add_model_argument, bad_input, check_output_folder, depth_list, positive_int, positive_ints,
+                     results_lock)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..evaluation.cli import depth_list
-
     add_model_argument(parser)
     parser.add_argument("--target-length", type=positive_int, default=None,
                         help="input length to recommend G and w for (default 4 x the trained length)")
@@ -52,92 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random passkeys")
 
 
-# -- the recommendation (pure: numbers in, settings out) -------------------------------------------
-@dataclass(frozen=True)
-class Recommendation:
-    settings: dict   # keyword arguments of selfextend.enable for the target length: {} = the library's default
-    reason: str      # one line: where the settings come from
-    rule: dict | None = None  # the same advice for any length: enable(model, **rule), G chosen per input
-
-
-def effective_length(passkey: list[tuple[int, int, int]]) -> int | None:
-    """The longest length, going up from the shortest, before the first one where the plain model
-    missed at least half of the trials; ``passkey`` holds (length, correct, trials). None if it failed
-    at the shortest."""
-    effective = None
-    for length, correct, trials in sorted(passkey):
-        if 2 * correct <= trials:
-            break
-        effective = length
-    return effective
-
-
-def _window(L: int, effective: int) -> int:
-    """The recommendation's w: L // 8 unless the effective length E is tiny (then about E / 2)."""
-    return min(L // 8, max(1, min(effective, L) // 2))
-
-
-def furthest_target(L: int) -> int:
-    """The longest input any recommendation can serve on a model trained on ``L`` tokens: the extended
-    limit ``(L - w) * G + w`` of the rule f=1 (E = L, w = L // 8) at the largest G the rules choose."""
-    return int(max_extended_length(L, _window(L, L), DEFAULT_MAX_GROUP_SIZE))
-
-
-def check_target(target: int, L: int) -> None:
-    """ValueError, stating the limit, for a target no G and w can reach on a model trained on ``L``."""
-    furthest = furthest_target(L)
-    if target > furthest:
-        raise ValueError(f"--target-length {target} is out of reach: SelfExtend extends a model trained on {L} "
-                         f"tokens to at most {furthest} tokens ((L - w) * G + w with w = {_window(L, L)} and the "
-                         f"largest G the rules choose, {DEFAULT_MAX_GROUP_SIZE}); choose a target up to {furthest}")
-
-
-def recommend(effective: int | None, L: int, target: int) -> Recommendation:
-    """G and w for ``target`` tokens on a model trained on ``L`` whose plain retrieval holds up to
-    ``effective`` tokens (``target`` at most :func:`furthest_target`)."""
-    if effective is None:
-        reason = "the plain model missed the passkey already at the shortest length, so its retrieval cannot guide G and w"
-        default_limit = int(max_extended_length(L, rule_window(DEFAULT_RULE, L), DEFAULT_MAX_GROUP_SIZE))
-        if target <= default_limit:
-            return Recommendation({}, f"{reason}; keep the default")
-        advice = recommend(L, L, target)  # the default stops short: the rule that reaches furthest
-        return replace(advice, reason=f"{reason}, and the default reaches only {default_limit} tokens: {advice.reason}")
-    if target <= min(L, effective):
-        return Recommendation({}, f"{target} tokens fit the trained length and the plain model retrieves there; "
-                                  "enable(model) leaves such inputs exact")
-    reach = min(1.0, effective / L)
-    rule = f"f={reach:g}"
-    # past L, or within it but beyond where the plain model retrieves: group either way
-    window, reach_tokens = rule_window_and_reach(rule, L, _window(L, effective))
-    group_size = choose_group_size(target, reach_tokens, window)
-    limit = int(max_extended_length(L, window, group_size))
-    covered = int(max_extended_length(reach_tokens, window, group_size))  # grouped distances below E up to here
-    reason = f"rule {rule} (largest grouped distance below {reach_tokens} tokens = E): w = {window}, "
-    if covered >= target:
-        reason += (f"G = the smallest with ({reach_tokens} - {window}) * G + {window} >= {target} -> G = {group_size} "
-                   f"(extended limit {limit})")
-    else:
-        reason += (f"G = {group_size}, the largest the rules choose, keeps grouped distances below E only up to "
-                   f"{covered} tokens, short of the target {target}; past that they grow up to L (extended limit "
-                   f"{limit})")
-    return Recommendation({"group_size": group_size, "window": window}, reason, {"rule": rule, "window": window})
-
-
-# -- the command -----------------------------------------------------------------------------------
-def _passkey_trials(lengths: list[int], depths: list[float], seed: int) -> list[list[dict]]:
-    """Plain-model passkey trials, one list per length (shortest first), a random key per trial."""
-    import random
-
-    from .. import prompts
-
-    rng = random.Random(seed)
-    return [[dict(experiment="passkey", method="plain", length=n, depth=d, key=prompts.random_key(rng))
-             for d in depths] for n in sorted(set(lengths))]
-
-
 def run(args) -> int:
     from ..assets import load_config, load_model, load_tokenizer, model_name, trained_length
-    from ..evaluation.cli import results_lock
+    from ..evaluation.calibration import (check_target, effective_length, passkey_trials, perplexity, plain_passkey,
+                                          recommend)
     from ..evaluation.experiments import Inputs, Runner
 
     # every check (output folder, lengths, depths, prompts, the essays) before the weights load
@@ -147,7 +57,7 @@ def run(args) -> int:
     target = args.target_length or 4 * L
     with bad_input():
         check_target(target, L)
-    per_length = _passkey_trials(args.lengths or [L // 4, L // 2, 3 * L // 4, L], args.depths, args.seed)
+    per_length = passkey_trials(args.lengths or [L // 4, L // 2, 3 * L // 4, L], args.depths, args.seed)
     ppl_trial = dict(experiment="perplexity", length=args.ppl_length or min(target, 3 * L // 2), sequence=0)
     tokenizer = load_tokenizer(args.model)
     inputs = Inputs(tokenizer)
@@ -157,10 +67,10 @@ def run(args) -> int:
     with tempfile.TemporaryDirectory() as tmp, results_lock(args.out or Path(tmp)):
         model, _ = load_model(args.model, tokenizer=tokenizer)
         runner = Runner(model, tokenizer, args.out or Path(tmp), inputs=inputs)
-        passkey = _plain_passkey(runner, per_length)
+        passkey = plain_passkey(runner, per_length)
         effective = effective_length(passkey)
         advice = recommend(effective, L, target)
-        ppl = _perplexity(runner, ppl_trial, advice)
+        ppl = perplexity(runner, ppl_trial, advice)
     summary = {"model": model_name(args.model), "trained_length": L, "target_length": target,
                "passkey": [dict(length=n, correct=k, trials=t) for n, k, t in passkey],
                "effective_length": effective, "reason": advice.reason, "settings": advice.settings,
@@ -173,35 +83,6 @@ def run(args) -> int:
         print(f"[calibrate] trials in {args.out / 'results.jsonl'}, summary in {args.out / 'calibration.json'}",
               file=sys.stderr)
     return 0
-
-
-def _plain_passkey(runner, per_length: list[list[dict]]) -> list[tuple[int, int, int]]:
-    """(length, correct, trials) of the plain model per length, shortest first, up to and including
-    the first length where it missed half or more (longer inputs will not do better)."""
-    from ..evaluation.experiments import trial_key
-
-    passkey = []
-    for trials in per_length:
-        runner.run(trials)
-        correct = sum(runner.done[trial_key(t)]["score"] >= 1 for t in trials)
-        passkey.append((trials[0]["length"], correct, len(trials)))
-        if 2 * correct <= len(trials):
-            break
-    return passkey
-
-
-def _perplexity(runner, ppl_trial: dict, advice: Recommendation) -> dict[str, dict]:
-    """label -> record of the perplexity trial: the plain model, the library's default, the advice."""
-    from ..evaluation.experiments import trial_key
-
-    from ..evaluation.methods import parse_method
-
-    # the default under the name of its rule, so a record never stands for another default
-    methods = {"plain": "plain", "default (selfextend)": parse_method("selfextend").spec}
-    if advice.settings:
-        methods["recommended"] = f"selfextend:{advice.settings['group_size']}:{advice.settings['window']}"
-    runner.run([{**ppl_trial, "method": spec} for spec in methods.values()])
-    return {label: runner.done[trial_key({**ppl_trial, "method": spec})] for label, spec in methods.items()}
 
 
 def _print(summary: dict, model: str, depths: int) -> None:

@@ -11,6 +11,7 @@ import argparse
 import math
 import os
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -62,6 +63,17 @@ def non_negative_float(text: str) -> float:
     if not (math.isfinite(value) and value >= 0):
         raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
     return value
+
+
+def depth_list(text: str) -> list[float]:
+    """Comma-separated depths in [0, 1], e.g. ``0.2,0.5,0.8``."""
+    try:
+        values = [float(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or not all(0 <= v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"depths must be in [0, 1], got {text!r}")
+    return values
 
 
 # -- arguments every command shares ----------------------------------------------------------------
@@ -140,6 +152,23 @@ def check_output_folder(path: str | Path) -> None:
         raise CommandError(f"--out {path}: {where} is not a folder; choose another folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise CommandError(f"--out {path}: {existing} is not writable; choose another folder")
+
+
+@contextmanager
+def results_lock(out: Path) -> Iterator[None]:
+    """Hold the lock of the results folder ``out`` (created if needed) for the block; a folder another
+    live run holds is a CommandError naming its pid."""
+    from ..evaluation.experiments import FolderBusy, FolderLock
+
+    lock = FolderLock(out)
+    try:
+        lock.acquire()
+    except FolderBusy as e:
+        raise CommandError(str(e)) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def read_text(path: str | None) -> str:

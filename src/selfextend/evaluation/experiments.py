@@ -234,6 +234,18 @@ class FolderLock:
         self.release()
 
 
+COMMANDS = "commands.txt"  # the commands that produced a results folder, in order
+
+
+def record_command(out: Path, command: str | None) -> None:
+    """Add ``command`` to ``OUT/commands.txt`` (the commands that produced the results, in order) unless
+    it is already there: a resumed run is the same command."""
+    path = Path(out) / COMMANDS
+    if command and command not in (path.read_text().splitlines() if path.exists() else []):
+        with path.open("a") as f:
+            f.write(command + "\n")
+
+
 PPL_STRIDE = 40_000  # perplexity sequence i starts at token i * PPL_STRIDE of the essays
 
 

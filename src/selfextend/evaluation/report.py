@@ -11,7 +11,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from .experiments import load_results
+from .experiments import COMMANDS, load_results
 from .methods import ALL_METHODS, parse_method
 from .render import Panel, markdown_table, new_figure, save_line_plots
 from .ruler_report import ruler_section
@@ -340,6 +340,14 @@ def budget_section(records) -> str:
     copies = f" ({copied} copied from a trial of another method with the same input, G and w)" if copied else ""
     return (f"Compute: {len(records)} trials{copies}, {total / 3600:.2f} h in all (sum of trial times).\n\n"
             + markdown_table(["experiment", "trials", "minutes", "lengths"], rows) + "\n\n")
+
+
+def report_header(out_dir: Path, name: str, L: int) -> str:
+    """The report's title and the commands that produced the folder (``commands.txt``), in order."""
+    path = Path(out_dir) / COMMANDS
+    commands = path.read_text().splitlines() if path.exists() else []
+    text = f"# Evaluation: {name} (trained length {L})\n\nProduced by these commands, in order (a rerun skips finished trials):\n\n"
+    return text + "```\n" + "\n".join(commands) + "\n```\n\n"
 
 
 def write_report(out_dir: Path, L: int, header: str = "", records: list[dict] | None = None) -> Path:

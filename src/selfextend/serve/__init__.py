@@ -1,4 +1,4 @@
-"""`selfextend serve`: an OpenAI-compatible HTTP server for a model with SelfExtend switched on.
+"""An OpenAI-compatible HTTP server for a model with SelfExtend switched on (``selfextend serve``).
 
 Endpoints: ``GET /health``, ``GET /v1/models`` (each model also reports its trained and extended
 context length), ``POST /v1/completions`` and ``POST /v1/chat/completions`` (streaming or not, with
@@ -7,7 +7,9 @@ context length), ``POST /v1/completions`` and ``POST /v1/chat/completions`` (str
     protocol.py  OpenAI's wire format: request models, the error type, response and chunk builders
     engine.py    jobs, the queue and the one worker thread that runs selfextend.generation's loop;
                  its steps -> text deltas with their logprobs
-    app.py       the FastAPI routes, size limits and error handlers; the `selfextend serve` command
+    app.py       the FastAPI routes, size limits and error handlers; ``serve`` runs the app with uvicorn
+
+The command line is ``selfextend.commands.serve``.
 """
 
 try:
@@ -16,6 +18,6 @@ try:
 except ImportError as err:  # optional dependencies
     raise ImportError("`selfextend serve` needs fastapi and uvicorn: pip install 'selfextend[serve]'") from err
 
-from .app import add_arguments, create_app, run
+from .app import create_app, serve
 
-__all__ = ["add_arguments", "create_app", "run"]
+__all__ = ["create_app", "serve"]

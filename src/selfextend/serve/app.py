@@ -1,7 +1,5 @@
-"""The FastAPI app (routes, limits, error handlers) and the `selfextend serve` command.
-
-    selfextend serve --model smollm2-135m --port 8000 [-G G] [-w W] [--mode M] [--max-input-tokens N]
-                     [--max-output-tokens N]
+"""The FastAPI app (routes, limits, error handlers) and :func:`serve`, which runs it with uvicorn
+(``selfextend serve``, in ``selfextend.commands.serve``).
 
 Limits: a request body over ``max_body_bytes`` is answered 413 before it is read (:class:`BodyLimit`);
 a prompt over ``max_input_tokens`` (default 4 x the trained length, never above SelfExtend's
@@ -11,9 +9,7 @@ extended limit) is answered 400 before any generation, and so is a ``max_tokens`
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -25,7 +21,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from ..commands.common import positive_int
 from ..integration import SelfExtendHandle
 from ..settings import Settings
 from .engine import (
@@ -373,54 +368,8 @@ def create_app(model, tokenizer, name: str, handle: SelfExtendHandle, max_queue:
 
 
 # ------------------------------------------------------------------------------------------------
-# the command
+# running it
 # ------------------------------------------------------------------------------------------------
-
-
-def port_number(text: str) -> int:
-    """argparse type: a TCP port, 1..65535."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number (1-65535), got {text!r}") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port number (1-65535), got {value}")
-    return value
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..commands.common import add_model_argument, add_selfextend_arguments
-
-    add_model_argument(parser)
-    add_selfextend_arguments(parser)
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    parser.add_argument("--port", type=port_number, default=8000, help="port to listen on (default: %(default)s)")
-    parser.add_argument("--max-input-tokens", type=positive_int, default=None,
-                        help="longest prompt accepted, in tokens (default: 4 x the trained length, at most "
-                             "SelfExtend's extended limit); longer prompts get a 400")
-    parser.add_argument("--max-output-tokens", type=positive_int, default=None,
-                        help="most new tokens per request, and chat's default max_tokens (default: a quarter of "
-                             "the trained length, 2048 for a model trained on 8192); asking for more gets a 400")
-    parser.add_argument("--max-queue", type=positive_int, default=DEFAULT_MAX_QUEUE,
-                        help="requests that may wait for the model; more are answered 503 (default: %(default)s)")
-    parser.add_argument("--served-name", default=None,
-                        help="model id clients send in requests (default: the model's short name)")
-
-
-def check_settings(args: argparse.Namespace) -> Settings:
-    """SelfExtend's settings from the model's config alone, checked before any weights load: a bad
-    setting or a --max-input-tokens or --max-output-tokens above the extended limit is a CommandError
-    (one line, status 2)."""
-    from ..assets import load_config
-    from ..commands.common import bad_input, settings_from_args
-
-    settings = settings_from_args(args, load_config(args.model))
-    with bad_input():
-        if args.max_input_tokens is not None:
-            check_max_input_tokens(settings, args.max_input_tokens)
-        if args.max_output_tokens is not None:
-            check_max_output_tokens(settings, args.max_output_tokens)
-    return settings
 
 
 def serve(app: FastAPI, host: str, port: int) -> None:
@@ -439,21 +388,3 @@ def serve(app: FastAPI, host: str, port: int) -> None:
             self._captured_signals.clear()
 
     Server(uvicorn.Config(app, host=host, port=port)).run()
-
-
-def run(args: argparse.Namespace) -> int:
-    from ..assets import model_name
-    from ..commands.common import enable_from_args, load_or_exit
-
-    check_settings(args)
-    model, tokenizer = load_or_exit(args.model)
-    handle = enable_from_args(model, args)
-    name = args.served_name or model_name(args.model)
-    app = create_app(model, tokenizer, name, handle, max_queue=args.max_queue, max_input_tokens=args.max_input_tokens,
-                     max_output_tokens=args.max_output_tokens)
-    service = app.state.service
-    print(f"[selfextend] serving {name!r} at http://{args.host}:{args.port}/v1 ({handle.describe()}; "
-          f"prompts up to {service.max_input_tokens} tokens, answers up to {service.max_output_tokens} tokens)",
-          file=sys.stderr, flush=True)
-    serve(app, args.host, args.port)
-    return 0

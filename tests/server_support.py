@@ -1,6 +1,7 @@
-"""Fixtures and helpers shared by the server tests: the tiny checkpoint, a real uvicorn server on a
-free port, the official openai client, a gate that can hold or fail the worker, and greedy references
-from ``model.generate`` on an independently loaded copy of the same checkpoint."""
+"""Fixtures and helpers shared by the server tests (a plugin of ``conftest.py``: its fixtures need no
+import): a real uvicorn server on a free port serving the tiny checkpoint (``tiny``), the official
+openai client, a gate that can hold or fail the worker, and greedy references from ``model.generate``
+on an independently loaded copy of the same checkpoint."""
 
 from __future__ import annotations
 
@@ -20,11 +21,11 @@ import uvicorn
 import selfextend
 from selfextend.assets import load_model
 from selfextend.serve import create_app
-from selfextend.testing import TINY_LENGTH, make_tiny_checkpoint
+from tiny_checkpoint import TINY_LENGTH
 
 NAME = "tiny"
 GROUP_SIZE = 2
-WINDOW = TINY_LENGTH // 4  # the paper's window (the default rule's is L // 8)
+WINDOW = TINY_LENGTH // 4  # the paper's window, the default rule's
 LIMIT = (TINY_LENGTH - WINDOW) * GROUP_SIZE + WINDOW  # 112 tokens
 SENTENCES = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 LONG_PROMPT = SENTENCES * 2  # longer than the trained 64 tokens: SelfExtend groups positions
@@ -38,21 +39,6 @@ CHAT = [{"role": "system", "content": SENTENCES + "The pass key is 12345. Rememb
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models run faster on one thread (and leave the other core alone)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory) -> Path:
-    """The tiny checkpoint (random weights at a scale where greedy text varies)."""
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-server"))
-
-
 def load_extended(folder: Path):
     model, tokenizer = load_model(folder)
     handle = selfextend.enable(model, group_size=GROUP_SIZE, window=WINDOW)
@@ -60,9 +46,9 @@ def load_extended(folder: Path):
 
 
 @pytest.fixture(scope="module")
-def reference(checkpoint):
+def reference(tiny):
     """Our own copy of the model: expected outputs come from ``model.generate`` on it."""
-    model, tokenizer, _ = load_extended(checkpoint)
+    model, tokenizer, _ = load_extended(tiny)
     return model, tokenizer
 
 
@@ -91,8 +77,8 @@ def serving(app) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def url(checkpoint) -> Iterator[str]:
-    model, tokenizer, handle = load_extended(checkpoint)
+def url(tiny) -> Iterator[str]:
+    model, tokenizer, handle = load_extended(tiny)
     with serving(create_app(model, tokenizer, NAME, handle, max_queue=16, max_output_tokens=LIMIT)) as base:
         yield base
 
@@ -140,8 +126,8 @@ class Gate:
 
 
 @pytest.fixture(scope="module")
-def gated_server(checkpoint):
-    model, tokenizer, handle = load_extended(checkpoint)
+def gated_server(tiny):
+    model, tokenizer, handle = load_extended(tiny)
     gate = Gate(model)
     app = create_app(model, tokenizer, NAME, handle, max_queue=1, max_output_tokens=LIMIT)
     with serving(app) as base:

