@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
 TASKS=niah_single_2,niah_multikey_1,niah_multivalue,niah_multiquery,niah_single_1,niah_single_3,niah_multikey_2,niah_multikey_3,vt,fwe,cwe
 SMOL="selfextend eval ruler --out results/eval/ruler/smollm2-135m --tasks $TASKS --questions 10 --haystacks 1"
 GEMMA="selfextend eval ruler --model gemma3-270m --out results/eval/ruler/gemma3-270m --tasks $TASKS --questions 5 --haystacks 1"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import L, PROMPTS, W, assert_matches, engine, generate, run_reference, worker_backends
+from conftest import L, PROMPTS, W, assert_matches, engine, generate, run_reference, save_redrawn, worker_backends
 
 NAMES = ["long", "long3", "mid"]  # G = 4, 4, 1
 
@@ -26,12 +26,7 @@ def make_tiny_gemma3(folder: Path, seed: int = 0) -> Path:
                                                "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}},
                               bos_token_id=None, eos_token_id=None, pad_token_id=None, tie_word_embeddings=False)
     torch.manual_seed(seed)
-    model = Gemma3ForCausalLM(config)
-    with torch.no_grad():  # default init is too flat for positions to matter; redraw at a useful scale
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape) * (1.0 if "embed" in name else 2.0 / p.shape[1] ** 0.5))
-    model.save_pretrained(folder)
+    save_redrawn(Gemma3ForCausalLM(config), folder)
     return folder
 
 

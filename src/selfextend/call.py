@@ -131,3 +131,12 @@ def hand_over_cache(module, args, kwargs) -> None:
     cache = kwargs.get("cache", kwargs.get("past_key_values", kwargs.get("layer_past")))
     if isinstance(mask, DeferredMask) and cache is not None and mask._cache is None:
         mask._cache = weakref.ref(cache)
+
+
+def remove_hand_over(model) -> None:
+    """Remove :func:`hand_over_cache` from every module of ``model`` (what ``disable`` undoes)."""
+    for module in model.modules():
+        for hook_id, hook in list(module._forward_pre_hooks.items()):
+            if hook is hand_over_cache:
+                del module._forward_pre_hooks[hook_id]
+                module._forward_pre_hooks_with_kwargs.pop(hook_id, None)

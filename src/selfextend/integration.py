@@ -40,7 +40,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import output_capturing
 
 from .attention import DECODE_ROWS, Row, needs_grad, selfextend_row, sliding_window_row
-from .call import DeferredMask, hand_over_cache, row_layouts, selfextend_mask
+from .call import DeferredMask, hand_over_cache, remove_hand_over, row_layouts, selfextend_mask
 from .rope import Rotary, RotaryError, layer_rotary
 from .sequence import SequenceState, new_call, prompt_length, state_for
 from .settings import ContextLengthError, Settings
@@ -439,10 +439,7 @@ def disable(model: nn.Module) -> None:
     for m in model.modules():
         if "_selfextend" in m.__dict__ and m is not model:
             del m._selfextend
-        for hook_id, hook in list(m._forward_pre_hooks.items()):
-            if hook is hand_over_cache:
-                del m._forward_pre_hooks[hook_id]
-                m._forward_pre_hooks_with_kwargs.pop(hook_id, None)
+    remove_hand_over(model)
     if isinstance(model.__dict__.get("generate"), _GenerateForWholePrompts):
         del model.generate
     model.set_attn_implementation(setup.original_impl)

@@ -22,7 +22,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from ..attention import Row, sliding_window_row
-from ..call import DeferredMask, hand_over_cache, selfextend_mask
+from ..call import DeferredMask, hand_over_cache, remove_hand_over, selfextend_mask
 from ..rope import Rotary, RotaryError, layer_rotary
 from ..sequence import announced_length
 from .formulas import DcaSettings, StringSettings
@@ -169,10 +169,7 @@ def disable_peer(model) -> None:
     for m in model.modules():
         if "_selfextend_peer" in m.__dict__ and m is not model:
             del m._selfextend_peer
-        for hook_id, hook in list(m._forward_pre_hooks.items()):
-            if hook is hand_over_cache:
-                del m._forward_pre_hooks[hook_id]
-                m._forward_pre_hooks_with_kwargs.pop(hook_id, None)
+    remove_hand_over(model)
     model.set_attn_implementation(setup.original_impl)
     del model._selfextend_peer
 
