@@ -11,10 +11,15 @@ every repetition in a rotating order so that a change of machine load hits them 
     G=g, qg in   the same with the grouped query rotated inside the kernel
 
 Several copies of the cache ("layers") are cycled so that a call does not find the previous call's
-keys hot in cache (each workload's copies total >= 160 MB). Reported: median milliseconds per call and
-the median over repetitions of (variant / stock) of the same repetition.
+keys hot in cache (each workload's copies total >= 160 MB). Reported: median milliseconds per call,
+the median over repetitions of (variant / stock) of the same repetition, and the ratio of the fastest
+calls (min / min: the cost undisturbed by other processes, telling on a shared machine).
 
     OMP_NUM_THREADS=2 .venv-vllm/bin/python scripts/bench_decode_kernel.py --out results/vllm/decode_kernel.md
+
+``--clock cpu`` times the CPU seconds of the whole process instead of wall seconds (run it with
+``OMP_WAIT_POLICY=PASSIVE`` so idle threads do not spin): on a loaded machine, a parallel call's wall
+time waits for whichever of its threads was descheduled, its CPU time does not.
 """
 
 from __future__ import annotations
@@ -85,12 +90,13 @@ def workload(n_req: int, seq: int, args, dtype: torch.dtype) -> dict:
         for name in names[rep % len(names):] + names[: rep % len(names)]:
             call = variants[name](caches[at % copies])
             at += 1
-            started = time.perf_counter()
+            started = args.clock()
             call()
-            times[name].append(time.perf_counter() - started)
+            times[name].append(args.clock() - started)
     ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     ratio = {name: statistics.median(a / b for a, b in zip(times[name], times["stock"])) for name in names}
-    return {"ms": ms, "ratio": ratio, "copies": copies, "isa": caches[0].isa}
+    ratio_min = {name: min(times[name]) / min(times["stock"]) for name in names}
+    return {"ms": ms, "ratio": ratio, "ratio_min": ratio_min, "copies": copies, "isa": caches[0].isa}
 
 
 def main() -> None:
@@ -101,45 +107,53 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=3, help="G of the grouped variants")
     parser.add_argument("--window", type=int, default=2048, help="w: neighbour keys per request")
     parser.add_argument("--reps", type=int, default=40)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", default="2", help="torch threads, comma-separated (e.g. 1,2)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     parser.add_argument("--out", type=Path, help="also write the table (with the command and machine) here")
+    parser.add_argument("--append", action="store_true", help="add to --out instead of replacing it")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    clock_name, args.clock = args.clock, time.perf_counter if args.clock == "wall" else time.process_time
     if not decode_kernel.available():
         sys.exit(f"the decode kernel is unavailable: {decode_kernel.reason()}")
     load_before = os.getloadavg()
     rows = []
-    for dtype_name in args.dtypes.split(","):
-        dtype = getattr(torch, dtype_name)
-        for spec in args.workloads.split(","):
-            n_req, seq = map(int, spec.split("x"))
-            result = workload(n_req, seq, args, dtype)
-            names = list(result["ms"])
-            cells = [f"{result['ms']['stock']:.2f}"]
-            cells += [f"{result['ms'][k]:.2f} ({result['ratio'][k]:.2f}x)" for k in names[1:]]
-            rows.append(f"| {dtype_name} | {n_req} x {seq} | {result['isa']} | " + " | ".join(cells) + " |")
-            print(rows[-1], flush=True)
+    for threads in map(int, args.threads.split(",")):
+        torch.set_num_threads(threads)
+        for dtype_name in args.dtypes.split(","):
+            dtype = getattr(torch, dtype_name)
+            for spec in args.workloads.split(","):
+                n_req, seq = map(int, spec.split("x"))
+                result = workload(n_req, seq, args, dtype)
+                names = list(result["ms"])
+                cells = [f"{result['ms']['stock']:.2f}"]
+                cells += [f"{result['ms'][k]:.2f} ({result['ratio'][k]:.2f}x; min {result['ratio_min'][k]:.2f}x)"
+                          for k in names[1:]]
+                rows.append(f"| {threads} | {dtype_name} | {n_req} x {seq} | {result['isa']} | " + " | ".join(cells) + " |")
+                print(rows[-1], flush=True)
     load_after = os.getloadavg()
-    header = (f"| dtype | requests x keys | vLLM ISA | stock ms | " + " | ".join(f"{k} ms (ratio)" for k in names[1:])
-              + " |\n|" + "---|" * (4 + len(names) - 1))
+    header = ("| threads | dtype | requests x keys | vLLM ISA | stock ms | "
+              + " | ".join(f"{k}: ms (ratio; min ratio)" for k in names[1:]) + " |\n|" + "---|" * (5 + len(names) - 1))
     table = header + "\n" + "\n".join(rows)
     print(table)
     if args.out:
         cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                     if line.startswith("model name")), platform.processor())
-        command = " ".join(["OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "?"),
-                            ".venv-vllm/bin/python", "scripts/bench_decode_kernel.py", *sys.argv[1:]])
+        env = [f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY") if k in os.environ]
+        command = " ".join([*env, ".venv-vllm/bin/python", "scripts/bench_decode_kernel.py", *sys.argv[1:]])
         args.out.parent.mkdir(parents=True, exist_ok=True)
+        title = "# SelfExtend decode kernel vs vLLM's stock CPU kernel, one layer, one decode step\n\n"
+        before = args.out.read_text() + "\n" if args.append and args.out.exists() else title
         args.out.write_text(
-            "# SelfExtend decode kernel vs vLLM's stock CPU kernel, one layer, one decode step\n\n"
+            before + f"## {clock_name} clock, threads {args.threads}\n\n"
             f"    {command}\n\n"
             f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {cpu}; torch {torch.__version__}, "
-            f"{args.threads} threads; load average (1/5/15 min) {'/'.join(f'{x:.2f}' for x in load_before)} "
+            f"threads {args.threads}; load average (1/5/15 min) {'/'.join(f'{x:.2f}' for x in load_before)} "
             f"before, {'/'.join(f'{x:.2f}' for x in load_after)} after (2 cores, shared machine).\n\n"
             f"Geometry of SmolLM2-135M (9 query heads, 3 KV heads, head size 64), block size {args.block}, "
-            f"window w = {args.window}, {args.reps} interleaved repetitions. Milliseconds are medians per call; "
+            f"window w = {args.window}, {args.reps} interleaved repetitions. Milliseconds ({clock_name} clock) are "
+            "medians per call; "
             "ratios are the median over repetitions of (variant / stock) within the same repetition (below 1: "
-            "faster than vLLM's kernel doing plain attention). `G=1` is our kernel doing plain attention; "
+            "faster than vLLM's kernel doing plain attention); min ratios compare the fastest calls. `G=1` is our kernel doing plain attention; "
             f"`G={args.groups}` grouped attention with the grouped query given; `qg in` with the grouped query "
             "rotated inside the kernel. Stock is `cpu_attention_with_kv_cache` alone (no cache write).\n\n"
             + table + "\n")

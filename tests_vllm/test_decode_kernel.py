@@ -16,11 +16,10 @@ Every case also checks that the cache is bit for bit unchanged after the call.
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
