@@ -9,6 +9,8 @@ every repetition in a rotating order so that a change of machine load hits them 
     G=1          our kernel, every request plain (group size 1)
     G=g          our kernel, every request grouped with G = g (window w), grouped query given
     G=g, qg in   the same with the grouped query rotated inside the kernel
+    G=g, prefill the prefill kernel (cpu_kernel.prefill) on the same decode step: what folding decode
+                 into it would cost
 
 Several copies of the cache ("layers") are cycled so that a call does not find the previous call's
 keys hot in cache (each workload's copies total >= 160 MB). Reported: median milliseconds per call,
@@ -40,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests_vllm"))
 from cpu_cache import PagedCache  # noqa: E402  (vLLM's writer fills the cache, as in the tests)
 
-from selfextend.vllm import decode_kernel  # noqa: E402
+from selfextend.vllm import cpu_kernel  # noqa: E402
 from selfextend.vllm.rotations import RotationTable  # noqa: E402
 
 HQ, HKV, D = 9, 3, 64  # SmolLM2-135M
@@ -71,14 +73,21 @@ def workload(n_req: int, seq: int, args, dtype: torch.dtype) -> dict:
     grouped = torch.full((n_req,), args.groups, dtype=torch.int32)
 
     def ours(cache, groups, query_grouped):
-        return lambda: decode_kernel.decode(q, cache.key_cache, cache.value_cache, cache.block_table, cache.seq_lens,
+        return lambda: cpu_kernel.decode(q, cache.key_cache, cache.value_cache, cache.block_table, cache.seq_lens,
                                             groups, args.window, scale, table, query_grouped=query_grouped, out=out)
+
+    starts = torch.arange(n_req + 1, dtype=torch.int32)
+
+    def prefill(cache, groups):
+        return lambda: cpu_kernel.prefill(q, cache.key_cache, cache.value_cache, starts, cache.seq_lens,
+                                          cache.block_table, groups, args.window, scale, table, out=out)
 
     variants = {
         "stock": lambda cache: (lambda: cache.stock(q, scale, metadata)),
         "G=1": lambda cache: ours(cache, ones, None),
         f"G={args.groups}": lambda cache: ours(cache, grouped, qg),
         f"G={args.groups}, qg in": lambda cache: ours(cache, grouped, None),
+        f"G={args.groups}, prefill": lambda cache: prefill(cache, grouped),
     }
     names = list(variants)
     for name in names:  # warm-up: every copy once
@@ -113,8 +122,8 @@ def main() -> None:
     parser.add_argument("--append", action="store_true", help="add to --out instead of replacing it")
     args = parser.parse_args()
     clock_name, args.clock = args.clock, time.perf_counter if args.clock == "wall" else time.process_time
-    if not decode_kernel.available():
-        sys.exit(f"the decode kernel is unavailable: {decode_kernel.reason()}")
+    if not cpu_kernel.available():
+        sys.exit(f"the CPU kernels are unavailable: {cpu_kernel.reason()}")
     load_before = os.getloadavg()
     rows = []
     for threads in map(int, args.threads.split(",")):
@@ -155,7 +164,8 @@ def main() -> None:
             "ratios are the median over repetitions of (variant / stock) within the same repetition (below 1: "
             "faster than vLLM's kernel doing plain attention); min ratios compare the fastest calls. `G=1` is our kernel doing plain attention; "
             f"`G={args.groups}` grouped attention with the grouped query given; `qg in` with the grouped query "
-            "rotated inside the kernel. Stock is `cpu_attention_with_kv_cache` alone (no cache write).\n\n"
+            "rotated inside the kernel; `prefill` the prefill kernel (cpu_kernel.prefill) on the same step. Stock is "
+            "`cpu_attention_with_kv_cache` alone (no cache write).\n\n"
             + table + "\n")
 
 

@@ -42,7 +42,7 @@ if pinned and not torch.__version__.startswith(pinned):
     sys.exit(f"torch {torch.__version__} was installed instead of {pinned}; remove the venv and rerun")
 PY
 if [ -n "$TORCH" ]; then
-    # the SelfExtend decode kernel for vLLM's CPU path (C++, AVX-512F), compiled once into the cache;
-    # where it cannot be built, the plugin's attention runs in torch: the reason is printed, setup goes on
-    "$V" -m selfextend.vllm.decode_kernel --force || true
+    # the SelfExtend kernels for vLLM's CPU path (C++, AVX-512F), compiled once into the cache;
+    # where they cannot be built, the plugin's attention runs in torch: the reason is printed, setup goes on
+    "$V" -m selfextend.vllm.cpu_kernel --force || true
 fi

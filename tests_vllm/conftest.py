@@ -192,7 +192,7 @@ def worker_backends(llm) -> list[tuple[str, bool]]:
 
 
 def kernel_refusals(llm) -> list:
-    """Per worker, why each SelfExtend metadata builder does not use the decode kernel (None: it does)."""
+    """Per worker, why each SelfExtend metadata builder does not use the C++ kernels (None: it does)."""
     return llm.collective_rpc(lambda worker: [getattr(builder, "kernel_refusal", "not a SelfExtend builder")
                                              for per_cache in worker.model_runner.attn_groups for group in per_cache
                                              for builder in group.metadata_builders])
@@ -265,22 +265,25 @@ def one_pass(tiny_model) -> dict:
     each prompt alone, then all in one batch (G = 4 and G = 1 rows together)."""
     with engine(tiny_model, enable_prefix_caching=False, max_num_batched_tokens=2048) as llm:
         watch_cache(llm)
+        count_kernel_calls(llm)
         return {"backends": worker_backends(llm), "kernel_refusals": kernel_refusals(llm),
                 "alone": {name: generate(llm, [name])[name] for name in ONE_BATCH},
                 "batch": generate(llm, ONE_BATCH),
                 "asked_g2": generate(llm, ["long3", "mid"], extra_args={"selfextend_group_size": 2}),
                 "refused": {g: refusal(llm, "long", g) for g in (2, 65, "4")},
-                "cache_watch": cache_watch(llm)}
+                "cache_watch": cache_watch(llm), "kernel_calls": kernel_calls(llm)}
 
 
 @pytest.fixture(scope="session")
 def torch_decode(tiny_model) -> dict:
-    """As ``one_pass`` (the batch), with the decode kernel switched off: decoding rows gather their keys."""
+    """As ``one_pass`` (the batch), with the C++ kernels switched off: rows with G > 1 gather their keys."""
     os.environ["SELFEXTEND_VLLM_KERNEL"] = "torch"  # the engine's worker processes inherit it
     try:
         with engine(tiny_model, enable_prefix_caching=False, max_num_batched_tokens=2048) as llm:
             watch_cache(llm)
-            return {"batch": generate(llm, ONE_BATCH), "cache_watch": cache_watch(llm)}
+            count_kernel_calls(llm)
+            return {"batch": generate(llm, ONE_BATCH), "cache_watch": cache_watch(llm),
+                    "kernel_calls": kernel_calls(llm)}
     finally:
         del os.environ["SELFEXTEND_VLLM_KERNEL"]
 
@@ -301,6 +304,7 @@ def chunked(tiny_model) -> dict:
     with engine(tiny_model, enable_prefix_caching=True, max_num_batched_tokens=64, num_gpu_blocks_override=26,
                 disable_log_stats=False) as llm:
         watch_cache(llm)
+        count_kernel_calls(llm)
         results = {"alone": generate(llm, ["long"])}
         # vLLM reads no cached blocks for a request that asks for prompt log-probs: ask for none
         results["shared"] = generate(llm, ["shared"], prompt_logprobs=None)  # hits the blocks of "long"
@@ -314,6 +318,7 @@ def chunked(tiny_model) -> dict:
         generate(llm, ["x64"], extra_args={"selfextend_group_size": 4})  # caches two full blocks at G = 4 ...
         results["x64"] = generate(llm, ["x64b", "x64c"], prompt_logprobs=None)  # ... both read while decoding
         results["cache_watch"] = cache_watch(llm)
+        results["kernel_calls"] = kernel_calls(llm)
         return results
 
 
@@ -363,6 +368,33 @@ def watch_cache(llm) -> None:
 
 def cache_watch(llm) -> list[dict]:
     return llm.collective_rpc(lambda worker: dict(worker._cache_watch))
+
+
+def count_kernel_calls(llm) -> None:
+    """In every worker, count the calls of the C++ kernels (``cpu_kernel.decode`` / ``prefill``)."""
+
+    def install(worker):
+        from selfextend.vllm import cpu_kernel
+
+        calls = worker.__dict__.setdefault("_kernel_calls", {"decode": 0, "prefill": 0})
+        for name in calls:
+            function = getattr(cpu_kernel, name)
+            if getattr(function, "_counted", False):
+                continue
+
+            def counted(*args, _function=function, _name=name, **kwargs):
+                calls[_name] += 1
+                return _function(*args, **kwargs)
+
+            counted._counted = True
+            setattr(cpu_kernel, name, counted)
+        return True
+
+    llm.collective_rpc(install)
+
+
+def kernel_calls(llm) -> list[dict]:
+    return llm.collective_rpc(lambda worker: dict(worker._kernel_calls))
 
 
 PLAIN_BATCH = ["mid", "short"]  # what fits a plain engine (max_model_len = L)

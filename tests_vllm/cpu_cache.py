@@ -50,28 +50,34 @@ class PagedCache:
 
         return hashlib.sha256(self.kv.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
-    def stock(self, query: torch.Tensor, scale: float, metadata=None) -> torch.Tensor:
-        """vLLM's stock CPU kernel: plain causal attention of one decoding ``query [N, Hq, D]`` per request."""
+    def stock(self, query: torch.Tensor, scale: float, metadata=None,
+              query_start_loc: torch.Tensor | None = None) -> torch.Tensor:
+        """vLLM's stock CPU kernel: plain causal attention of ``query [T, Hq, D]``, request n's queries
+        being rows ``query_start_loc[n] .. [n + 1] - 1`` (default: one decoding query per request)."""
         from vllm import _custom_ops as ops
 
-        n = query.shape[0]
+        starts = self.starts(query_start_loc)
         if metadata is None:
-            metadata = self.metadata(query.shape[1], query.dtype)
+            metadata = self.metadata(query.shape[1], query.dtype, starts)
         out = torch.empty_like(query)
         ops.cpu_attention_with_kv_cache(query=query, key_cache=self.key_cache, value_cache=self.value_cache,
-                                        output=out, query_start_loc=torch.arange(n + 1, dtype=torch.int32),
+                                        output=out, query_start_loc=starts,
                                         seq_lens=self.seq_lens, scale=scale, causal=True, alibi_slopes=None,
                                         sliding_window=-1, block_table=self.block_table, softcap=0,
                                         scheduler_metadata=metadata,
                                         s_aux=None)
         return out
 
-    def metadata(self, num_heads: int, dtype: torch.dtype):
+    def starts(self, query_start_loc: torch.Tensor | None = None) -> torch.Tensor:
+        n = len(self.seq_lens)
+        return torch.arange(n + 1, dtype=torch.int32) if query_start_loc is None else query_start_loc
+
+    def metadata(self, num_heads: int, dtype: torch.dtype, query_start_loc: torch.Tensor | None = None):
         """vLLM's scheduler metadata for ``stock`` (vLLM builds it once per step for all layers)."""
         from vllm import _custom_ops as ops
 
         n = len(self.seq_lens)
         return ops.cpu_attn_get_scheduler_metadata(
             num_reqs=n, num_heads=num_heads, num_kv_heads=self.key_cache.shape[1], head_dim=self.key_cache.shape[3],
-            seq_lens=self.seq_lens, dtype=dtype, query_start_loc=torch.arange(n + 1, dtype=torch.int32),
+            seq_lens=self.seq_lens, dtype=dtype, query_start_loc=self.starts(query_start_loc),
             causal=True, sliding_window_size=-1, isa=self.isa, enable_kv_split=True)

@@ -1,4 +1,5 @@
-"""The SelfExtend decode kernel (``selfextend.vllm.decode_kernel``) against a float64 reference.
+"""The SelfExtend decode kernel (``selfextend.vllm.cpu_kernel.decode``) against a float64 reference,
+and the kernels' loader (build cache, switch, failures).
 
 The cache is filled by vLLM's own writer (``cpu_cache.PagedCache``: shuffled blocks, NaN in unused
 slots) with keys *as stored*: key j rotated to its grouped position j // G. The reference below is
@@ -26,7 +27,7 @@ import pytest
 import torch
 
 from cpu_cache import PagedCache
-from selfextend.vllm import decode_kernel
+from selfextend.vllm import cpu_kernel
 from selfextend.vllm.rotations import RotationTable
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,10 +135,10 @@ GRID += [pytest.param(name, 128, dtype, id=f"{name}-B128-{str(dtype)[6:]}", mark
 def kernel():
     """The compiled kernel (built here if setup-vllm.sh has not); skips, saying why, when it cannot be."""
     try:
-        decode_kernel.build()
+        cpu_kernel.build()
     except RuntimeError as error:
         pytest.skip(f"the decode kernel is unavailable here: {error}")
-    return decode_kernel
+    return cpu_kernel
 
 
 def make(case: Case, block: int, dtype: torch.dtype, poison: bool = True):
@@ -289,12 +290,12 @@ def test_bad_input_is_refused_with_a_clear_message(kernel, change, message):
 
 def test_unsupported_geometry_is_named():
     ok = dict(dtype=torch.float32, head_size=64, num_heads=9, num_kv_heads=3, block_size=128, isa="vec")
-    assert decode_kernel.unsupported(**ok) is None
-    assert decode_kernel.unsupported(**{**ok, "dtype": torch.bfloat16, "block_size": 16, "isa": "vec16"}) is None
+    assert cpu_kernel.unsupported(**ok) is None
+    assert cpu_kernel.unsupported(**{**ok, "dtype": torch.bfloat16, "block_size": 16, "isa": "vec16"}) is None
     for change, word in [({"dtype": torch.float16}, "dtype"), ({"head_size": 80}, "head size"),
                          ({"num_heads": 27}, "query heads"), ({"num_heads": 10}, "query heads"),
                          ({"block_size": 24}, "block size"), ({"isa": "amx"}, "amx")]:
-        assert word in decode_kernel.unsupported(**{**ok, **change}), change
+        assert word in cpu_kernel.unsupported(**{**ok, **change}), change
 
 
 # ------------------------------------------------------------------------------------------------
@@ -314,18 +315,18 @@ def test_kernel_is_available_on_a_cpu_with_avx512f(monkeypatch):
     """So a broken build cannot hide behind the skips above."""
     if not cpu_has_avx512f():
         pytest.skip("this CPU lacks AVX-512F: vLLM attention runs in torch")
-    monkeypatch.delenv(decode_kernel.ENV, raising=False)
-    assert decode_kernel.available(), decode_kernel.reason()
-    assert decode_kernel.reason() == ""
+    monkeypatch.delenv(cpu_kernel.ENV, raising=False)
+    assert cpu_kernel.available(), cpu_kernel.reason()
+    assert cpu_kernel.reason() == ""
 
 
 def test_environment_forces_the_torch_path(monkeypatch):
-    monkeypatch.setenv(decode_kernel.ENV, "torch")
-    assert not decode_kernel.available()
-    assert "SELFEXTEND_VLLM_KERNEL=torch" in decode_kernel.reason()
-    monkeypatch.setenv(decode_kernel.ENV, "tourch")
+    monkeypatch.setenv(cpu_kernel.ENV, "torch")
+    assert not cpu_kernel.available()
+    assert "SELFEXTEND_VLLM_KERNEL=torch" in cpu_kernel.reason()
+    monkeypatch.setenv(cpu_kernel.ENV, "tourch")
     with pytest.raises(ValueError, match="SELFEXTEND_VLLM_KERNEL='tourch' is not understood"):
-        decode_kernel.available()
+        cpu_kernel.available()
 
 
 class FakeBuild:
@@ -346,9 +347,9 @@ class FakeBuild:
 def fresh(monkeypatch, tmp_path):
     """An empty kernel cache and a process that has not loaded the kernel."""
     monkeypatch.setenv("SELFEXTEND_CACHE", str(tmp_path))
-    monkeypatch.delenv(decode_kernel.ENV, raising=False)
-    monkeypatch.setattr(decode_kernel, "_state", decode_kernel._State())
-    monkeypatch.setattr(decode_kernel, "_import", lambda name, library: f"imported {library}")
+    monkeypatch.delenv(cpu_kernel.ENV, raising=False)
+    monkeypatch.setattr(cpu_kernel, "_state", cpu_kernel._State())
+    monkeypatch.setattr(cpu_kernel, "_import", lambda name, library: f"imported {library}")
     if not cpu_has_avx512f():
         pytest.skip("this CPU lacks AVX-512F: the loader stops before building")
     return tmp_path / "vllm-kernel"
@@ -359,15 +360,15 @@ def test_failed_build_is_remembered_until_forced(fresh, monkeypatch):
 
     failing = FakeBuild(fail=True)
     monkeypatch.setattr(cpp_extension, "load", failing)
-    assert not decode_kernel.available()
-    assert "error: boom" in decode_kernel.reason()
+    assert not cpu_kernel.available()
+    assert "error: boom" in cpu_kernel.reason()
     [marker] = fresh.glob("*.failed")
-    monkeypatch.setattr(decode_kernel, "_state", decode_kernel._State())  # a new process
-    assert not decode_kernel.available() and "failed before" in decode_kernel.reason()
+    monkeypatch.setattr(cpu_kernel, "_state", cpu_kernel._State())  # a new process
+    assert not cpu_kernel.available() and "failed before" in cpu_kernel.reason()
     assert failing.calls == 1
     monkeypatch.setattr(cpp_extension, "load", FakeBuild())
-    assert decode_kernel.build(force=True) is not None
-    assert decode_kernel.available() and not marker.exists()
+    assert cpu_kernel.build(force=True) is not None
+    assert cpu_kernel.available() and not marker.exists()
     assert [p.name for p in fresh.iterdir()] == [marker.name.removesuffix(".failed")]  # no scratch left
 
 
@@ -382,40 +383,55 @@ def test_build_that_loses_the_race_keeps_the_winner(fresh, monkeypatch):
     fresh.mkdir(parents=True)
     (fresh / key).mkdir()
     (fresh / key / f"{name}.so").write_text("the winner's")
-    module = decode_kernel._compile(name, fresh, fresh / key)
+    module = cpu_kernel._compile(name, fresh, fresh / key)
     assert module.startswith("module built in") and build.calls == 1
     assert (fresh / key / f"{name}.so").read_text() == "the winner's"
     assert [p.name for p in fresh.iterdir()] == [key]
 
 
 def test_cache_key_follows_source_flags_and_cpu(monkeypatch):
-    key = decode_kernel._key("cpu", {"avx512f"})
-    assert decode_kernel._key("cpu", {"avx512f"}) == key
-    assert decode_kernel._key("other cpu", {"avx512f"}) != key
-    assert decode_kernel._key("cpu", {"avx512f", "amx_tile"}) != key
-    monkeypatch.setattr(decode_kernel, "CFLAGS", ("-O2",))
-    assert decode_kernel._key("cpu", {"avx512f"}) != key
+    key = cpu_kernel._key("cpu", {"avx512f"})
+    assert cpu_kernel._key("cpu", {"avx512f"}) == key
+    assert cpu_kernel._key("other cpu", {"avx512f"}) != key
+    assert cpu_kernel._key("cpu", {"avx512f", "amx_tile"}) != key
+    monkeypatch.setattr(cpu_kernel, "CFLAGS", ("-O2",))
+    assert cpu_kernel._key("cpu", {"avx512f"}) != key
 
 
-def test_source_ships_with_the_package():
-    """The loader compiles csrc/decode.cpp on the user's machine: a wheel must carry it."""
+def test_cache_key_follows_every_source_and_header(monkeypatch, tmp_path):
+    """A change of any file the extension is built from builds it afresh."""
+    key = cpu_kernel._key("cpu", {"avx512f"})
+    for name in ("SOURCES", "HEADERS"):
+        for path in getattr(cpu_kernel, name):
+            changed = tmp_path / path.name
+            changed.write_bytes(path.read_bytes() + b"\n// changed\n")
+            with monkeypatch.context() as patch:
+                patch.setattr(cpu_kernel, name, tuple(changed if p == path else p for p in getattr(cpu_kernel, name)))
+                assert cpu_kernel._key("cpu", {"avx512f"}) != key, path.name
+
+
+def test_sources_ship_with_the_package():
+    """The loader compiles csrc/ on the user's machine: a wheel must carry every source and header."""
     import fnmatch
     import tomllib
 
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
-    relative = decode_kernel.SOURCE.relative_to(ROOT / "src" / "selfextend" / "vllm").as_posix()
-    assert any(fnmatch.fnmatch(relative, pattern) for pattern in data["selfextend.vllm"])
+    shipped = cpu_kernel.SOURCES + cpu_kernel.HEADERS
+    assert {path.name for path in shipped} == {path.name for path in cpu_kernel.CSRC.iterdir()}
+    for path in shipped:
+        relative = path.relative_to(ROOT / "src" / "selfextend" / "vllm").as_posix()
+        assert any(fnmatch.fnmatch(relative, pattern) for pattern in data["selfextend.vllm"]), relative
 
 
 @pytest.mark.slow
 def test_two_processes_build_at_once(tmp_path):
     """Two real builds into one empty cache at the same time: both load a kernel, one folder remains."""
     env = {**os.environ, "SELFEXTEND_CACHE": str(tmp_path)}
-    env.pop(decode_kernel.ENV, None)
-    command = [sys.executable, "-m", "selfextend.vllm.decode_kernel"]
+    env.pop(cpu_kernel.ENV, None)
+    command = [sys.executable, "-m", "selfextend.vllm.cpu_kernel"]
     procs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(2)]
     outputs = [p.communicate(timeout=900)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     folders = sorted(p.name for p in (tmp_path / "vllm-kernel").iterdir())
-    assert len(folders) == 1 and folders[0].startswith("decode-"), folders
+    assert len(folders) == 1 and folders[0].startswith("kernel-"), folders

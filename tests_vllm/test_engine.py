@@ -5,6 +5,8 @@ share cached blocks, and a cache that nothing but the new keys ever changes."""
 
 from __future__ import annotations
 
+import pytest
+
 from conftest import ONE_BATCH, PROMPTS, TIGHT, assert_matches, greedy, max_difference, prompt_logprobs, request_group
 
 
@@ -12,11 +14,21 @@ def test_the_selfextend_backend_runs_in_the_worker(one_pass):
     assert one_pass["backends"] == [("SelfExtendCPUImpl", True)]
 
 
-def test_decoding_rows_use_the_decode_kernel_where_it_builds(one_pass):
-    from selfextend.vllm import decode_kernel
+def test_grouped_rows_use_the_cpu_kernels_where_they_build(one_pass):
+    from selfextend.vllm import cpu_kernel
 
-    expected = None if decode_kernel.available() else decode_kernel.reason()
+    expected = None if cpu_kernel.available() else cpu_kernel.reason()
     assert one_pass["kernel_refusals"] == [[expected]]
+    if expected is None:  # prompts past L prefill through the prefill kernel, then decode through the other
+        assert all(calls["prefill"] > 0 and calls["decode"] > 0 for calls in one_pass["kernel_calls"])
+
+
+def test_chunks_after_cached_tokens_run_the_prefill_kernel(chunked):
+    from selfextend.vllm import cpu_kernel
+
+    if not cpu_kernel.available():
+        pytest.skip(f"the CPU kernels are unavailable here: {cpu_kernel.reason()}")
+    assert all(calls["prefill"] > 0 for calls in chunked["kernel_calls"])
 
 
 def test_each_request_gets_its_own_group_size():
@@ -34,10 +46,11 @@ def test_a_batch_mixing_g1_and_g4_requests_matches_transformers(one_pass, refere
 
 
 def test_the_torch_decode_path_matches_transformers(torch_decode, reference):
-    """Without the decode kernel (no AVX-512, or SELFEXTEND_VLLM_KERNEL=torch) decoding rows gather."""
+    """Without the C++ kernels (no AVX-512, or SELFEXTEND_VLLM_KERNEL=torch) rows with G > 1 gather."""
     for name in ONE_BATCH:
         assert_matches(torch_decode["batch"][name], reference[name], f"{name}, decoding in torch")
     assert all(w["changed"] == 0 and w["calls"] > 0 for w in torch_decode["cache_watch"])
+    assert torch_decode["kernel_calls"] == [{"decode": 0, "prefill": 0}]
 
 
 def test_a_request_in_a_mixed_batch_equals_the_request_alone(one_pass):

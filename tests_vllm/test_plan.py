@@ -1,5 +1,6 @@
 """The per-step plan (no engine): which rows run vLLM's stock kernel, which the decode kernel, which the
-general path, and where the keys of grouped rows are written -- against the batch written out by hand."""
+prefill kernel (general rows), and where the keys of grouped rows are written -- against the batch
+written out by hand."""
 
 from __future__ import annotations
 
@@ -18,12 +19,15 @@ def test_rows_go_their_three_ways():
     # row 0: G=4 chunk (3 new of 10); row 1: G=1 decode; row 2: G=2 decode; row 3: G=1 prompt of 2
     plan = plan_for([4, 1, 2, 1], [3, 1, 1, 2], [10, 7, 9, 2], [[1, 2, 3], [4, 5, 0], [6, 7, 8], [9, 0, 0]])
     assert plan.num_tokens == 7
-    assert plan.plain.rows.tolist() == [1, 3] and plan.plain.tokens.tolist() == [3, 5, 6] and not plan.plain.is_prefix
+    assert plan.plain.rows.tolist() == [1, 3] and plan.plain.tokens.tolist() == [3, 5, 6] and plan.plain.start is None
     assert plan.plain.query_start_loc.tolist() == [0, 1, 3] and plan.plain.seq_lens.tolist() == [7, 2]
     assert plan.plain.block_table.tolist() == [[4, 5, 0], [9, 0, 0]]
     assert plan.decode.rows.tolist() == [2] and plan.decode.tokens.tolist() == [4]
     assert plan.decode.group_size.tolist() == [2] and plan.decode.seq_lens.tolist() == [9]
-    assert [(r.row, r.first_token, r.num_tokens, r.seq_len, r.group_size) for r in plan.general] == [(0, 0, 3, 10, 4)]
+    assert plan.general.rows.tolist() == [0] and plan.general.tokens.tolist() == [0, 1, 2] and plan.general.start == 0
+    assert plan.general.query_start_loc.tolist() == [0, 3] and plan.general.seq_lens.tolist() == [10]
+    assert plan.general.block_table.tolist() == [[1, 2, 3]] and plan.general.group_size.tolist() == [4]
+    assert plan.general.requests() == [(0, 0, 3, 10, 4)]
 
 
 def test_keys_of_grouped_rows_move_to_their_grouped_positions():
@@ -37,5 +41,5 @@ def test_keys_of_grouped_rows_move_to_their_grouped_positions():
 
 def test_a_step_of_decodes_in_batch_order_is_a_prefix():
     plan = plan_for([3, 3, 1], [1, 1, 5], [40, 41, 5], [[1, 2], [3, 4], [5, 0]])
-    assert plan.decode.is_prefix and plan.decode.tokens.tolist() == [0, 1]
-    assert plan.plain.tokens.tolist() == [2, 3, 4, 5, 6] and plan.general == ()
+    assert plan.decode.start == 0 and plan.decode.tokens.tolist() == [0, 1]
+    assert plan.plain.tokens.tolist() == [2, 3, 4, 5, 6] and plan.plain.start == 2 and plan.general is None

@@ -26,7 +26,7 @@ Which process runs what:
     plan.py           worker, per step     which rows go which way, key rotations (shared by all layers)
     rotations.py      worker               cos/sin by whole position deltas, one table per engine
     paged.py          worker               reading a request out of the paged cache; its exact attention
-    decode_kernel.py  worker (CPU)         the C++ decode kernel over vLLM's CPU cache (csrc/decode.cpp)
+    cpu_kernel.py     worker (CPU)         the C++ kernels over vLLM's CPU cache: decode, prefill (csrc/)
     cpu_backend.py    worker (CPU)         the attention backend registered as CPU_ATTN
     cuda_backend.py   worker (CUDA)        the attention backend on FlashAttention (not yet run on a GPU)
     bench.py          (benchmark)          SelfExtend against plain vLLM in the same run

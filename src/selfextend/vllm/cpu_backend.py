@@ -10,10 +10,13 @@ A step with rows of G > 1 (see ``plan.py``):
 1. the new keys of those rows are rotated to their grouped positions (a table lookup, no trig) and
    every new key and value is written with vLLM's own cache writer;
 2. rows with G = 1: vLLM's stock kernel over the paged cache (a sub-batch);
-3. rows with G > 1 that decode: the decode kernel (``decode_kernel``) over the paged cache, which
-   never writes it; without it (no AVX-512, a geometry it is not built for, the ``amx`` cache layout,
-   or ``SELFEXTEND_VLLM_KERNEL=torch``) the general path;
-4. the other rows with G > 1 (prefill, chunks, recompute): keys gathered, the library's kernel.
+3. rows with G > 1 that decode: the C++ decode kernel (``cpu_kernel.decode``) over the paged cache;
+4. the other rows with G > 1 (prefill, chunks, recompute): the C++ prefill kernel
+   (``cpu_kernel.prefill``) over the paged cache, one call for all of them.
+
+Both kernels only read the cache. Without them (no AVX-512, a geometry they are not built for, the
+``amx`` cache layout, or ``SELFEXTEND_VLLM_KERNEL=torch``; the builder says why, once) every row with
+G > 1 gathers its request's keys and runs the library's kernel (``paged.attend_request``).
 
 Nothing in the cache changes during a step except the new keys.
 """
@@ -37,7 +40,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from ..settings import Settings
-from . import decode_kernel
+from . import cpu_kernel
 from .paged import CacheLayout, attend_request
 from .plan import StepPlan, build_plan
 from .rotations import RotationTable
@@ -54,7 +57,7 @@ class SelfExtendCPUMetadata(CPUAttentionMetadata):
     plan: StepPlan | None = None
     table: RotationTable | None = None
     layout: CacheLayout | None = None
-    decode_kernel: bool = False  # the C++ decode kernel serves this layer's decoding rows
+    kernel: bool = False  # the C++ kernels (cpu_kernel) serve this layer's rows with G > 1
 
 
 class SelfExtendCPUMetadataBuilder(CPUAttentionMetadataBuilder):
@@ -73,13 +76,13 @@ class SelfExtendCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             self.table = RotationTable(inv_freq, vllm_config.model_config.max_model_len)
             self.layout = probe_layout(self.isa, self.block_size, self.num_kv_heads, self.head_dim, self.dtype,
                                        self.kv_cache_dtype)
-            self.kernel_refusal = decode_kernel.unsupported(self.dtype, self.head_dim, self.num_heads,
-                                                            self.num_kv_heads, self.block_size, self.isa)
-            if self.kernel_refusal is None and not decode_kernel.available():
-                self.kernel_refusal = decode_kernel.reason()
+            self.kernel_refusal = cpu_kernel.unsupported(self.dtype, self.head_dim, self.num_heads,
+                                                         self.num_kv_heads, self.block_size, self.isa)
+            if self.kernel_refusal is None and not cpu_kernel.available():
+                self.kernel_refusal = cpu_kernel.reason()
             if self.kernel_refusal is not None:
-                logger.warning("SelfExtend: decoding gathers each request's keys (exact, slower) instead of using "
-                               "the decode kernel: %s", self.kernel_refusal)
+                logger.warning("SelfExtend: rows with G > 1 gather each request's keys (exact, slower) instead of "
+                               "using the C++ kernels: %s", self.kernel_refusal)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
@@ -94,7 +97,7 @@ class SelfExtendCPUMetadataBuilder(CPUAttentionMetadataBuilder):
                 plan.plain.query_start_loc, plan.plain.seq_lens)))
         fields = {f.name: getattr(metadata, f.name) for f in dataclasses.fields(metadata)}
         return SelfExtendCPUMetadata(**fields, plan=plan, table=self.table, layout=self.layout,
-                                     decode_kernel=self.kernel_refusal is None)
+                                     kernel=self.kernel_refusal is None)
 
     def _scheduler(self, query_start_loc: torch.Tensor, seq_lens: torch.Tensor):
         """The stock kernel's scheduler metadata for a sub-batch."""
@@ -139,10 +142,14 @@ class SelfExtendCPUImpl(CPUAttentionBackendImpl):
         self._write_keys(layer, key[:n], value[:n], key_cache, value_cache, attn_metadata, plan)
         if plan.plain is not None:
             self._plain(layer, query, key_cache, value_cache, plan.plain, output)
-        if plan.decode is not None:
-            self._decode(query, key_cache, value_cache, attn_metadata, plan, output)
-        for request in plan.general:
-            self._general(query, key_cache, value_cache, attn_metadata, request, output)
+        for rows, kernel in ((plan.decode, self._decode), (plan.general, self._general)):
+            if rows is None:
+                continue
+            if attn_metadata.kernel:
+                kernel(query, key_cache, value_cache, attn_metadata, rows, output)
+            else:  # (the builder said why, once)
+                for request in rows.requests():
+                    self._gathered(query, key_cache, value_cache, attn_metadata, *request, output)
         return output
 
     # -- the steps ------------------------------------------------------------------------------------
@@ -158,40 +165,32 @@ class SelfExtendCPUImpl(CPUAttentionBackendImpl):
 
     def _plain(self, layer, query, key_cache, value_cache, rows, output) -> None:
         """vLLM's stock kernel for the rows with G = 1."""
-        q = query[: rows.tokens.numel()] if rows.is_prefix else query[rows.tokens]
-        out = output[: rows.tokens.numel()] if rows.is_prefix else torch.empty_like(q)
+        q, out = _rows_of(query, output, rows, self.num_heads, self.head_size)
         ops.cpu_attention_with_kv_cache(
             query=q, key_cache=key_cache, value_cache=value_cache, output=out,
             query_start_loc=rows.query_start_loc, seq_lens=rows.seq_lens, scale=self.scale, causal=True,
             alibi_slopes=None, sliding_window=-1, block_table=rows.block_table, softcap=0,
             scheduler_metadata=rows.kernel_metadata, s_aux=None, k_scale=layer._k_scale_float,
             v_scale=layer._v_scale_float, kv_cache_dtype=self.kv_cache_dtype)
-        if not rows.is_prefix:
-            output[rows.tokens] = out
+        _write_back(output, out, rows)
 
-    def _decode(self, query, key_cache, value_cache, metadata, plan: StepPlan, output) -> None:
+    def _decode(self, query, key_cache, value_cache, metadata, rows, output) -> None:
         """The rows with G > 1 that decode one token: the decode kernel, reading the cache as stored."""
-        rows = plan.decode
-        if not metadata.decode_kernel:  # (the builder said why, once)
-            for r, t, s, g in zip(rows.rows.tolist(), rows.tokens.tolist(), rows.seq_lens.tolist(),
-                                  rows.group_size.tolist()):
-                self._general_rows(query, key_cache, value_cache, metadata, r, t, 1, s, g, output)
-            return
-        n = rows.tokens.numel()
-        out = output[:n].view(n, self.num_heads, self.head_size) if rows.is_prefix else None
-        out, _ = decode_kernel.decode(query[:n] if rows.is_prefix else query[rows.tokens], key_cache, value_cache,
-                                      rows.block_table, rows.seq_lens, rows.group_size, self.settings.window,
-                                      self.scale, metadata.table, out=out)
-        if not rows.is_prefix:
-            output[rows.tokens] = out.view(output[rows.tokens].shape)
+        q, out = _rows_of(query, output, rows, self.num_heads, self.head_size)
+        cpu_kernel.decode(q, key_cache, value_cache, rows.block_table, rows.seq_lens, rows.group_size,
+                          self.settings.window, self.scale, metadata.table, out=out)
+        _write_back(output, out, rows)
 
-    def _general(self, query, key_cache, value_cache, metadata, request, output) -> None:
-        self._general_rows(query, key_cache, value_cache, metadata, request.row, request.first_token,
-                           request.num_tokens, request.seq_len, request.group_size, output)
+    def _general(self, query, key_cache, value_cache, metadata, rows, output) -> None:
+        """The other rows with G > 1 (prefill, chunks, recompute): the prefill kernel, one call for all."""
+        q, out = _rows_of(query, output, rows, self.num_heads, self.head_size)
+        cpu_kernel.prefill(q, key_cache, value_cache, rows.query_start_loc, rows.seq_lens, rows.block_table,
+                           rows.group_size, self.settings.window, self.scale, metadata.table, out=out)
+        _write_back(output, out, rows)
 
-    def _general_rows(self, query, key_cache, value_cache, metadata, row, first_token, num_tokens, seq_len, group,
-                      output) -> None:
-        """Exact SelfExtend attention of one request's new tokens over its gathered cache."""
+    def _gathered(self, query, key_cache, value_cache, metadata, row, first_token, num_tokens, seq_len, group,
+                  output) -> None:
+        """Exact SelfExtend attention of one request's new tokens over its gathered cache (no kernels)."""
         block_size = key_cache.shape[2]
         blocks = metadata.block_table[row, : -(-seq_len // block_size)].long()
         k_stored, v = metadata.layout.gather(key_cache, value_cache, blocks, seq_len)  # [Hkv, S, D]
@@ -199,6 +198,20 @@ class SelfExtendCPUImpl(CPUAttentionBackendImpl):
         t0, t1 = first_token, first_token + num_tokens
         output[t0:t1] = attend_request(query[t0:t1], k_stored, v, settings, metadata.table, self.scale).view(
             output[t0:t1].shape)
+
+
+def _rows_of(query, output, rows, num_heads: int, head_size: int):
+    """The sub-batch's queries ``[T', Hq, D]`` and where its outputs go: views of the step's tensors when
+    its tokens are one run, else a copy of the queries and a new output tensor (see :func:`_write_back`)."""
+    q = rows.span(query)
+    if q is None:
+        return query[rows.tokens], torch.empty((rows.tokens.numel(), num_heads, head_size), dtype=query.dtype)
+    return q, rows.span(output).view(-1, num_heads, head_size)
+
+
+def _write_back(output, out, rows) -> None:
+    if rows.start is None:
+        output[rows.tokens] = out.view(output[rows.tokens].shape)
 
 
 class SelfExtendCPUBackend(CPUAttentionBackend):

@@ -11,8 +11,8 @@ unchanged. For a query at position ``p`` (window ``w``, ``qg(p) = p // G + w - w
     keys j >  p - w  (neighbour)  query at p, keys moved back by j - kg(j) (the last n + w - 1 keys)
 
 and one softmax over the merged row: the library's :func:`selfextend.attention.selfextend_row`, with
-the stored keys as its grouped keys (:func:`attend_request`). The decode kernel (``decode_kernel``)
-does the same for one query per request without gathering anything.
+the stored keys as its grouped keys (:func:`attend_request`). The C++ kernels (``cpu_kernel``) do
+the same over the paged cache without gathering anything; this is the path where they do not run.
 
 Shapes: q ``[n, Hq, D]`` (tokens, query heads, head size), k/v ``[Hkv, m, D]``.
 """

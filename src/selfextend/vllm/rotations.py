@@ -5,7 +5,7 @@ Every rotation the vLLM backends make moves a vector by a whole number of positi
 neighbour key back from ``j // G`` to ``j``. So the cosines and sines are looked up, not recomputed
 each step: :class:`RotationTable` holds ``cos(d * f)`` and ``sin(d * f)`` for ``d = 0 .. n`` (angles
 in float64, stored in float32), transposed -- one row per rotary frequency -- because that is what the
-decode kernel reads (16 consecutive deltas are one vector load). A negative delta uses
+C++ kernels read (16 consecutive deltas are one vector load). A negative delta uses
 ``cos(-x) = cos x``, ``sin(-x) = -sin x``. The table grows (doubling) when a longer context needs it.
 
 Pairs are rotate-half ``(i, i + rotary_dim / 2)``, vLLM's GPT-NeoX style (the only one the plugin
@@ -18,7 +18,7 @@ import torch
 
 from ..rope import Rotary
 
-PADDING = 16  # columns past the last delta: the decode kernel loads 16 at a time
+PADDING = 16  # columns past the last delta: the C++ kernels load 16 at a time
 
 
 class RotationTable:

@@ -36,62 +36,23 @@
 // work; pieces of a row are merged by log-sum-exp at the end. All R = Hq / Hkv query heads of a kv
 // head are scored together, so each key is loaded (and rotated) once per kv head.
 
-#include <torch/extension.h>
+#include "common.h"
+
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <immintrin.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <limits>
 #include <vector>
 
 namespace {
 
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// ---------------------------------------------------------------------------------------------
-// vector helpers
-// ---------------------------------------------------------------------------------------------
-
-template <typename T>
-inline __m512 load16(const T* p);
-
-template <>
-inline __m512 load16<float>(const float* p) { return _mm512_loadu_ps(p); }
-
-template <>
-inline __m512 load16<c10::BFloat16>(const c10::BFloat16* p) {  // bf16 -> f32 is a 16-bit shift
-  __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
-
-template <typename T>
-inline float to_float(T x) { return static_cast<float>(x); }
-
-template <typename T>
-inline T from_float(float x) { return static_cast<T>(x); }
-
-// exp(x), Cephes single-precision polynomial (about 1 ulp); exactly 0 for x <= -150 (and -inf).
-inline __m512 exp512(__m512 x) {
-  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
-  const __m512 c1 = _mm512_set1_ps(0.693359375f);
-  const __m512 c2 = _mm512_set1_ps(-2.12194440e-4f);
-  x = _mm512_max_ps(x, _mm512_set1_ps(-150.0f));
-  x = _mm512_min_ps(x, _mm512_set1_ps(88.7f));
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, c1, x);  // x - n ln 2 in two parts (Cody-Waite)
-  r = _mm512_fnmadd_ps(n, c2, r);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(y, n);  // y * 2^n
-}
+using selfextend::chunk_deltas;
+using selfextend::exp512;
+using selfextend::from_float;
+using selfextend::kNegInf;
+using selfextend::load16;
+using selfextend::to_float;
 
 // ---------------------------------------------------------------------------------------------
 // the problem
@@ -126,22 +87,6 @@ struct Item {
   int32_t n, h, k0, k1;  // request, kv head, keys k0 .. k1 - 1
   int32_t part;          // index of its partial result; -1 when it covers the whole row
 };
-
-// delta_j = j - j / G for j = j0 .. j0 + 15, as a base delta (the column to load from) and the
-// permute indices delta_j - base (each in 0 .. 15).
-inline void chunk_deltas(int64_t j0, int64_t g, int32_t* base, __m512i* idx) {
-  alignas(64) int32_t d[16];
-  int64_t q = j0 / g, r = j0 % g;
-  for (int t = 0; t < 16; ++t) {
-    d[t] = static_cast<int32_t>(j0 + t - q);
-    if (++r == g) {
-      r = 0;
-      ++q;
-    }
-  }
-  *base = d[0];
-  *idx = _mm512_sub_epi32(_mm512_load_si512(d), _mm512_set1_epi32(d[0]));
-}
 
 // ---------------------------------------------------------------------------------------------
 // scores of R query heads (q: R rows of D floats, already scaled) over NC chunks of 16 slots;
@@ -582,12 +527,4 @@ torch::Tensor selfextend_decode(torch::Tensor query_plain, c10::optional<torch::
     TORCH_CHECK(false, "selfextend decode kernel: float32 or bfloat16 only, got ", query_plain.scalar_type());
   }
   return lse;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode", &selfextend_decode, "SelfExtend decode attention over vLLM's CPU paged KV cache",
-        py::arg("query_plain"), py::arg("query_grouped"), py::arg("key_cache"), py::arg("value_cache"),
-        py::arg("block_table"), py::arg("seq_lens"), py::arg("group_size"), py::arg("window"), py::arg("scale"),
-        py::arg("cos_t"), py::arg("sin_t"), py::arg("out"),
-        py::call_guard<py::gil_scoped_release>());  // other Python threads run meanwhile
 }

@@ -1,27 +1,36 @@
-"""SelfExtend decode attention as a C++ kernel over vLLM's CPU paged KV cache (x86-64, AVX-512F).
+"""SelfExtend attention as C++ kernels over vLLM's CPU paged KV cache (x86-64, AVX-512F).
 
-One decode step of a batch of requests, each with its own group size G: the grouped keys (all but the
-last w) are scored against the query at its grouped position, the neighbour keys are rotated back from
-their grouped position ``j // G`` to ``j`` in registers, key by key -- the cache is only read. The
-maths, the cache layout and the work split are described at the top of ``csrc/decode.cpp``.
+Two entry points, one extension:
 
-    from selfextend.vllm import decode_kernel
-    if decode_kernel.available():
-        out, lse = decode_kernel.decode(q, key_cache, value_cache, block_table, seq_lens, groups,
-                                        window, scale, table, out=output_rows)
+    decode   one query per request (a decode step): ``csrc/decode.cpp``
+    prefill  n >= 1 queries per request in vLLM's flat token layout (prefill, chunked prefill,
+             recompute): ``csrc/prefill.cpp``, tiled over query rows and keys like vLLM's own kernel
+
+Each request has its own group size G; its keys are stored rotated to their grouped position
+``j // G``. Grouped keys are scored against the query at its grouped position (rotated inside the
+kernel from the rotation table), neighbour keys are rotated back from ``j // G`` to ``j`` in the
+kernel -- the cache is only read. The maths, the cache layout and the work split are described at the
+top of the sources (``csrc/common.h`` has what they share).
+
+    from selfextend.vllm import cpu_kernel
+    if cpu_kernel.available():
+        out, lse = cpu_kernel.decode(q, key_cache, value_cache, block_table, seq_lens, groups,
+                                     window, scale, table, out=output_rows)
+        out, lse = cpu_kernel.prefill(q, key_cache, value_cache, query_start_loc, seq_lens,
+                                      block_table, groups, window, scale, table, out=output_rows)
     else:
-        ...  # the torch path; decode_kernel.reason() says why
+        ...  # the torch path; cpu_kernel.reason() says why
 
-The kernel is compiled once per machine with ``torch.utils.cpp_extension`` (``-O3 -march=native
--fopenmp``, about a minute; ``scripts/setup-vllm.sh`` does it) into
-``selfextend.assets.cache_dir() / "vllm-kernel"``, in a folder named by a hash of the source, the
+The extension is compiled once per machine with ``torch.utils.cpp_extension`` (``-O3 -march=native
+-fopenmp``, one to two minutes; ``scripts/setup-vllm.sh`` does it) into
+``selfextend.assets.cache_dir() / "vllm-kernel"``, in a folder named by a hash of the sources, the
 torch and Python versions, the flags and the CPU, so a change of any of them builds afresh. A build
 goes to a temporary folder renamed into place when done, so two processes building at once do not
 clash. A failed build is remembered (``<folder>.failed`` holds the compiler's output) and not retried
-until ``python -m selfextend.vllm.decode_kernel --force``, which also prints the build time.
+until ``python -m selfextend.vllm.cpu_kernel --force``, which also prints the build time.
 
 ``SELFEXTEND_VLLM_KERNEL=torch`` makes :func:`available` False (the torch path runs); unset or
-``auto``, the kernel runs wherever it builds.
+``auto``, the kernels run wherever they build.
 """
 
 from __future__ import annotations
@@ -48,7 +57,9 @@ from .rotations import RotationTable
 logger = logging.getLogger(__name__)
 
 ENV = "SELFEXTEND_VLLM_KERNEL"
-SOURCE = Path(__file__).resolve().parent / "csrc" / "decode.cpp"
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = tuple(CSRC / name for name in ("decode.cpp", "prefill.cpp", "module.cpp"))  # built into one module
+HEADERS = (CSRC / "common.h",)
 CFLAGS = ("-O3", "-march=native", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
 DTYPES = (torch.float32, torch.bfloat16)
@@ -74,7 +85,7 @@ _lock = threading.Lock()
 
 
 def available() -> bool:
-    """True when the kernel is compiled and loaded (building it on the first call if needed); False
+    """True when the kernels are compiled and loaded (building them on the first call if needed); False
     when ``SELFEXTEND_VLLM_KERNEL=torch``, the CPU lacks AVX-512F, or the build failed (see
     :func:`reason`). Raises ValueError only for an unknown ``SELFEXTEND_VLLM_KERNEL`` value."""
     if _forced_off():
@@ -89,7 +100,7 @@ def available() -> bool:
 
 
 def reason() -> str:
-    """Why :func:`available` is False (one line); empty when the kernel is available."""
+    """Why :func:`available` is False (one line); empty when the kernels are available."""
     if available():
         return ""
     if _forced_off():
@@ -98,7 +109,7 @@ def reason() -> str:
 
 
 def build(force: bool = False) -> float | None:
-    """Compile (unless a build for this source, torch, flags and CPU is cached) and load the kernel.
+    """Compile (unless a build for these sources, torch, flags and CPU is cached) and load the kernels.
     Returns this call's build time in seconds, or None when it was loaded from the cache.
     ``force`` retries a build remembered as failed. Raises RuntimeError with the reason on failure."""
     with _lock:
@@ -114,7 +125,7 @@ def build(force: bool = False) -> float | None:
 
 def unsupported(dtype: torch.dtype, head_size: int, num_heads: int, num_kv_heads: int, block_size: int,
                 isa: str) -> str | None:
-    """Why the kernel cannot serve an attention layer of this geometry (one line), or None when it can.
+    """Why the kernels cannot serve an attention layer of this geometry (one line), or None when they can.
     ``isa`` is vLLM's CPU attention ISA for the layer's cache (``cpu_attn._get_attn_isa``): its cache
     layout must be "vec" or "vec16". This does not check :func:`available`."""
     if dtype not in DTYPES:
@@ -156,7 +167,7 @@ def decode(query_plain: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
     The caches are never written. Raises RuntimeError when the kernel is unavailable (check
     :func:`available` first) or an input is malformed (the message names it)."""
     if _state.module is None and not available():
-        raise RuntimeError(f"the SelfExtend decode kernel is unavailable: {reason()}")
+        raise RuntimeError(f"the SelfExtend CPU kernels are unavailable: {reason()}")
     n = query_plain.shape[0]
     if isinstance(group_size, int):
         group_size = torch.full((n,), group_size, dtype=torch.int32)
@@ -165,6 +176,44 @@ def decode(query_plain: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
     table.grow(max(int(window), int(seq_lens.max()) if n else 0))
     lse = _state.module.decode(query_plain, query_grouped, key_cache, value_cache, block_table, seq_lens,
                                group_size, int(window), float(scale), table.cos_t, table.sin_t, out)
+    return out, lse
+
+
+def prefill(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+            query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
+            group_size: torch.Tensor | int, window: int, scale: float, table: RotationTable,
+            out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """SelfExtend attention of each request's ``n_r >= 1`` newest queries over its cached keys, in
+    vLLM's flat token layout (prefill, a chunk after cached tokens, recompute; decode works too).
+
+    query            [T, Hq, D] float32 / bfloat16, last dim contiguous: request r's queries are rows
+                     query_start_loc[r] .. query_start_loc[r + 1] - 1, at positions S_r - n_r .. S_r - 1
+                     (as vLLM's rotary layer outputs them)
+    key_cache,
+    value_cache      [num_blocks, Hkv, B, D] in the query's dtype (see :func:`decode`), the new keys
+                     already written; keys of a request with G > 1 stored at grouped positions j // G
+    query_start_loc  [R + 1] int32, non-decreasing, query_start_loc[R] <= T
+    seq_lens         [R] int32: S_r, keys per request (its new ones included), S_r >= n_r
+    block_table      [R, max_blocks] int32
+    group_size       [R] int32 (or one int for all): G per request; 1 is plain causal attention
+    window           w: keys j with p - w < j <= p are neighbours of the query at p
+    scale            softmax scale
+    table            the engine's RotationTable (grown here to cover max(max S, w) if needed)
+    out              [T, Hq, D] in the query's dtype, any row strides, last dim contiguous (e.g. vLLM's
+                     output rows); a new tensor when None. Only the requests' rows are written.
+
+    Returns (out, lse): the attention output and the log-sum-exp of the scaled scores [T, Hq] float32
+    (-inf for rows of no request). The caches are never written. Raises RuntimeError when the kernels
+    are unavailable (check :func:`available` first) or an input is malformed (the message names it)."""
+    if _state.module is None and not available():
+        raise RuntimeError(f"the SelfExtend CPU kernels are unavailable: {reason()}")
+    if isinstance(group_size, int):
+        group_size = torch.full((seq_lens.numel(),), group_size, dtype=torch.int32)
+    if out is None:
+        out = torch.empty(query.shape, dtype=query.dtype)
+    table.grow(max(int(window), int(seq_lens.max()) if seq_lens.numel() else 0))
+    lse = _state.module.prefill(query, key_cache, value_cache, query_start_loc, seq_lens, block_table, group_size,
+                                int(window), float(scale), table.cos_t, table.sin_t, out)
     return out, lse
 
 
@@ -200,7 +249,8 @@ def _cpu() -> tuple[str, set[str]]:
 def _key(cpu_name: str, cpu_flags: set[str]) -> str:
     """Hash of everything the compiled file depends on."""
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), torch.__version__.encode(), sys.version.encode(), " ".join(CFLAGS).encode(),
+    sources = [path.read_bytes() for path in SOURCES + HEADERS]
+    for part in (*sources, torch.__version__.encode(), sys.version.encode(), " ".join(CFLAGS).encode(),
                  " ".join(LDFLAGS).encode(), platform.machine().encode(), cpu_name.encode(),
                  " ".join(sorted(cpu_flags)).encode()):
         digest.update(part)
@@ -217,19 +267,19 @@ def _load(force: bool) -> None:
         raise RuntimeError(f"the CPU ({cpu_name or 'unknown'}) lacks AVX-512F")
     key = _key(cpu_name, cpu_flags)
     root = cache_dir() / "vllm-kernel"
-    folder = root / f"decode-{key}"
-    name = f"selfextend_decode_{key}"
+    folder = root / f"kernel-{key}"
+    name = f"selfextend_kernel_{key}"
     library = folder / f"{name}.so"
-    failed = root / f"decode-{key}.failed"
+    failed = root / f"kernel-{key}.failed"
     _state.folder = folder
     if library.exists():
         _state.module = _import(name, library)
         return
     if failed.exists() and not force:
         raise RuntimeError(f"its build failed before ({_first_error(failed.read_text())}); "
-                           f"log: {failed}; retry: python -m selfextend.vllm.decode_kernel --force")
+                           f"log: {failed}; retry: python -m selfextend.vllm.cpu_kernel --force")
     root.mkdir(parents=True, exist_ok=True)
-    logger.warning("SelfExtend: building the decode kernel into %s (once, about a minute)", folder)
+    logger.warning("SelfExtend: building the CPU attention kernels into %s (once, one to two minutes)", folder)
     started = time.perf_counter()
     try:
         _state.module = _compile(name, root, folder)
@@ -248,7 +298,8 @@ def _compile(name: str, root: Path, folder: Path):
     scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=root))
     try:
         with _ninja_on_path():
-            module = cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=list(CFLAGS),
+            module = cpp_extension.load(name=name, sources=[str(path) for path in SOURCES],
+                                        extra_cflags=list(CFLAGS),
                                         extra_ldflags=list(LDFLAGS), build_directory=str(scratch), verbose=False)
         scratch.chmod(0o755)  # mkdtemp made it private; the build is for every user of this cache
         try:
@@ -304,26 +355,26 @@ def _one_line(error: Exception) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
-# python -m selfextend.vllm.decode_kernel [--force]
+# python -m selfextend.vllm.cpu_kernel [--force]
 # ------------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m selfextend.vllm.decode_kernel",
-                                     description="Build (once) and load the SelfExtend decode kernel for vLLM's CPU path.")
+    parser = argparse.ArgumentParser(prog="python -m selfextend.vllm.cpu_kernel",
+                                     description="Build (once) and load the SelfExtend kernels for vLLM's CPU path.")
     parser.add_argument("--force", action="store_true", help="retry a build remembered as failed")
     args = parser.parse_args(argv)
     logger.setLevel(logging.ERROR)  # the one line below says it all
     try:
         if _forced_off():
-            print(f"SelfExtend decode kernel: not used ({ENV}=torch); vLLM attention runs in torch")
+            print(f"SelfExtend CPU kernels: not used ({ENV}=torch); vLLM attention runs in torch")
             return 0
         seconds = build(force=args.force)
     except (RuntimeError, ValueError) as error:
-        print(f"SelfExtend decode kernel: not available ({error}); vLLM attention falls back to torch")
+        print(f"SelfExtend CPU kernels: not available ({error}); vLLM attention falls back to torch")
         return 1
     how = "loaded from the cache" if seconds is None else f"built in {seconds:.1f} s"
-    print(f"SelfExtend decode kernel: {how} ({_state.folder})")
+    print(f"SelfExtend CPU kernels: {how} ({_state.folder})")
     return 0
 
 
