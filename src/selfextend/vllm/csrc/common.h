@@ -158,15 +158,16 @@ inline Geometry check_arguments(const char* kernel, const char* name, const torc
   return g;
 }
 
-// Checks request r (n_new new tokens, of which keys up to seq_lens[r] are read): its length fits its
-// block-table row, G >= 1, and every block it reads is a block of the cache.
+// Checks request r (n_new new tokens; reads_keys: the kernel reads its seq_lens[r] keys): its length
+// covers the new tokens and fits its block-table row, G >= 1, and every block it reads is a block of
+// the cache.
 inline void check_request(const Geometry& g, const torch::Tensor& block_table, const int32_t* lens,
-                          const int32_t* groups, int64_t r, int64_t n_new) {
+                          const int32_t* groups, int64_t r, int64_t n_new, bool reads_keys) {
   TORCH_CHECK(lens[r] >= n_new && lens[r] <= block_table.size(1) * g.block_size, "seq_lens[", r, "] = ", lens[r],
               " must cover its ", n_new, " new token(s) and fit its block table");
   TORCH_CHECK(groups[r] >= 1, "group_size[", r, "] must be >= 1, got ", groups[r]);
   const int32_t* row = block_table.data_ptr<int32_t>() + r * block_table.stride(0);
-  const int64_t used = n_new > 0 ? (lens[r] + g.block_size - 1) / g.block_size : 0;
+  const int64_t used = reads_keys ? (lens[r] + g.block_size - 1) / g.block_size : 0;
   for (int64_t b = 0; b < used; ++b)
     TORCH_CHECK(row[b] >= 0 && row[b] < g.num_blocks, "block_table[", r, ", ", b, "] = ", row[b],
                 " is not a block of the cache");

@@ -427,7 +427,7 @@ torch::Tensor selfextend_decode(torch::Tensor query_plain, c10::optional<torch::
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   int64_t max_s = 0;
   for (int64_t n = 0; n < n_req; ++n) {
-    check_request(g, block_table, lens, group_size.data_ptr<int32_t>(), n, 1);
+    check_request(g, block_table, lens, group_size.data_ptr<int32_t>(), n, 0, true);  // a row may have no keys
     max_s = std::max<int64_t>(max_s, lens[n]);
   }
   check_table_length(g, max_s, window);

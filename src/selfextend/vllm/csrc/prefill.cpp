@@ -569,7 +569,7 @@ torch::Tensor selfextend_prefill(torch::Tensor query, torch::Tensor key_cache, t
     const int64_t n = starts[r + 1] - starts[r];
     TORCH_CHECK(n >= 0 && starts[r + 1] <= n_tok, "query_start_loc must be non-decreasing and within the ", n_tok,
                 " query tokens; request ", r, " has tokens ", starts[r], " .. ", starts[r + 1] - 1);
-    check_request(g, block_table, lens, group_size.data_ptr<int32_t>(), r, n);
+    check_request(g, block_table, lens, group_size.data_ptr<int32_t>(), r, n, n > 0);
     max_s = std::max<int64_t>(max_s, lens[r]);
   }
   check_table_length(g, max_s, window);
