@@ -27,7 +27,6 @@ time waits for whichever of its threads was descheduled, its CPU time does not.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import statistics
@@ -40,7 +39,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests_vllm"))
-from cpu_cache import PagedCache  # noqa: E402  (vLLM's writer fills the cache, as in the tests)
+from cpu_cache import cold_copies  # noqa: E402  (vLLM's writer fills the cache, as in the tests)
 
 from selfextend.vllm import cpu_kernel  # noqa: E402
 from selfextend.vllm.rotations import RotationTable  # noqa: E402
@@ -55,15 +54,8 @@ def inv_freq(rotary_dim: int, base: float = 100000.0) -> torch.Tensor:
 def workload(n_req: int, seq: int, args, dtype: torch.dtype) -> dict:
     """Median ms per variant and median per-repetition ratios to stock."""
     scale = D ** -0.5
-    nbytes = n_req * seq * HKV * D * 2 * torch.tensor([], dtype=dtype).element_size()
-    copies = max(1, math.ceil(160e6 / nbytes))
     g = torch.Generator().manual_seed(0)
-    caches = []
-    for c in range(copies):
-        keys = [torch.randn(seq, HKV, D, generator=g) for _ in range(n_req)]
-        values = [torch.randn(seq, HKV, D, generator=g) for _ in range(n_req)]
-        caches.append(PagedCache(keys, values, args.block, dtype, extra_blocks=0, seed=c))
-        del keys, values
+    caches = cold_copies(n_req, seq, HKV, D, args.block, dtype, g)
     metadata = caches[0].metadata(HQ, dtype)
     q = torch.randn(n_req, HQ, D, generator=g).to(dtype)
     qg = torch.randn(n_req, HQ, D, generator=g).to(dtype)
@@ -97,7 +89,7 @@ def workload(n_req: int, seq: int, args, dtype: torch.dtype) -> dict:
     at = 0
     for rep in range(args.reps):
         for name in names[rep % len(names):] + names[: rep % len(names)]:
-            call = variants[name](caches[at % copies])
+            call = variants[name](caches[at % len(caches)])
             at += 1
             started = args.clock()
             call()
@@ -105,7 +97,7 @@ def workload(n_req: int, seq: int, args, dtype: torch.dtype) -> dict:
     ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     ratio = {name: statistics.median(a / b for a, b in zip(times[name], times["stock"])) for name in names}
     ratio_min = {name: min(times[name]) / min(times["stock"]) for name in names}
-    return {"ms": ms, "ratio": ratio, "ratio_min": ratio_min, "copies": copies, "isa": caches[0].isa}
+    return {"ms": ms, "ratio": ratio, "ratio_min": ratio_min, "copies": len(caches), "isa": caches[0].isa}
 
 
 def main() -> None:

@@ -24,7 +24,6 @@ vLLM's kernel doing plain attention).
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import statistics
@@ -37,7 +36,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests_vllm"))
-from cpu_cache import PagedCache  # noqa: E402  (vLLM's writer fills the cache, as in the tests)
+from cpu_cache import cold_copies  # noqa: E402  (vLLM's writer fills the cache, as in the tests)
 
 from selfextend.settings import Settings  # noqa: E402
 from selfextend.vllm import cpu_kernel  # noqa: E402
@@ -65,15 +64,8 @@ def workload(spec: str, args, dtype: torch.dtype) -> dict:
     """Median ms per variant and median per-repetition ratios stock / variant."""
     n_req, n, seq, groups, window = parse(spec)
     scale = D ** -0.5
-    nbytes = n_req * seq * HKV * D * 2 * torch.tensor([], dtype=dtype).element_size()
-    copies = max(1, math.ceil(160e6 / nbytes))
     g = torch.Generator().manual_seed(0)
-    caches = []
-    for c in range(copies):
-        keys = [torch.randn(seq, HKV, D, generator=g) for _ in range(n_req)]
-        values = [torch.randn(seq, HKV, D, generator=g) for _ in range(n_req)]
-        caches.append(PagedCache(keys, values, args.block, dtype, extra_blocks=0, seed=c))
-        del keys, values
+    caches = cold_copies(n_req, seq, HKV, D, args.block, dtype, g)
     starts = torch.arange(0, n_req * n + 1, n, dtype=torch.int32)
     metadata = caches[0].metadata(HQ, dtype, starts)
     q = torch.randn(n_req * n, HQ, D, generator=g).to(dtype)
@@ -112,14 +104,14 @@ def workload(spec: str, args, dtype: torch.dtype) -> dict:
         for name in names[rep % len(names):] + names[: rep % len(names)]:
             if name == "torch" and len(times["torch"]) >= args.torch_reps:
                 continue
-            call = variants[name](caches[at % copies])
+            call = variants[name](caches[at % len(caches)])
             at += 1
             started = time.perf_counter()
             call()
             times[name].append(time.perf_counter() - started)
     ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     ratio = {name: statistics.median(a / b for a, b in zip(times["stock"], times[name])) for name in names}
-    return {"ms": ms, "ratio": ratio, "copies": copies, "isa": caches[0].isa, "groups": groups}
+    return {"ms": ms, "ratio": ratio, "copies": len(caches), "isa": caches[0].isa, "groups": groups}
 
 
 def main() -> None:

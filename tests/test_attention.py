@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import (FAMILIES, FAMILY_NAMES, L, ids_of, left_padded_pair, logits, reference_logits, sequence_logits,
+from conftest import (FAMILIES, L, ids_of, left_padded_pair, logits, reference_logits, sequence_logits,
                       tiny_model)
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 

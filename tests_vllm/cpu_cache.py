@@ -10,7 +10,46 @@ every 97th element with ``poison=True`` (a kernel that reads past a request's ke
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
+
+BLOCKS = (16, 32, 128)
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def kernel_grid(cases: dict, big: dict) -> list:
+    """Every case at every block size and dtype, plus the engine-sized cases (block 128, marked slow)."""
+    grid = [pytest.param(name, block, dtype, id=f"{name}-B{block}-{str(dtype)[6:]}") for name in cases
+            for block in BLOCKS for dtype in DTYPES]
+    return grid + [pytest.param(name, 128, dtype, id=f"{name}-B128-{str(dtype)[6:]}", marks=pytest.mark.slow)
+                   for name in big for dtype in DTYPES]
+
+
+def cold_copies(n_req: int, seq: int, hkv: int, d: int, block: int, dtype: torch.dtype, generator: torch.Generator,
+                megabytes: float = 160) -> list[PagedCache]:
+    """Enough caches of n_req random requests of seq keys each to total >= megabytes, so that a
+    benchmark cycling through them does not find the previous call's keys hot in the CPU cache."""
+    nbytes = n_req * seq * hkv * d * 2 * torch.tensor([], dtype=dtype).element_size()
+    caches = []
+    for c in range(max(1, math.ceil(megabytes * 1e6 / nbytes))):
+        keys = [torch.randn(seq, hkv, d, generator=generator) for _ in range(n_req)]
+        values = [torch.randn(seq, hkv, d, generator=generator) for _ in range(n_req)]
+        caches.append(PagedCache(keys, values, block, dtype, extra_blocks=0, seed=c))
+    return caches
+
+
+def built_kernels():
+    """selfextend.vllm.cpu_kernel, compiled here if setup-vllm.sh has not; skips, saying why, when it
+    cannot be built on this machine."""
+    from selfextend.vllm import cpu_kernel
+
+    try:
+        cpu_kernel.build()
+    except RuntimeError as error:
+        pytest.skip(f"the CPU kernels are unavailable here: {error}")
+    return cpu_kernel
 
 
 class PagedCache:

@@ -24,8 +24,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from cpu_cache import PagedCache
-from selfextend.vllm import cpu_kernel
+from cpu_cache import PagedCache, built_kernels, kernel_grid
 from selfextend.vllm.rotations import RotationTable
 from test_decode_kernel import inv_freq, rotate64
 
@@ -110,22 +109,12 @@ CASES = {
     "r8": Case((500, 90), (200, 90), (3, 1), 64, hq=16, hkv=2, d=128, seed=11),
 }
 BIG = {"engine_sized": Case((12000, 8193, 3000), (700, 2048, 3000), (2, 4, 3), 2048, seed=12)}  # slow
-BLOCKS = (16, 32, 128)
-DTYPES = (torch.float32, torch.bfloat16)
-GRID = [pytest.param(name, block, dtype, id=f"{name}-B{block}-{str(dtype)[6:]}") for name in CASES
-        for block in BLOCKS for dtype in DTYPES]
-GRID += [pytest.param(name, 128, dtype, id=f"{name}-B128-{str(dtype)[6:]}", marks=pytest.mark.slow)
-         for name in BIG for dtype in DTYPES]
+GRID = kernel_grid(CASES, BIG)
 
 
 @pytest.fixture(scope="module")
 def kernel():
-    """The compiled kernels (built here if setup-vllm.sh has not); skips, saying why, when they cannot be."""
-    try:
-        cpu_kernel.build()
-    except RuntimeError as error:
-        pytest.skip(f"the CPU kernels are unavailable here: {error}")
-    return cpu_kernel
+    return built_kernels()
 
 
 def make(case: Case, block: int, dtype: torch.dtype, poison: bool = True):
@@ -256,7 +245,7 @@ def test_requests_without_queries_are_skipped(kernel):
     (dict(seq_lens=torch.tensor([40], dtype=torch.int64)), "must be int32"),
     (dict(block_table=torch.tensor([[0, 10_000, 1]], dtype=torch.int32)), "is not a block of the cache"),
     (dict(seq_lens=torch.tensor([4000], dtype=torch.int32)), "fit its block table"),
-    (dict(seq_lens=torch.tensor([3], dtype=torch.int32)), "must hold the request's 5 new tokens"),
+    (dict(seq_lens=torch.tensor([3], dtype=torch.int32)), "must cover its 5 new token\\(s\\)"),
     (dict(query_start_loc=torch.tensor([0, 6], dtype=torch.int32)), "within the 5 query tokens"),
     (dict(query_start_loc=torch.tensor([3, 2], dtype=torch.int32)), "non-decreasing"),
     (dict(group_size=0), "group_size\\[0\\] must be >= 1"),

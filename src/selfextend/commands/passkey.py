@@ -62,8 +62,8 @@ def run(args) -> int:
     print(f"  selfextend -> {result.text.strip()!r}", flush=True)
 
     print()
-    print(f"| method | settings | answer | correct | prefill s |")
-    print(f"|---|---|---|---|---|")
+    print("| method | settings | answer | correct | prefill s |")
+    print("|---|---|---|---|---|")
     for name, settings, r in rows:
         ok = "yes" if prompts.passkey_correct(r.text, key) else "no"
         print(f"| {name} | {settings} | {r.text.strip()!r} | {ok} | {r.prefill_seconds:.1f} |")

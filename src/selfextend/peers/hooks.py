@@ -23,7 +23,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from ..attention import Row, sliding_window_row
 from ..call import DeferredMask, hand_over_cache, remove_hand_over, selfextend_mask
-from ..rope import Rotary, RotaryError, layer_rotary
+from ..rope import RotaryError, layer_rotary
 from ..sequence import announced_length
 from .formulas import DcaSettings, StringSettings
 from .kernel import dca_keys, dca_row, string_row

@@ -8,7 +8,7 @@
         and off, at 1, 8 and 16 concurrent requests: plain vLLM and SelfExtend engines alternate in
         every round (each engine in its own process, the order swapped each round), so a change of
         machine load hits both; each round's ratio is reported and their median; writes
-        throughput.json and throughput.md
+        throughput.json and throughput.md (--report-only: the table again from the JSON)
 
 Both use the bundled model by default (its GGUF dequantised once to a float32 folder).
 """
@@ -326,6 +326,9 @@ def run_throughput(args) -> int:
     from statistics import median
 
     out = Path(args.out)
+    if getattr(args, "report_only", False):  # the table again from the committed JSON
+        (out / "throughput.md").write_text(_throughput_table(json.loads((out / "throughput.json").read_text())))
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     rounds = []
     for r in range(args.rounds):
@@ -380,14 +383,16 @@ def _throughput_table(record: dict) -> str:
              "the first, per second after that. Past the trained length plain vLLM runs with its position limit "
              "raised. A ratio is SelfExtend / plain: the median over rounds, each round's in brackets.", "",
              "| workload | requests x (prompt, shared prefix) -> out | prefix cache | plain prefill tok/s | "
-             "plain decode ms/token | prefill ratio | decode ratio | cached tokens | max log-prob diff |",
-             "|---|---|---|---:|---:|---|---|---:|---:|"]
+             "plain decode ms/step | SelfExtend decode ms/step | prefill ratio | decode ratio | cached tokens | "
+             "max log-prob diff |",
+             "|---|---|---|---:|---:|---:|---|---|---:|---:|"]
     for row in record["rows"]:
         n, length, shared, new = row["shape"]
         fmt = lambda rate: f"{row['ratio_median'][rate]:.2f} ({', '.join(f'{x:.2f}' for x in row['ratio_rounds'][rate])})"  # noqa: E731
         diff = row["max_logprob_difference"]
         lines.append(f"| {row['workload']} | {n} x ({length}, {shared}) -> {new} | {row['caching']} | "
                      f"{row['plain']['prefill_tokens_per_s']:.0f} | {row['plain']['decode_ms_per_token']:.0f} | "
+                     f"{row['selfextend']['decode_ms_per_token']:.0f} | "
                      f"{fmt('prefill_tokens_per_s')} | {fmt('decode_tokens_per_s')} | {row['cached_tokens']} | "
                      f"{'greedy tokens differ' if diff is None else f'{diff:.1e}'} |")
     return "\n".join(lines) + "\n"
@@ -427,6 +432,9 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--workloads", default=",".join(WORKLOADS))
             p.add_argument("--caching", default="on,off" if name == "throughput" else "on")
             p.add_argument("--rounds", type=positive_int, default=3)
+            if name == "throughput":
+                p.add_argument("--report-only", action="store_true",
+                               help="rewrite throughput.md from the throughput.json in --out; run nothing")
             p.add_argument("--gpu-memory-utilization", type=float, default=0.25)
             p.add_argument("--max-num-batched-tokens", type=positive_int, default=4096)
             p.add_argument("--mode", choices=(PLAIN, SELFEXTEND), default=SELFEXTEND)

@@ -47,6 +47,13 @@
 
 namespace {
 
+using selfextend::PagedRequests;
+using selfextend::Geometry;
+using selfextend::check_arguments;
+using selfextend::check_request;
+using selfextend::check_table_length;
+using selfextend::fill_paged;
+using selfextend::dispatch_dtype;
 using selfextend::chunk_deltas;
 using selfextend::exp512;
 using selfextend::from_float;
@@ -59,24 +66,10 @@ using selfextend::to_float;
 // ---------------------------------------------------------------------------------------------
 
 template <typename T>
-struct Problem {
+struct Problem : PagedRequests<T> {
   const T* qp;  // [N, Hq, D] query at p (last dim contiguous)
   const T* qg;  // [N, Hq, D] query at qg(p), or nullptr: rotated here from qp
   int64_t qp_stride_n, qp_stride_h, qg_stride_n, qg_stride_h;
-  const T* key;    // pages [D, B] (transposed)
-  const T* value;  // pages [B, D]
-  int64_t k_stride_block, k_stride_head, v_stride_block, v_stride_head;
-  const int32_t* block_table;  // [N, max_blocks]
-  int64_t bt_stride;
-  const int32_t* seq_lens;    // [N]
-  const int32_t* group_size;  // [N]
-  int64_t block_size;
-  int64_t window;
-  int64_t half;  // rotary_dim / 2
-  const float* cos_t;  // [half, ncols]
-  const float* sin_t;
-  int64_t ncols;
-  float scale;
   T* out;  // [N, Hq, D] (last dim contiguous)
   int64_t out_stride_n, out_stride_h;
   float* lse;  // [N, Hq] contiguous
@@ -428,103 +421,40 @@ torch::Tensor selfextend_decode(torch::Tensor query_plain, c10::optional<torch::
                                 torch::Tensor key_cache, torch::Tensor value_cache, torch::Tensor block_table,
                                 torch::Tensor seq_lens, torch::Tensor group_size, int64_t window, double scale,
                                 torch::Tensor cos_t, torch::Tensor sin_t, torch::Tensor out) {
-  TORCH_CHECK(query_plain.device().is_cpu() && key_cache.device().is_cpu(), "decode kernel: CPU tensors only");
-  TORCH_CHECK(query_plain.dim() == 3, "query_plain must be [N, Hq, D]");
-  const int64_t n_req = query_plain.size(0), hq = query_plain.size(1), d = query_plain.size(2);
-  TORCH_CHECK(key_cache.dim() == 4 && value_cache.sizes() == key_cache.sizes(),
-              "key_cache / value_cache must be [num_blocks, Hkv, B, D] of one shape");
-  const int64_t num_blocks = key_cache.size(0), hkv = key_cache.size(1), B = key_cache.size(2);
-  TORCH_CHECK(key_cache.size(3) == d, "head size of the cache (", key_cache.size(3), ") and the query (", d,
-              ") differ");
-  TORCH_CHECK(hkv > 0 && hq % hkv == 0, "query heads (", hq, ") must be a multiple of kv heads (", hkv, ")");
-  TORCH_CHECK(B % 16 == 0, "block size must be a multiple of 16, got ", B);
-  TORCH_CHECK(key_cache.stride(3) == 1 && key_cache.stride(2) == d && value_cache.stride(3) == 1 &&
-                  value_cache.stride(2) == d,
-              "cache pages ([B, D] per block and kv head) must be contiguous");
-  TORCH_CHECK(query_plain.stride(2) == 1, "query_plain: last dim must be contiguous");
-  TORCH_CHECK(key_cache.scalar_type() == query_plain.scalar_type() &&
-                  value_cache.scalar_type() == query_plain.scalar_type(),
-              "cache and query dtypes differ");
-  TORCH_CHECK(block_table.dim() == 2 && block_table.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt &&
-                  group_size.scalar_type() == at::kInt,
-              "block_table [N, max_blocks], seq_lens [N] and group_size [N] must be int32");
-  TORCH_CHECK(block_table.stride(1) == 1 && seq_lens.is_contiguous() && group_size.is_contiguous(),
-              "block_table rows, seq_lens and group_size must be contiguous");
-  TORCH_CHECK(seq_lens.numel() == n_req && group_size.numel() == n_req && block_table.size(0) == n_req,
-              "one row of block_table / seq_lens / group_size per query row");
-  TORCH_CHECK(cos_t.scalar_type() == at::kFloat && cos_t.dim() == 2 && cos_t.is_contiguous() &&
-                  sin_t.sizes() == cos_t.sizes() && sin_t.scalar_type() == at::kFloat && sin_t.is_contiguous(),
-              "cos_t / sin_t must be contiguous float32 [rotary_dim / 2, ncols]");
-  const int64_t half = cos_t.size(0), ncols = cos_t.size(1);
-  TORCH_CHECK(2 * half <= d, "rotary_dim (", 2 * half, ") larger than the head size (", d, ")");
-  TORCH_CHECK(window >= 1, "window must be >= 1, got ", window);
-  TORCH_CHECK(out.dim() == 3 && out.size(0) == n_req && out.size(1) == hq && out.size(2) == d &&
-                  out.stride(2) == 1 && out.scalar_type() == query_plain.scalar_type(),
-              "out must be [N, Hq, D] in the query's dtype with a contiguous last dim");
+  const int64_t n_req = query_plain.dim() == 3 ? query_plain.size(0) : 0;
+  const Geometry g = check_arguments("decode kernel", "query_plain", query_plain, key_cache, value_cache, block_table,
+                                     seq_lens, group_size, n_req, cos_t, sin_t, window, out, n_req);
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
-  const int32_t* groups = group_size.data_ptr<int32_t>();
-  const int32_t* table = block_table.data_ptr<int32_t>();
   int64_t max_s = 0;
   for (int64_t n = 0; n < n_req; ++n) {
-    TORCH_CHECK(lens[n] >= 0 && lens[n] <= block_table.size(1) * B, "seq_lens[", n, "] = ", lens[n],
-                " out of range of the block table");
-    TORCH_CHECK(groups[n] >= 1, "group_size[", n, "] must be >= 1, got ", groups[n]);
-    const int64_t used = (lens[n] + B - 1) / B;
-    for (int64_t b = 0; b < used; ++b) {
-      const int32_t id = table[n * block_table.stride(0) + b];
-      TORCH_CHECK(id >= 0 && id < num_blocks, "block_table[", n, ", ", b, "] = ", id, " is not a block of the cache");
-    }
+    check_request(g, block_table, lens, group_size.data_ptr<int32_t>(), n, 0, true);  // a row may have no keys
     max_s = std::max<int64_t>(max_s, lens[n]);
   }
-  TORCH_CHECK(ncols >= std::max(max_s, window) + 16, "rotation table too short: needs ",
-              std::max(max_s, window) + 16, " columns, has ", ncols, "; grow it to the longest context");
+  check_table_length(g, max_s, window);
   if (query_grouped.has_value()) {
     TORCH_CHECK(query_grouped->sizes() == query_plain.sizes() && query_grouped->stride(2) == 1 &&
                     query_grouped->scalar_type() == query_plain.scalar_type(),
                 "query_grouped must match query_plain (shape, dtype, contiguous last dim)");
   }
 
-  auto lse = torch::empty({n_req, hq}, query_plain.options().dtype(at::kFloat));
+  auto lse = torch::empty({n_req, g.hq}, query_plain.options().dtype(at::kFloat));
 
-  auto run = [&](auto* tag) {
+  dispatch_dtype("decode kernel", query_plain.scalar_type(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     Problem<T> x;
+    fill_paged<T>(x, g, key_cache, value_cache, block_table, seq_lens, group_size, window, scale, cos_t, sin_t);
     x.qp = reinterpret_cast<const T*>(query_plain.data_ptr());
     x.qp_stride_n = query_plain.stride(0);
     x.qp_stride_h = query_plain.stride(1);
     x.qg = query_grouped.has_value() ? reinterpret_cast<const T*>(query_grouped->data_ptr()) : nullptr;
     x.qg_stride_n = query_grouped.has_value() ? query_grouped->stride(0) : 0;
     x.qg_stride_h = query_grouped.has_value() ? query_grouped->stride(1) : 0;
-    x.key = reinterpret_cast<const T*>(key_cache.data_ptr());
-    x.value = reinterpret_cast<const T*>(value_cache.data_ptr());
-    x.k_stride_block = key_cache.stride(0);
-    x.k_stride_head = key_cache.stride(1);
-    x.v_stride_block = value_cache.stride(0);
-    x.v_stride_head = value_cache.stride(1);
-    x.block_table = table;
-    x.bt_stride = block_table.stride(0);
-    x.seq_lens = lens;
-    x.group_size = groups;
-    x.block_size = B;
-    x.window = window;
-    x.half = half;
-    x.cos_t = cos_t.data_ptr<float>();
-    x.sin_t = sin_t.data_ptr<float>();
-    x.ncols = ncols;
-    x.scale = static_cast<float>(scale);
     x.out = reinterpret_cast<T*>(out.data_ptr());
     x.out_stride_n = out.stride(0);
     x.out_stride_h = out.stride(1);
     x.lse = lse.data_ptr<float>();
-    x.hq = hq;
-    dispatch<T>(x, n_req, hkv, hq / hkv, d);
-  };
-  if (query_plain.scalar_type() == at::kFloat) {
-    run(static_cast<float*>(nullptr));
-  } else if (query_plain.scalar_type() == at::kBFloat16) {
-    run(static_cast<c10::BFloat16*>(nullptr));
-  } else {
-    TORCH_CHECK(false, "selfextend decode kernel: float32 or bfloat16 only, got ", query_plain.scalar_type());
-  }
+    x.hq = g.hq;
+    dispatch<T>(x, n_req, g.hkv, g.hq / g.hkv, g.d);
+  });
   return lse;
 }

@@ -48,6 +48,13 @@
 
 namespace {
 
+using selfextend::PagedRequests;
+using selfextend::Geometry;
+using selfextend::check_arguments;
+using selfextend::check_request;
+using selfextend::check_table_length;
+using selfextend::fill_paged;
+using selfextend::dispatch_dtype;
 using selfextend::chunk_deltas;
 using selfextend::exp512;
 using selfextend::from_float;
@@ -65,22 +72,10 @@ constexpr float kRescale = 8.0f;     // the running max moves only when a tile's
 constexpr int64_t kFar = int64_t(1) << 40;  // "no neighbour keys" (G = 1)
 
 template <typename T>
-struct Problem {
+struct Problem : PagedRequests<T> {
   const T* q;  // [T, Hq, D], last dim contiguous: the query at its own position p
   int64_t q_stride_t, q_stride_h;
-  const T* key;    // pages [D, B] (transposed)
-  const T* value;  // pages [B, D]
-  int64_t k_stride_block, k_stride_head, v_stride_block, v_stride_head;
   const int32_t* query_start_loc;  // [R + 1]
-  const int32_t* seq_lens;         // [R]
-  const int32_t* group_size;       // [R]
-  const int32_t* block_table;      // [R, max_blocks]
-  int64_t bt_stride;
-  int64_t block_size, window, half;
-  const float* cos_t;  // [half, ncols]
-  const float* sin_t;
-  int64_t ncols;
-  float scale;
   T* out;  // [T, Hq, D], last dim contiguous
   int64_t out_stride_t, out_stride_h;
   float* lse;  // [T, Hq] contiguous
@@ -558,106 +553,44 @@ torch::Tensor selfextend_prefill(torch::Tensor query, torch::Tensor key_cache, t
                                  torch::Tensor query_start_loc, torch::Tensor seq_lens, torch::Tensor block_table,
                                  torch::Tensor group_size, int64_t window, double scale, torch::Tensor cos_t,
                                  torch::Tensor sin_t, torch::Tensor out) {
-  TORCH_CHECK(query.device().is_cpu() && key_cache.device().is_cpu(), "prefill kernel: CPU tensors only");
-  TORCH_CHECK(query.dim() == 3, "query must be [T, Hq, D]");
-  const int64_t n_tok = query.size(0), hq = query.size(1), d = query.size(2);
-  TORCH_CHECK(key_cache.dim() == 4 && value_cache.sizes() == key_cache.sizes(),
-              "key_cache / value_cache must be [num_blocks, Hkv, B, D] of one shape");
-  const int64_t num_blocks = key_cache.size(0), hkv = key_cache.size(1), B = key_cache.size(2);
-  TORCH_CHECK(key_cache.size(3) == d, "head size of the cache (", key_cache.size(3), ") and the query (", d,
-              ") differ");
-  TORCH_CHECK(hkv > 0 && hq % hkv == 0, "query heads (", hq, ") must be a multiple of kv heads (", hkv, ")");
-  TORCH_CHECK(B % 16 == 0, "block size must be a multiple of 16, got ", B);
-  TORCH_CHECK(key_cache.stride(3) == 1 && key_cache.stride(2) == d && value_cache.stride(3) == 1 &&
-                  value_cache.stride(2) == d,
-              "cache pages ([B, D] per block and kv head) must be contiguous");
-  TORCH_CHECK(query.stride(2) == 1, "query: last dim must be contiguous");
-  TORCH_CHECK(key_cache.scalar_type() == query.scalar_type() && value_cache.scalar_type() == query.scalar_type(),
-              "cache and query dtypes differ");
   TORCH_CHECK(query_start_loc.dim() == 1 && query_start_loc.scalar_type() == at::kInt &&
                   query_start_loc.is_contiguous(),
               "query_start_loc must be a contiguous int32 [R + 1]");
   const int64_t n_req = query_start_loc.numel() - 1;
   TORCH_CHECK(n_req >= 0, "query_start_loc must have R + 1 entries");
-  TORCH_CHECK(block_table.dim() == 2 && block_table.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt &&
-                  group_size.scalar_type() == at::kInt,
-              "block_table [R, max_blocks], seq_lens [R] and group_size [R] must be int32");
-  TORCH_CHECK(block_table.stride(1) == 1 && seq_lens.is_contiguous() && group_size.is_contiguous(),
-              "block_table rows, seq_lens and group_size must be contiguous");
-  TORCH_CHECK(seq_lens.numel() == n_req && group_size.numel() == n_req && block_table.size(0) == n_req,
-              "one entry of seq_lens / group_size and one row of block_table per request (R = ", n_req, ")");
-  TORCH_CHECK(cos_t.scalar_type() == at::kFloat && cos_t.dim() == 2 && cos_t.is_contiguous() &&
-                  sin_t.sizes() == cos_t.sizes() && sin_t.scalar_type() == at::kFloat && sin_t.is_contiguous(),
-              "cos_t / sin_t must be contiguous float32 [rotary_dim / 2, ncols]");
-  const int64_t half = cos_t.size(0), ncols = cos_t.size(1);
-  TORCH_CHECK(2 * half <= d, "rotary_dim (", 2 * half, ") larger than the head size (", d, ")");
-  TORCH_CHECK(window >= 1, "window must be >= 1, got ", window);
-  TORCH_CHECK(out.dim() == 3 && out.size(0) == n_tok && out.size(1) == hq && out.size(2) == d && out.stride(2) == 1 &&
-                  out.scalar_type() == query.scalar_type(),
-              "out must be [T, Hq, D] in the query's dtype with a contiguous last dim");
+  const int64_t n_tok = query.dim() == 3 ? query.size(0) : 0;
+  const Geometry g = check_arguments("prefill kernel", "query", query, key_cache, value_cache, block_table, seq_lens,
+                                     group_size, n_req, cos_t, sin_t, window, out, n_tok);
   const int32_t* starts = query_start_loc.data_ptr<int32_t>();
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
-  const int32_t* groups = group_size.data_ptr<int32_t>();
-  const int32_t* table = block_table.data_ptr<int32_t>();
   TORCH_CHECK(n_req == 0 || starts[0] >= 0, "query_start_loc[0] must be >= 0");
   int64_t max_s = 0;
   for (int64_t r = 0; r < n_req; ++r) {
     const int64_t n = starts[r + 1] - starts[r];
     TORCH_CHECK(n >= 0 && starts[r + 1] <= n_tok, "query_start_loc must be non-decreasing and within the ", n_tok,
                 " query tokens; request ", r, " has tokens ", starts[r], " .. ", starts[r + 1] - 1);
-    TORCH_CHECK(lens[r] >= n && lens[r] <= block_table.size(1) * B, "seq_lens[", r, "] = ", lens[r],
-                " must hold the request's ", n, " new tokens and fit its block table");
-    TORCH_CHECK(groups[r] >= 1, "group_size[", r, "] must be >= 1, got ", groups[r]);
-    const int64_t used = n > 0 ? (lens[r] + B - 1) / B : 0;
-    for (int64_t b = 0; b < used; ++b) {
-      const int32_t id = table[r * block_table.stride(0) + b];
-      TORCH_CHECK(id >= 0 && id < num_blocks, "block_table[", r, ", ", b, "] = ", id, " is not a block of the cache");
-    }
+    check_request(g, block_table, lens, group_size.data_ptr<int32_t>(), r, n, n > 0);
     max_s = std::max<int64_t>(max_s, lens[r]);
   }
-  TORCH_CHECK(ncols >= std::max(max_s, window) + 16, "rotation table too short: needs ", std::max(max_s, window) + 16,
-              " columns, has ", ncols, "; grow it to the longest context");
+  check_table_length(g, max_s, window);
 
-  auto lse = torch::full({n_tok, hq}, -std::numeric_limits<float>::infinity(), query.options().dtype(at::kFloat));
+  auto lse = torch::full({n_tok, g.hq}, -std::numeric_limits<float>::infinity(), query.options().dtype(at::kFloat));
 
-  auto run = [&](auto* tag) {
+  dispatch_dtype("prefill kernel", query.scalar_type(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     Problem<T> x;
+    fill_paged<T>(x, g, key_cache, value_cache, block_table, seq_lens, group_size, window, scale, cos_t, sin_t);
     x.q = reinterpret_cast<const T*>(query.data_ptr());
     x.q_stride_t = query.stride(0);
     x.q_stride_h = query.stride(1);
-    x.key = reinterpret_cast<const T*>(key_cache.data_ptr());
-    x.value = reinterpret_cast<const T*>(value_cache.data_ptr());
-    x.k_stride_block = key_cache.stride(0);
-    x.k_stride_head = key_cache.stride(1);
-    x.v_stride_block = value_cache.stride(0);
-    x.v_stride_head = value_cache.stride(1);
     x.query_start_loc = starts;
-    x.seq_lens = lens;
-    x.group_size = groups;
-    x.block_table = table;
-    x.bt_stride = block_table.stride(0);
-    x.block_size = B;
-    x.window = window;
-    x.half = half;
-    x.cos_t = cos_t.data_ptr<float>();
-    x.sin_t = sin_t.data_ptr<float>();
-    x.ncols = ncols;
-    x.scale = static_cast<float>(scale);
     x.out = reinterpret_cast<T*>(out.data_ptr());
     x.out_stride_t = out.stride(0);
     x.out_stride_h = out.stride(1);
     x.lse = lse.data_ptr<float>();
-    x.hq = hq;
-    x.r = hq / hkv;
-    dispatch<T>(x, n_req, hkv, d);
-  };
-  if (query.scalar_type() == at::kFloat) {
-    run(static_cast<float*>(nullptr));
-  } else if (query.scalar_type() == at::kBFloat16) {
-    run(static_cast<c10::BFloat16*>(nullptr));
-  } else {
-    TORCH_CHECK(false, "selfextend prefill kernel: float32 or bfloat16 only, got ", query.scalar_type());
-  }
+    x.hq = g.hq;
+    x.r = g.hq / g.hkv;
+    dispatch<T>(x, n_req, g.hkv, g.d);
+  });
   return lse;
 }
