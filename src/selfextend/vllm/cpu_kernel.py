@@ -166,14 +166,7 @@ def decode(query_plain: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
     Returns (out, lse): the attention output and the log-sum-exp of the scaled scores [N, Hq] float32.
     The caches are never written. Raises RuntimeError when the kernel is unavailable (check
     :func:`available` first) or an input is malformed (the message names it)."""
-    if _state.module is None and not available():
-        raise RuntimeError(f"the SelfExtend CPU kernels are unavailable: {reason()}")
-    n = query_plain.shape[0]
-    if isinstance(group_size, int):
-        group_size = torch.full((n,), group_size, dtype=torch.int32)
-    if out is None:
-        out = torch.empty(query_plain.shape, dtype=query_plain.dtype)
-    table.grow(max(int(window), int(seq_lens.max()) if n else 0))
+    group_size, out = _prepare(query_plain, seq_lens, group_size, window, table, out)
     lse = _state.module.decode(query_plain, query_grouped, key_cache, value_cache, block_table, seq_lens,
                                group_size, int(window), float(scale), table.cos_t, table.sin_t, out)
     return out, lse
@@ -205,6 +198,15 @@ def prefill(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Ten
     Returns (out, lse): the attention output and the log-sum-exp of the scaled scores [T, Hq] float32
     (-inf for rows of no request). The caches are never written. Raises RuntimeError when the kernels
     are unavailable (check :func:`available` first) or an input is malformed (the message names it)."""
+    group_size, out = _prepare(query, seq_lens, group_size, window, table, out)
+    lse = _state.module.prefill(query, key_cache, value_cache, query_start_loc, seq_lens, block_table, group_size,
+                                int(window), float(scale), table.cos_t, table.sin_t, out)
+    return out, lse
+
+
+def _prepare(query, seq_lens, group_size, window, table, out):
+    """What both entry points do before the call: the kernels loaded, G per request as a tensor, the
+    output tensor, the rotation table long enough for the longest request and the window."""
     if _state.module is None and not available():
         raise RuntimeError(f"the SelfExtend CPU kernels are unavailable: {reason()}")
     if isinstance(group_size, int):
@@ -212,9 +214,7 @@ def prefill(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Ten
     if out is None:
         out = torch.empty(query.shape, dtype=query.dtype)
     table.grow(max(int(window), int(seq_lens.max()) if seq_lens.numel() else 0))
-    lse = _state.module.prefill(query, key_cache, value_cache, query_start_loc, seq_lens, block_table, group_size,
-                                int(window), float(scale), table.cos_t, table.sin_t, out)
-    return out, lse
+    return group_size, out
 
 
 # ------------------------------------------------------------------------------------------------
