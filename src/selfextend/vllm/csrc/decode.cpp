@@ -47,19 +47,7 @@
 
 namespace {
 
-using selfextend::PagedRequests;
-using selfextend::Geometry;
-using selfextend::check_arguments;
-using selfextend::check_request;
-using selfextend::check_table_length;
-using selfextend::fill_paged;
-using selfextend::dispatch_dtype;
-using selfextend::chunk_deltas;
-using selfextend::exp512;
-using selfextend::from_float;
-using selfextend::kNegInf;
-using selfextend::load16;
-using selfextend::to_float;
+using namespace selfextend;  // common.h
 
 // ---------------------------------------------------------------------------------------------
 // the problem

@@ -48,18 +48,7 @@
 
 namespace {
 
-using selfextend::PagedRequests;
-using selfextend::Geometry;
-using selfextend::check_arguments;
-using selfextend::check_request;
-using selfextend::check_table_length;
-using selfextend::fill_paged;
-using selfextend::dispatch_dtype;
-using selfextend::chunk_deltas;
-using selfextend::exp512;
-using selfextend::from_float;
-using selfextend::kNegInf;
-using selfextend::load16;
+using namespace selfextend;  // common.h
 
 constexpr int KT = 128;              // keys per key tile (a multiple of 32)
 constexpr int NCH = KT / 16;         // chunks of 16 slots per key tile
