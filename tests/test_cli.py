@@ -56,8 +56,12 @@ def test_ctrl_c_in_any_command_is_one_line_and_status_130(command, monkeypatch, 
 
 
 HOLD_IN_PREFILL = """
-import sys, time
+import signal, sys, time
 from pathlib import Path
+
+# Ctrl-C as in a terminal: a job started in the background by a non-interactive shell (as CI may start
+# the suite) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import selfextend.assets as assets
 from selfextend.generation import decoder_layers
