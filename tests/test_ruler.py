@@ -139,3 +139,23 @@ def test_average_is_rulers_mean_of_task_means_and_effective_length_uses_the_inte
     assert effective_length(avg, "dca", [4096, 16384], bar) == ">= 16384"  # 12/20: its interval reaches 0.65
     section = ruler_section(records, ["plain", "dca"])
     assert "| niah_single_2 | single needle | 16384 | 0/10 [0-28] | 6/10 [31-83] |" in section
+
+
+def test_family_rows_compare_on_shared_questions_and_call_a_lead_only_without_overlap():
+    from selfextend.evaluation.ruler_report import compare, family_averages, family_section
+
+    # single needle at 4096: selfextend 10/10 on two tasks, string 0/10 on both, dca 9/10 on both
+    records = [_record(m, 4096, t, q, float(q < k)) for m, k in (("selfextend@cover", 10), ("string", 0), ("dca", 9))
+               for t in ("niah_single_1", "niah_single_2") for q in range(10)]
+    # multi-key: only selfextend has it, so no row compares methods on questions one of them lacks
+    records += [_record("selfextend@cover", 4096, "niah_multikey_1", q, 1.0) for q in range(10)]
+    methods = ["selfextend@cover", "string", "dca"]
+    fam = family_averages(records, methods, [4096])
+    assert fam[("single needle", "string", 4096)][:1] == (0.0,) and fam[("single needle", "dca", 4096)][3] == 20
+    assert ("multi-key", "selfextend@cover", 4096) not in fam
+    assert compare(fam[("single needle", "selfextend@cover", 4096)], fam[("single needle", "string", 4096)]) == "leads"
+    assert compare(fam[("single needle", "string", 4096)], fam[("single needle", "selfextend@cover", 4096)]) == "loses"
+    assert compare(fam[("single needle", "selfextend@cover", 4096)], fam[("single needle", "dca", 4096)]) == "ties"
+    table = family_section(records, methods, [4096], "selfextend@cover", ["string", "dca"])
+    assert "| single needle | 4096 | 20 | 100 | 0 | 90 | leads | ties |" in table
+    assert "multi-key" not in table

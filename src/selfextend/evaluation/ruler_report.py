@@ -12,6 +12,10 @@ uncertainty.
 Effective length (RULER's notion, with this model's own bar): the longest length up to which, at every
 measured length, the upper end of the method's average interval reaches the plain model's average at
 the shortest length measured (the model within its trained context).
+
+Per family: each family's average per method and length over its tasks measured for every method at that
+length, and how SelfExtend compares with each peer there: "leads" or "loses" only when the two 95%
+intervals do not overlap, else "ties" (with 10-30 questions a cell, most differences are ties).
 """
 
 from __future__ import annotations
@@ -53,6 +57,56 @@ def averages(records) -> dict:
         lo, hi = _wilson(summed, total)
         out[key] = (sum(means) / len(means), lo, hi, len(tasks), total)
     return out
+
+
+def family_averages(records, methods, lengths) -> dict:
+    """(family, method, length) -> (average score, low, high, questions) over the family's tasks that
+    every method has at that length (so all methods of one row answer the same questions)."""
+    from .ruler import TASKS
+
+    cells = _cells(records)
+    out = {}
+    for family in FAMILY_ORDER:
+        for n in lengths:
+            tasks = {k[2] for k in cells if k[1] == n and TASKS[k[2]].family == family}
+            shared = sorted(t for t in tasks if all((m, n, t) in cells for m in methods))
+            if not shared:
+                continue
+            for m in methods:
+                rs = [r for t in shared for r in cells[(m, n, t)]]
+                means = [sum(r["score"] for r in cells[(m, n, t)]) / len(cells[(m, n, t)]) for t in shared]
+                lo, hi = _wilson(sum(r["score"] for r in rs), len(rs))
+                out[(family, m, n)] = (sum(means) / len(means), lo, hi, len(rs))
+    return out
+
+
+def compare(a: tuple, b: tuple) -> str:
+    """'leads', 'loses' or 'ties': ``a`` against ``b``, each (average, low, high, ...), by interval overlap."""
+    if a[1] > b[2]:
+        return "leads"
+    if a[2] < b[1]:
+        return "loses"
+    return "ties"
+
+
+def family_section(records, methods, lengths, ours: str, peers: list[str]) -> str:
+    """Family x length rows: each method's average (in %), then ``ours`` against each of ``peers``."""
+    fam = family_averages(records, methods, lengths)
+    peers = [p for p in peers if p in methods and p != ours]
+    rows = []
+    for family in FAMILY_ORDER:
+        for n in lengths:
+            if (family, methods[0], n) not in fam:
+                continue
+            row = [family, n, fam[(family, methods[0], n)][3]]
+            row += [f"{100 * fam[(family, m, n)][0]:.0f}" for m in methods]
+            if ours in methods:
+                row += [compare(fam[(family, ours, n)], fam[(family, p, n)]) for p in peers]
+            rows.append(row)
+    if not rows:
+        return ""
+    versus = [f"{ours} vs {p}" for p in peers] if ours in methods else []
+    return markdown_table(["family", "length", "questions"] + methods + versus, rows)
 
 
 def effective_length(avg: dict, method: str, lengths: list[int], bar: float) -> str:
@@ -106,6 +160,8 @@ def ruler_section(records, methods_order) -> str:
                 lo, hi = _wilson(k, len(rs))
                 row.append(f"{k}/{len(rs)} [{100 * lo:.0f}-{100 * hi:.0f}]")
             detail.append(row)
+    ours = next((m for m in methods if m.startswith("selfextend")), "")
+    families = family_section(records, methods, lengths, ours, ["string", "dca"])
     missing = [t for t in tasks if t not in complete]
     note = (f"\n\nTasks not yet measured for every method and length (left out of the averages): {', '.join(missing)}."
             if missing else "")
@@ -116,5 +172,8 @@ def ruler_section(records, methods_order) -> str:
             "score in % (mean over the tasks measured everywhere of each task's mean string_match_all), 95% "
             "interval in brackets, questions in parentheses. Effective length: the longest length up to which the "
             f"interval reaches the plain model's average at {lengths[0]} tokens ({bar_text}).\n\n"
-            + summary + note + "\n\nPer task (questions answered with every expected value / questions, 95% Wilson "
+            + summary + note
+            + ("\n\nPer task family (average score in %; every method on the same questions; SelfExtend against each "
+               "peer: leads or loses only where the 95% intervals do not overlap):\n\n" + families if families else "")
+            + "\n\nPer task (questions answered with every expected value / questions, 95% Wilson "
             "interval in %):\n\n" + markdown_table(["task", "family", "length"] + methods, detail) + "\n")
