@@ -105,16 +105,33 @@ def test_eval_ruler_runs_resumes_and_reports(tiny, essays, tmp_path, capsys):
     args = ["eval", "ruler", "--model", str(tiny), "--out", str(out), "--methods", "plain,dca,selfextend",
             "--lengths", "700", "--tasks", "niah_single_2,fwe", "--questions", "2"]
     assert main(args) == 0
-    assert "CPU estimate: 6 prefills and 9 questions" in capsys.readouterr().err
+    assert "CPU estimate: 9 prefills and 12 questions" in capsys.readouterr().err
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert len(records) == 9 and {r["trial"]["task"] for r in records} == {"niah_single_2", "fwe"}
+    assert len(records) == 12 and {r["trial"]["task"] for r in records} == {"niah_single_2", "fwe"}
     assert all(0 <= r["score"] <= 1 for r in records)
     assert main(args) == 0  # resumed: nothing left to run
     assert "CPU estimate: 0 prefills" in capsys.readouterr().err
-    assert len((out / "results.jsonl").read_text().splitlines()) == 9
+    assert len((out / "results.jsonl").read_text().splitlines()) == 12
     report = (out / "report.md").read_text()
     assert "## RULER" in report and "| niah_single_2 | single needle | 700 |" in report
     assert main(["eval", "ruler", "--model", str(tiny), "--out", str(out), "--tasks", "nope"]) == 2
+
+
+def test_every_task_gets_as_many_questions_a_cell_and_one_question_tasks_get_more_haystacks():
+    from selfextend.evaluation.methods import parse_methods
+    from selfextend.evaluation.ruler_runner import ruler_trials
+
+    methods = parse_methods("plain,dca")
+    trials = ruler_trials(methods, [4096], ["niah_single_2", "cwe", "fwe"], haystacks=2, questions=5, seed=0)
+    for task in ("niah_single_2", "cwe", "fwe"):
+        for m in ("plain", "dca"):
+            cell = [t for t in trials if t["task"] == task and t["method"] == m]
+            assert len(cell) == 10 and len({(t["haystack"], t["question"]) for t in cell}) == 10
+    assert {t["haystack"] for t in trials if t["task"] == "cwe"} == set(range(10))
+    assert {t["haystack"] for t in trials if t["task"] == "niah_single_2"} == {0, 1}
+    # a run with one haystack recorded the same first cwe trial: a larger run resumes it, not redoes it
+    first = ruler_trials(methods, [4096], ["cwe"], haystacks=1, questions=1, seed=0)[0]
+    assert first in trials
 
 
 def _record(method, length, task, question, value):
@@ -159,3 +176,18 @@ def test_family_rows_compare_on_shared_questions_and_call_a_lead_only_without_ov
     table = family_section(records, methods, [4096], "selfextend@cover", ["string", "dca"])
     assert "| single needle | 4096 | 20 | 100 | 0 | 90 | leads | ties |" in table
     assert "multi-key" not in table
+
+
+def test_a_length_still_running_is_averaged_on_its_tasks_against_the_bar_on_the_same_tasks():
+    from selfextend.evaluation.ruler_report import ruler_section
+
+    # 4096: two tasks (plain 8/10 and 0/10: average 40); 16384: only niah_single_2 so far
+    records = [_record("plain", 4096, "niah_single_2", q, float(q < 8)) for q in range(10)]
+    records += [_record("plain", 4096, "niah_multivalue", q, 0.0) for q in range(10)]
+    records += [_record("plain", 16384, "niah_single_2", q, float(q < 5)) for q in range(10)]
+    section = ruler_section(records, ["plain"])
+    assert "| method | 4096 (2 tasks) | 16384 (1 tasks) | effective length |" in section
+    # 16384 is judged against plain's 80 on niah_single_2 at 4096 (5/10's interval, 24-76, misses it), not
+    # against 40 over both tasks (which it would reach): so the effective length stops at 4096
+    assert "| plain | 40.0 [22-61] (20 q) | 50.0 [24-76] (10 q) | 4096 |" in section
+    assert "left out of the averages of the lengths that lack them): niah_multivalue" in section

@@ -57,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--haystacks", type=positive_int, default=d.haystacks,
                         help="ruler: haystacks per task and length (one prefill each per method)")
     parser.add_argument("--questions", type=positive_int, default=d.questions,
-                        help="ruler: needle sets asked per haystack, for the tasks that name a key (cwe, fwe: 1)")
+                        help="ruler: needle sets asked per haystack; cwe and fwe, whose haystack holds one "
+                             "question, get --haystacks x --questions haystacks instead")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--report-only", action="store_true", help="only rewrite report.md and plots")
 

@@ -9,9 +9,11 @@ wider than the true one for fractional scores (their variance is at most the bin
 one haystack share its prefix, so they are not independent: the intervals are a lower bound on the
 uncertainty.
 
-Effective length (RULER's notion, with this model's own bar): the longest length up to which, at every
-measured length, the upper end of the method's average interval reaches the plain model's average at
-the shortest length measured (the model within its trained context).
+Each length's averages are over the tasks every method has at that length and at the shortest length (all
+of them once a run is complete; fewer while it runs, and the table says how many). Effective length
+(RULER's notion, with this model's own bar): the longest length up to which, at every measured length,
+the upper end of the method's average interval reaches the plain model's average at the shortest length
+(the model within its trained context) on the same tasks.
 
 Per family: each family's average per method and length over its tasks measured for every method at that
 length, and how SelfExtend compares with each peer there: "leads" or "loses" only when the two 95%
@@ -109,14 +111,15 @@ def family_section(records, methods, lengths, ours: str, peers: list[str]) -> st
     return markdown_table(["family", "length", "questions"] + methods + versus, rows)
 
 
-def effective_length(avg: dict, method: str, lengths: list[int], bar: float) -> str:
-    """The longest length up to which every measured average of ``method`` reaches ``bar`` within its interval."""
+def effective_length(avg: dict, method: str, lengths: list[int], bar: float | dict[int, float]) -> str:
+    """The longest length up to which every measured average of ``method`` reaches ``bar`` (one for all
+    lengths, or one per length) within its interval."""
     best = None
     for n in lengths:
         cell = avg.get((method, n))
         if cell is None:
             continue
-        if cell[2] < bar:
+        if cell[2] < (bar[n] if isinstance(bar, dict) else bar):
             break
         best = n
     if best is None:
@@ -134,19 +137,26 @@ def ruler_section(records, methods_order) -> str:
     methods = [m for m in methods_order if any(k[0] == m for k in cells)]
     lengths = sorted({k[1] for k in cells})
     tasks = sorted({k[2] for k in cells}, key=lambda t: (FAMILY_ORDER.index(TASKS[t].family), t))
-    complete = {t for t in tasks if all((m, n, t) in cells for m in methods for n in lengths)}
-    avg = averages([r for r in records if r["trial"]["experiment"] == "ruler" and r["trial"]["task"] in complete])
-    base = avg.get(("plain", lengths[0]))
-    bar = base[0] if base else None
+    ruler = [r for r in records if r["trial"]["experiment"] == "ruler"]
+    first = lengths[0]
+    shared = {n: {t for t in tasks if all((m, k, t) in cells for m in methods for k in (first, n))} for n in lengths}
+    avg, bars = {}, {}
+    for n in lengths:  # each length on the tasks it shares with the first; the bar is plain's there, on those
+        on = averages([r for r in ruler if r["trial"]["task"] in shared[n] and r["trial"]["length"] in (first, n)])
+        avg.update({(m, k): v for (m, k), v in on.items() if k == n})
+        if ("plain", first) in on:
+            bars[n] = on[("plain", first)][0]
     rows = []
     for m in methods:
         row = [m]
         for n in lengths:
             a = avg.get((m, n))
             row.append("-" if a is None else f"{100 * a[0]:.1f} [{100 * a[1]:.0f}-{100 * a[2]:.0f}] ({a[4]} q)")
-        row.append(effective_length(avg, m, lengths, bar) if bar is not None else "-")
+        row.append(effective_length(avg, m, lengths, bars) if len(bars) == len(lengths) else "-")
         rows.append(row)
-    summary = markdown_table(["method"] + [str(n) for n in lengths] + ["effective length"], rows)
+    summary = markdown_table(["method"] + [f"{n} ({len(shared[n])} tasks)" for n in lengths] + ["effective length"],
+                             rows)
+    complete = {t for t in tasks if all(t in shared[n] for n in lengths)}
     detail = []
     for t in tasks:
         for n in lengths:
@@ -163,15 +173,16 @@ def ruler_section(records, methods_order) -> str:
     ours = next((m for m in methods if m.startswith("selfextend")), "")
     families = family_section(records, methods, lengths, ours, ["string", "dca"])
     missing = [t for t in tasks if t not in complete]
-    note = (f"\n\nTasks not yet measured for every method and length (left out of the averages): {', '.join(missing)}."
-            if missing else "")
-    bar_text = f"{100 * bar:.1f}" if bar is not None else "-"
+    note = (f"\n\nTasks not yet measured for every method at every length (left out of the averages of the "
+            f"lengths that lack them): {', '.join(missing)}." if missing else "")
+    bar_text = f"{100 * bars[first]:.1f}" if first in bars else "-"
     return ("## RULER (synthetic tasks)\n\n"
             "RULER's tasks generated offline (`selfextend.evaluation.ruler`), scored as RULER scores them; one "
             "prefill per haystack and method, each question asked from a copy of the KV cache. Average: RULER's "
-            "score in % (mean over the tasks measured everywhere of each task's mean string_match_all), 95% "
-            "interval in brackets, questions in parentheses. Effective length: the longest length up to which the "
-            f"interval reaches the plain model's average at {lengths[0]} tokens ({bar_text}).\n\n"
+            "score in % (mean over the tasks of each task's mean string_match_all; at each length, the tasks every "
+            "method has there and at the first length), 95% interval in brackets, questions in parentheses. Effective "
+            "length: the longest length up to which the interval reaches the plain model's average at "
+            f"{first} tokens on the same tasks ({bar_text} on all of them).\n\n"
             + summary + note
             + ("\n\nPer task family (average score in %; every method on the same questions; SelfExtend against each "
                "peer: leads or loses only where the 95% intervals do not overlap):\n\n" + families if families else "")

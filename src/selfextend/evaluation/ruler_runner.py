@@ -24,12 +24,14 @@ from .ruler import TASKS, Builder, Haystack, make_haystack, questions_per_haysta
 
 def ruler_trials(methods, lengths, tasks, haystacks: int, questions: int, seed: int) -> list[dict]:
     """Every question of every haystack, haystacks outermost, then methods, so that one prefill serves a
-    method's questions about one haystack and every method sees the same prompts."""
+    method's questions about one haystack and every method sees the same prompts. Every task gets
+    ``haystacks * questions`` questions a cell: the tasks whose haystack holds one question (cwe, fwe) get
+    that many haystacks."""
     out = []
     for length in lengths:
         for task in tasks:
-            for h in range(haystacks):
-                sets = questions_per_haystack(task, questions)
+            sets = questions_per_haystack(task, questions)
+            for h in range(haystacks * questions // sets):
                 for m in methods:
                     out += [dict(experiment="ruler", method=m.spec, length=length, task=task, haystack=h, sets=sets,
                                  question=q, seed=seed) for q in range(sets)]
