@@ -70,6 +70,19 @@ def test_accuracy_cells_show_correct_over_trials(tmp_path):
     assert (tmp_path / "passkey.png").stat().st_size > 1000
 
 
+def test_same_prompts_table_counts_every_method_on_the_defaults_prompts_only(tmp_path):
+    # the default ran 4 prompts at 16384 (3 right); plain ran 2 of them (0 right) plus one other prompt
+    # (right); yarn ran none of them: "-", not a count over different prompts
+    records = (_passkeys("selfextend@cover", 16384, 3, 4) + _passkeys("plain", 16384, 0, 2)
+               + [_record("passkey", "plain", 16384, depth=0.5, key="99999", score=1.0),
+                  _record("passkey", "yarn", 16384, depth=0.5, key="99999", score=1.0)])
+    report = write(tmp_path, records).read_text()
+    assert "| plain | 1/3 |" in report  # the pooled table: all of plain's trials
+    table = report.split("On the same prompts")[1]
+    assert "| method | 16384 (4 prompts) |" in table
+    assert "| plain | 0/2 |" in table and "| yarn | - |" in table and "| selfextend@cover | 3/4 |" in table
+
+
 def test_accuracy_panel_carries_wilson_intervals():
     from selfextend.evaluation.report import _by, accuracy_panel, wilson_interval
 
