@@ -114,12 +114,15 @@ def passkey_section(records, out_dir: Path, L: int) -> str:
 def same_prompts_table(cells, methods, lengths) -> str:
     """Like with like: at each length, every method counted only on the prompts (depth, key) that
     ``REFERENCE`` ran there; ``k/n`` with ``n`` below the reference's where a method ran fewer of them."""
-    prompts = {n: {(r["trial"]["depth"], r["trial"]["key"]) for r in cells.get((REFERENCE, n), [])} for n in lengths}
+    def prompt(record):
+        return record["trial"]["depth"], record["trial"]["key"]
+
+    prompts = {n: {prompt(r) for r in cells.get((REFERENCE, n), [])} for n in lengths}
     shown = [n for n in lengths if len(prompts[n]) > 1]
     if REFERENCE not in methods or not shown:
         return ""
-    rows = [[m] + [_k_of_n([r for r in cells.get((m, n), []) if (r["trial"]["depth"], r["trial"]["key"]) in prompts[n]])
-                   for n in shown] for m in methods]
+    rows = [[m] + [_k_of_n([r for r in cells.get((m, n), []) if prompt(r) in prompts[n]]) for n in shown]
+            for m in methods]
     return (f"\nOn the same prompts: at each length, every method on the prompts `{REFERENCE}` ran there "
             "(correct / trials of those):\n\n" + markdown_table(["method"] + [f"{n} ({len(prompts[n])} prompts)"
                                                                              for n in shown], rows) + "\n")

@@ -70,15 +70,14 @@ def family_averages(records, methods, lengths) -> dict:
     out = {}
     for family in FAMILY_ORDER:
         for n in lengths:
-            tasks = {k[2] for k in cells if k[1] == n and TASKS[k[2]].family == family}
-            shared = sorted(t for t in tasks if all((m, n, t) in cells for m in methods))
+            shared = {t for (_, k, t) in cells
+                      if k == n and TASKS[t].family == family and all((m, n, t) in cells for m in methods)}
             if not shared:
                 continue
+            on = averages([r for m in methods for t in shared for r in cells[(m, n, t)]])
             for m in methods:
-                rs = [r for t in shared for r in cells[(m, n, t)]]
-                means = [sum(r["score"] for r in cells[(m, n, t)]) / len(cells[(m, n, t)]) for t in shared]
-                lo, hi = _wilson(sum(r["score"] for r in rs), len(rs))
-                out[(family, m, n)] = (sum(means) / len(means), lo, hi, len(rs))
+                average, low, high, _, questions = on[(m, n)]
+                out[(family, m, n)] = (average, low, high, questions)
     return out
 
 
@@ -111,15 +110,15 @@ def family_section(records, methods, lengths, ours: str, peers: list[str]) -> st
     return markdown_table(["family", "length", "questions"] + methods + versus, rows)
 
 
-def effective_length(avg: dict, method: str, lengths: list[int], bar: float | dict[int, float]) -> str:
-    """The longest length up to which every measured average of ``method`` reaches ``bar`` (one for all
-    lengths, or one per length) within its interval."""
+def effective_length(avg: dict, method: str, lengths: list[int], bars: dict[int, float]) -> str:
+    """The longest length up to which every measured average of ``method`` reaches that length's bar
+    within its interval."""
     best = None
     for n in lengths:
         cell = avg.get((method, n))
         if cell is None:
             continue
-        if cell[2] < (bar[n] if isinstance(bar, dict) else bar):
+        if cell[2] < bars[n]:
             break
         best = n
     if best is None:
