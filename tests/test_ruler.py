@@ -134,6 +134,28 @@ def test_every_task_gets_as_many_questions_a_cell_and_one_question_tasks_get_mor
     assert first in trials
 
 
+def test_the_estimate_is_scaled_by_what_the_folders_finished_prefills_took():
+    from selfextend.evaluation.methods import parse_methods
+    from selfextend.evaluation.ruler_runner import estimate, ruler_trials
+
+    class Folder:  # the parts of experiments.Runner the estimate reads
+        def __init__(self, records):
+            self.records, self.done = records, {self.key(r["trial"]): r for r in records}
+
+        key = staticmethod(lambda trial: json.dumps(trial, sort_keys=True))
+        copied = staticmethod(lambda trial: None)
+
+    fit = (0.0, 1e-3, 0.0, 0.0)  # a prefill of n tokens takes n^2 / 1000 s; answers take no time
+    done = ruler_trials(parse_methods("plain"), [1000], ["niah_single_2"], haystacks=1, questions=2, seed=0)
+    todo = ruler_trials(parse_methods("plain"), [2000], ["niah_single_2"], haystacks=1, questions=2, seed=0)
+    assert "about 1.1 h" in estimate(todo, Folder([]), fit)  # 2000^2 / 1000 s, nothing recorded
+    # the recorded 1000-token group took 3x what the fit says (1000 s): the 2000-token one is taken at 3x
+    ran = [{"trial": t, "seconds": 1500.0} for t in done]
+    copied = {"trial": {**done[0], "method": "selfextend"}, "seconds": 0, "same_as": "plain"}
+    text = estimate(todo, Folder(ran + [copied]), fit)
+    assert "1 prefills and 2 questions" in text and "about 3.3 h" in text and "x3.0 at 1000" in text
+
+
 def _record(method, length, task, question, value):
     return {"trial": dict(experiment="ruler", method=method, length=length, task=task, haystack=0, sets=10,
                           question=question, seed=0), "score": value}

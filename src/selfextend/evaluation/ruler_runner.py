@@ -161,9 +161,29 @@ def timing_model(model, lengths=(1024, 2048)) -> tuple[float, float, float, floa
     return a, b, max(0.0, s1 - d * n1), d
 
 
-def estimate(todo: list[dict], runner, fit) -> str:
-    """What the ``todo`` questions will cost: prefills, questions and hours from ``fit`` (timing_model)."""
+def _predicted(fit, length: int, task: str, questions: int) -> float:
+    """Seconds the timing model gives one prefill of ``length`` tokens and ``questions`` answers to it."""
     a, b, c, d = fit
+    return a * length + b * length * length + questions * TASKS[task].new_tokens * 0.6 * (c + d * length)
+
+
+def recorded_scale(records: list[dict], fit) -> dict[int, float]:
+    """Per length: the seconds this folder's finished prefill groups took, over what ``fit`` predicts for
+    them (a fit on two short passes misses how long contexts strain the caches; the run's own record does
+    not). Copied records (``same_as``) took no time and are left out."""
+    ran = [r for r in records if r["trial"]["experiment"] == "ruler" and "same_as" not in r and "seconds" in r]
+    took, predicted = defaultdict(float), defaultdict(float)
+    for (length, task, *_), group in _groups([r["trial"] for r in ran]).items():
+        predicted[length] += _predicted(fit, length, task, len(group))
+    for r in ran:  # each question's seconds hold its answer and its share of the prefill
+        took[r["trial"]["length"]] += r["seconds"]
+    return {n: took[n] / predicted[n] for n in took if predicted[n] > 0}
+
+
+def estimate(todo: list[dict], runner, fit) -> str:
+    """What the ``todo`` questions will cost: prefills, questions and hours from ``fit`` (timing_model),
+    scaled at each length by what this folder's finished groups took at the nearest recorded length."""
+    scales = recorded_scale(runner.records, fit)
     groups = _groups([t for t in todo if runner.key(t) not in runner.done])
     seconds, prefills, questions = 0.0, 0, 0
     for (length, task, *_), trials in groups.items():
@@ -171,7 +191,11 @@ def estimate(todo: list[dict], runner, fit) -> str:
             continue
         prefills += 1
         questions += len(trials)
-        seconds += a * length + b * length * length + len(trials) * TASKS[task].new_tokens * 0.6 * (c + d * length)
+        nearest = min(scales, key=lambda n: (abs(n - length), -n), default=None)
+        seconds += _predicted(fit, length, task, len(trials)) * (scales[nearest] if nearest else 1.0)
+    basis = "from a timed 1024/2048-token pass of the plain model"
+    if scales:
+        basis += (", scaled by what this folder's finished prefills took: " +
+                  ", ".join(f"x{scales[n]:.1f} at {n}" for n in sorted(scales)))
     return (f"CPU estimate: {prefills} prefills and {questions} questions to run, about {seconds / 3600:.1f} h "
-            f"on this machine now (plain model, from a timed 1024/2048-token pass; decoding taken at 60% of each "
-            f"task's token limit; the peer kernels run at roughly the plain model's speed)")
+            f"on this machine now ({basis}; decoding taken at 60% of each task's token limit)")
