@@ -32,6 +32,38 @@ def test_methods_are_exact_within_trained_length_and_change_beyond(loaded):
     assert not selfextend.is_enabled(model)
 
 
+@pytest.mark.parametrize("name", ["linear", "dynamic", "yarn"])
+def test_a_model_with_a_rope_set_per_layer_type_gets_its_full_attention_set_scaled(name):
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from conftest import L, ids_of, tiny_model
+    from selfextend.evaluation.methods import ROPE_SCALING, scaled_rope_parameters
+
+    model = tiny_model("gemma3")  # sliding layers: theta 1e4, full-attention layers: theta 1e6
+    rotary = model.model.rotary_emb
+    ids = ids_of(200)[0]
+    plain_short, plain_long = log_likelihoods(model, ids[:L]), log_likelihoods(model, ids)
+    with applied(model, Method(name), L):
+        assert torch.equal(log_likelihoods(model, ids[:L]), plain_short)
+    with applied(model, Method(name), 200) as settings:
+        scaled = model.model.rotary_emb
+        assert scaled is not rotary and settings == {"factor": 3.125}
+        assert not torch.equal(log_likelihoods(model, ids), plain_long)
+        # the sliding layers keep their frequencies; the full-attention layers get exactly what a model
+        # with one rope set (the full-attention one) gets from transformers' own function
+        assert torch.equal(scaled.sliding_attention_inv_freq, rotary.sliding_attention_inv_freq)
+        one_set = AutoConfig.for_model("llama", head_dim=16, hidden_size=64, num_attention_heads=4,
+                                       rope_parameters=scaled_rope_parameters(
+                                           model.config, name, 200 / L, L)["full_attention"])
+        if name != "dynamic":  # dynamic recomputes its frequencies for the length it is given, in forward
+            expected, _ = ROPE_INIT_FUNCTIONS[ROPE_SCALING[name]](one_set, None)
+            assert torch.equal(scaled.full_attention_inv_freq, expected)
+        assert not torch.equal(scaled.full_attention_inv_freq, rotary.full_attention_inv_freq)
+    assert model.model.rotary_emb is rotary
+    assert torch.equal(log_likelihoods(model, ids), plain_long)
+
+
 @pytest.mark.parametrize("name", ["plain", "linear", "dynamic", "yarn", "selfextend", "rerope", "leaky"])
 def test_method_settings_are_strict_json(loaded, name):
     # results.jsonl must load in any JSON reader: no Infinity/NaN tokens (rerope's G is infinite)

@@ -125,7 +125,7 @@ def check_method(method: Method, config) -> None:
         if method.name in SELFEXTEND_MODES:
             selfextend_settings(method, config)
         elif method.name in ROPE_SCALING:
-            _single_rope_parameters(config.get_text_config())
+            scaled_rope_parameters(config.get_text_config(), method.name, 1.0, trained_length(config))
         elif method.name in PEERS:
             peers.peer_settings(method.name, trained_length(config))
     except ValueError as e:
@@ -188,12 +188,30 @@ def peer_record(settings, length: int) -> dict:
     return {"chunk": settings.chunk, "w": settings.local, "logit_scale": round(settings.logit_scale(length), 4)}
 
 
-def _single_rope_parameters(config) -> dict:
-    """The model's one set of rope parameters; per-layer-type sets (Gemma 3) are refused."""
+FULL_ATTENTION = "full_attention"  # the layer type whose rope a model with per-layer-type sets scales
+
+
+def scaled_rope_parameters(config, name: str, factor: float, L: int) -> dict:
+    """``config``'s rope parameters with the scaling baseline ``name`` (linear, dynamic, yarn) at ``factor``.
+
+    A model with one set (Llama, Qwen, ...) gets it scaled. A model with a set per layer type (Gemma 3:
+    sliding-window layers and full-attention layers) gets its full-attention set scaled and keeps the
+    others: a sliding layer attends within its window, so no distance there leaves the trained range (as
+    Gemma 3's own long-context checkpoints scale only their global layers)."""
     params = dict(getattr(config, "rope_parameters", None) or {})
-    if "rope_type" not in params:
-        raise ValueError("the model has per-layer rope parameters; the rope scaling baselines need one set")
-    return params
+
+    def scaled(base: dict) -> dict:
+        return {"rope_type": ROPE_SCALING[name], "rope_theta": base["rope_theta"], "factor": factor,
+                "original_max_position_embeddings": L,
+                **({"partial_rotary_factor": base["partial_rotary_factor"]} if "partial_rotary_factor" in base
+                   else {})}
+
+    if "rope_type" in params:
+        return scaled(params)
+    if not isinstance(params.get(FULL_ATTENTION), dict):
+        raise ValueError(f"the model's rope parameters have no single set and no {FULL_ATTENTION!r} set "
+                         f"(it has {sorted(params)}); the rope scaling baselines need one of them")
+    return {**params, FULL_ATTENTION: scaled(params[FULL_ATTENTION])}
 
 
 def _rotary_modules(model):
@@ -222,16 +240,12 @@ def applied(model, method: Method, length: int):
     L = trained_length(model)
     factor = max(1.0, length / L)
     scaled = copy.deepcopy(config)
-    base = _single_rope_parameters(config)
-    scaled.rope_parameters = {"rope_type": ROPE_SCALING[method.name], "rope_theta": base["rope_theta"],
-                              "factor": factor, "original_max_position_embeddings": L,
-                              **({"partial_rotary_factor": base["partial_rotary_factor"]}
-                                 if "partial_rotary_factor" in base else {})}
+    scaled.rope_parameters = scaled_rope_parameters(config, method.name, factor, L)
     originals = _rotary_modules(model)
     try:
         for parent, name, child in originals:
             new = type(child)(config=scaled)
-            setattr(parent, name, new.to(child.inv_freq.device))
+            setattr(parent, name, new.to(next(child.buffers()).device))
         yield {"factor": round(factor, 4)}
     finally:
         for parent, name, child in originals:
