@@ -46,6 +46,18 @@ def test_wilson_interval_matches_published_values():
     low, high = wilson_interval(10, 10)
     assert high == 1.0 and low == pytest.approx(1 - 0.2775, abs=1e-4)
     assert wilson_interval(0, 0) == (0.0, 1.0)  # no trials: nothing known
+    for n in range(1, 60):  # every interval holds its fraction: 6/6 once ended at 0.9999999999999999
+        assert wilson_interval(0, n)[0] == 0.0 and wilson_interval(n, n)[1] == 1.0
+        assert all(0.0 <= wilson_interval(k, n)[0] <= k / n <= wilson_interval(k, n)[1] <= 1.0 for k in range(n + 1))
+
+
+def test_the_passkey_plot_draws_cells_that_are_all_right_or_all_wrong(tmp_path):
+    from selfextend.evaluation.report import passkey_section
+
+    records = [_record("passkey", "rerope", 16384, depth=d, key=str(d), score=1.0) for d in range(6)]
+    records += [_record("passkey", "plain", 16384, depth=d, key=str(d), score=0.0) for d in range(11)]
+    assert "| rerope | 6/6 |" in passkey_section(records, tmp_path, 8192)
+    assert (tmp_path / "passkey.png").stat().st_size > 0
 
 
 def _record(experiment, method, length, settings=None, **fields):

@@ -34,7 +34,8 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     p = k / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # at 0/n and n/n the bound equals p up to rounding (6/6 gave 0.9999999999999999): hold it to p
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
 
 
 def _correct(records) -> tuple[int, int]:
