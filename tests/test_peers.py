@@ -186,11 +186,12 @@ def test_dca_within_one_chunk_is_the_plain_model():
     assert (peer_logits(model, ids, "dca") - logits(model, ids)).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("fam", ["llama", "gemma3"])  # gemma3: its sliding layers' cache keeps the last 24 keys
 @pytest.mark.parametrize("name,params", [("string", dict(shift=S, local=W, block_size=8)), ("dca", dict(block_size=8))])
-def test_decoding_and_a_copied_cache_continue_as_one_pass(name, params):
+def test_decoding_and_a_copied_cache_continue_as_one_pass(name, params, fam):
     """Prefill a prefix, then the rest from a deep copy of the cache, one token at a time and as a chunk:
     the logits equal one forward pass over the whole sequence (DCA told the length up front)."""
-    model, ids = tiny_model("llama"), ids_of(180)
+    model, ids = tiny_model(fam), ids_of(180)
     full = peer_logits(model, ids, name, **params)
     peers.enable_peer(model, name, **params)
     try:

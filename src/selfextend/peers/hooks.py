@@ -93,6 +93,8 @@ def peer_attention(module, query, key, value, attention_mask, dropout=0.0, scali
     batch, _, lq, _ = query.shape
     first = mask.q_offset if mask is not None else key.shape[2] - lq
     total = first + lq
+    # key index j is at position kv_offset + j: a sliding-window layer's cache keeps only its last keys
+    kv_offset = mask.kv_offset if mask is not None else 0
     position_ids = kwargs.get("position_ids")
     if position_ids is not None and int(position_ids.reshape(-1)[0]) != first:
         raise NotImplementedError(f"{setup.name} needs position_ids that count from 0 with the cache (no shift)")
@@ -102,7 +104,8 @@ def peer_attention(module, query, key, value, attention_mask, dropout=0.0, scali
     out = torch.empty(batch, lq, query.shape[1], value.shape[-1], dtype=query.dtype, device=query.device)
     settings = setup.settings
     for b in range(batch):
-        row = Row(query[b], key[b, :, :total], value[b, :, :total], first, 0, scale, kwargs.get("softcap"))
+        row = Row(query[b], key[b, :, : total - kv_offset], value[b, :, : total - kv_offset], first, -kv_offset,
+                  scale, kwargs.get("softcap"))
         target = out[b].transpose(0, 1)  # [Hq, Lq, D] view
         if window:
             sliding_window_row(row, window, out=target)
