@@ -325,6 +325,22 @@ def test_report_only_does_not_check_methods_it_does_not_run(tiny, tmp_path, essa
     assert (out / "results.jsonl").read_bytes() == before
 
 
+def test_a_folder_of_another_models_results_is_refused(tiny, tmp_path, essays, capsys):
+    """`--report-only` without the folder's --model once titled a Gemma 3 report with SmolLM2's trained
+    length: a folder whose summary.json names another trained length is refused, and nothing changes."""
+    out = tmp_path / "eval"
+    argv = [*EVAL_PPL, "--model", str(tiny), "--out", str(out)]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    (out / "summary.json").write_text(json.dumps({**summary, "trained_length": 8192}))  # as another model's
+    report, results = (out / "report.md").read_bytes(), (out / "results.jsonl").read_bytes()
+    capsys.readouterr()
+    assert main([*argv, "--report-only"]) == 2
+    assert "trained length 8192" in capsys.readouterr().err
+    assert main(argv) == 2
+    assert (out / "report.md").read_bytes() == report and (out / "results.jsonl").read_bytes() == results
+
+
 def test_eval_records_a_resumed_command_once(tiny, tmp_path, essays):
     out = tmp_path / "eval"
     argv = [*EVAL_PPL, "--model", str(tiny), "--out", str(out)]

@@ -9,6 +9,7 @@ what is done. ``OUT/report.md`` (tables) and PNG plots are rewritten after every
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -78,6 +79,7 @@ def run(args) -> int:
     config = load_config(args.model)
     L = trained_length(config)
     out = args.out or Path("results") / "eval" / model_name(args.model)
+    _check_same_model(out, model_name(args.model), L)
     if args.report_only:  # runs nothing: the methods asked for need not suit this model
         if not (out / "results.jsonl").exists():
             raise CommandError(f"{out} has no results.jsonl; run the experiments first")
@@ -113,3 +115,15 @@ def run(args) -> int:
             path = write_report(out, L, header, runner.records)
     print(f"report: {path}")
     return 0
+
+
+def _check_same_model(out: Path, name: str, L: int) -> None:
+    """Refuse a folder whose results came from a model of another trained length (its summary.json says):
+    a report would be titled and cut at the wrong L, a run would mix two models' trials."""
+    summary = Path(out) / "summary.json"
+    if not summary.exists():
+        return
+    recorded = json.loads(summary.read_text()).get("trained_length")
+    if recorded is not None and recorded != L:
+        raise CommandError(f"{out} holds results of a model with trained length {recorded}, and {name} has {L}; "
+                           f"pass the folder's own --model (its commands.txt names it)")
