@@ -9,7 +9,6 @@ what is done. ``OUT/report.md`` (tables) and PNG plots are rewritten after every
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -120,10 +119,9 @@ def run(args) -> int:
 def _check_same_model(out: Path, name: str, L: int) -> None:
     """Refuse a folder whose results came from a model of another trained length (its summary.json says):
     a report would be titled and cut at the wrong L, a run would mix two models' trials."""
-    summary = Path(out) / "summary.json"
-    if not summary.exists():
-        return
-    recorded = json.loads(summary.read_text()).get("trained_length")
+    from ..evaluation.report import recorded_trained_length
+
+    recorded = recorded_trained_length(out)
     if recorded is not None and recorded != L:
         raise CommandError(f"{out} holds results of a model with trained length {recorded}, and {name} has {L}; "
                            f"pass the folder's own --model (its commands.txt names it)")

@@ -361,6 +361,9 @@ def budget_section(records) -> str:
             + markdown_table(["experiment", "trials", "minutes", "lengths"], rows) + "\n\n")
 
 
+SUMMARY = "summary.json"  # written beside report.md: the trial count and the trained length
+
+
 def report_header(out_dir: Path, name: str, L: int) -> str:
     """The report's title and the commands that produced the folder (``commands.txt``), in order."""
     path = Path(out_dir) / COMMANDS
@@ -382,5 +385,11 @@ def write_report(out_dir: Path, L: int, header: str = "", records: list[dict] | 
                 ruler_section(records, _methods(records, fixed=True))]
     path = out_dir / "report.md"
     path.write_text(header + budget_section(records) + "\n\n".join(s for s in sections if s))
-    (out_dir / "summary.json").write_text(json.dumps({"trials": len(records), "trained_length": L}, indent=1))
+    (out_dir / SUMMARY).write_text(json.dumps({"trials": len(records), "trained_length": L}, indent=1))
     return path
+
+
+def recorded_trained_length(out_dir: Path) -> int | None:
+    """The trained length of the model whose results the folder's last report was written for, if any."""
+    path = Path(out_dir) / SUMMARY
+    return json.loads(path.read_text()).get("trained_length") if path.exists() else None
