@@ -59,10 +59,6 @@ HOLD_IN_PREFILL = """
 import signal, sys, time
 from pathlib import Path
 
-# Ctrl-C as in a terminal: a job started in the background by a non-interactive shell (as CI may start
-# the suite) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
-signal.signal(signal.SIGINT, signal.default_int_handler)
-
 import selfextend.assets as assets
 from selfextend.generation import decoder_layers
 
@@ -87,7 +83,9 @@ sys.exit(main(sys.argv[2:]))
 
 
 def test_ctrl_c_during_a_generation_exits_130_without_a_traceback(tiny, tmp_path):
-    """It used to print a KeyboardInterrupt traceback (and die of the signal)."""
+    """It used to print a KeyboardInterrupt traceback (and die of the signal). The child starts with
+    SIGINT ignored, as a job that `nohup` or a non-interactive shell starts in the background inherits
+    it (Python then installs no KeyboardInterrupt handler): the command takes Ctrl-C back itself."""
     import signal
     import subprocess
     import sys
@@ -97,7 +95,7 @@ def test_ctrl_c_during_a_generation_exits_130_without_a_traceback(tiny, tmp_path
     doc.write_text("The grass is green. " * 20)
     proc = subprocess.Popen([sys.executable, "-c", HOLD_IN_PREFILL, str(started), "generate", "--model", str(tiny),
                              "-f", str(doc), "-p", "What color?"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         deadline = time.monotonic() + 120
         while not started.exists():

@@ -4,17 +4,21 @@ would. The tiny checkpoint's tokenizer and a small local essay corpus stand in f
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
+import torch
 
 from selfextend import assets
 from selfextend.cli import main
 from selfextend.evaluation import ruler
 from selfextend.evaluation.methods import applied, parse_method
 from selfextend.evaluation.ruler import TASKS, Builder, make_haystack, score
-from selfextend.evaluation.ruler_runner import _prefill, ask
+from selfextend.evaluation.ruler_runner import LONG_PROMPT, PREFILL_CHUNK, _prefill, ask, prefill_chunk
 from selfextend.generation import decode_tokens, end_of_sequence_tokens
+
+from conftest import ids_of, tiny_model
 
 SHORT_TASKS = [t for t in TASKS if t != "cwe"]  # cwe's solved example alone is ~1500 tiny-tokenizer tokens
 
@@ -86,6 +90,41 @@ def test_a_question_from_a_copied_cache_answers_as_the_whole_prompt(loaded, essa
     with applied(model, parse_method(method), h.length):
         _ask_both_ways(model, tokenizer, h, [longest] if method != "plain" else h.questions)
 
+
+
+def _next_logits(model, cache, ids):
+    """The logits of ``ids`` asked from a copy of ``cache``: [len(ids), vocab]."""
+    return model(torch.tensor([ids]), cache=copy.deepcopy(cache)).logits[0]
+
+
+@pytest.mark.parametrize("method", ["plain", "linear", "yarn", "rerope", "selfextend", "string", "dca"])
+def test_a_haystack_prefilled_in_chunks_continues_as_one_pass(method):
+    """Past LONG_PROMPT tokens a haystack is prefilled in chunks (transformers' dense sliding-window masks
+    would not fit); on a model with sliding-window layers (Gemma 3) every method but dynamic NTK then
+    answers as after one pass: the question's logits from either cache agree in float64 up to the
+    float32 rounding of transformers' cos/sin (which the methods that rotate keys again may meet
+    differently in the two orders; dynamic NTK's difference below is 10^4 times larger)."""
+    # 3x the tiny L (64); STRING's paper parameters need L > 3 W (W = 128): L = 512, past its S = 168
+    L, n = (512, 400) if method == "string" else (64, 190)
+    model = tiny_model("gemma3", dtype=torch.float64, max_position_embeddings=L)
+    ids = ids_of(n)[0].tolist()  # chunks of 40 straddle the sliding window (24)
+    prefix, question = ids[:-20], ids[-20:]
+    assert prefill_chunk(method, LONG_PROMPT + 1) == PREFILL_CHUNK and prefill_chunk(method, LONG_PROMPT) is None
+    with torch.inference_mode(), applied(model, parse_method(method), len(ids)):
+        one = _next_logits(model, _prefill(model, prefix, len(ids)), question)
+        chunked = _next_logits(model, _prefill(model, prefix, len(ids), chunk=40), question)
+    torch.testing.assert_close(chunked, one, rtol=0, atol=1e-6)
+
+
+def test_dynamic_ntk_is_prefilled_in_one_pass_because_chunks_would_change_it():
+    model = tiny_model("gemma3", dtype=torch.float64)
+    ids = ids_of(190)[0].tolist()
+    prefix, question = ids[:170], ids[170:]
+    assert prefill_chunk("dynamic", 10 * LONG_PROMPT) is None
+    with torch.inference_mode(), applied(model, parse_method("dynamic"), len(ids)):
+        one = _next_logits(model, _prefill(model, prefix, len(ids)), question)
+        chunked = _next_logits(model, _prefill(model, prefix, len(ids), chunk=40), question)
+    assert (chunked - one).abs().max() > 1e-3
 
 def _ask_both_ways(model, tokenizer, h, questions):
     cache = _prefill(model, h.prefix_ids, h.length)

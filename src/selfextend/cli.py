@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import shlex
+import signal
 import sys
+import threading
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -61,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     prog = f"selfextend {name}" if name in SUBCOMMANDS else "selfextend"
+    if threading.current_thread() is threading.main_thread():
+        # a job started by `nohup` or in the background of a script inherits SIGINT ignored, and Python
+        # then installs no handler: take Ctrl-C (kill -INT) back, so it stops the command as in a terminal
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return _run(name, rest, prog)
     except KeyboardInterrupt:  # the command's own `finally` blocks and context managers have run

@@ -77,13 +77,33 @@ def _groups(todo: list[dict]) -> dict:
     return groups
 
 
+# A haystack longer than this is prefilled in chunks of PREFILL_CHUNK tokens. transformers' own attention
+# (the plain model, the rope scalings) builds a dense [query, key] mask on sliding-window layers and
+# attends over all of it: one pass over Gemma 3 at 48k held ~14 GB and did not finish in 30 minutes.
+# In chunks the masks are [chunk, key] and sliding layers see chunk + window keys.
+LONG_PROMPT = 32768
+PREFILL_CHUNK = 1024
+
+
+def prefill_chunk(method_name: str, length: int) -> int | None:
+    """Chunk size for prefilling a ``length``-token haystack with ``method_name``, None for one pass.
+
+    Chunks through the cache compute what one pass computes for every method but dynamic NTK:
+    transformers recomputes its frequencies per forward from the longest position seen, so the first
+    chunks' keys would be rotated at the trained scale (tests/test_ruler.py shows both)."""
+    return PREFILL_CHUNK if length > LONG_PROMPT and method_name != "dynamic" else None
+
+
 @torch.inference_mode()
-def _prefill(model, ids: list[int], total: int) -> DynamicCache:
-    """The haystack's prefix in one forward pass; SelfExtend and DCA are told the full prompt length
-    first, so they choose their G / scale for the whole prompt, as one pass over it would."""
+def _prefill(model, ids: list[int], total: int, chunk: int | None = None) -> DynamicCache:
+    """The haystack's prefix through the cache, in one forward pass or ``chunk`` tokens at a time;
+    SelfExtend and DCA are told the full prompt length first, so they choose their G / scale for the
+    whole prompt, as one pass over it would."""
     cache = DynamicCache(config=model.config)
+    step = chunk or len(ids)
     with prompt_length(total):
-        model(torch.tensor([ids], device=model.device), cache=cache, logits_to_keep=1)
+        for start in range(0, len(ids), step):
+            model(torch.tensor([ids[start:start + step]], device=model.device), cache=cache, logits_to_keep=1)
     return cache
 
 
@@ -122,9 +142,11 @@ def run_ruler(runner, todo: list[dict], inputs: HaystackInputs) -> None:
 def _run_group(runner, haystack: Haystack, trials: list[dict]) -> None:
     model, tokenizer = runner.model, runner.tokenizer
     spec = TASKS[haystack.task]
-    with applied(model, parse_method(trials[0]["method"]), trials[0]["length"]) as settings:
+    method = parse_method(trials[0]["method"])
+    chunk = prefill_chunk(method.name, haystack.length)
+    with applied(model, method, trials[0]["length"]) as settings:
         t0 = time.perf_counter()
-        cache = _prefill(model, haystack.prefix_ids, haystack.length)
+        cache = _prefill(model, haystack.prefix_ids, haystack.length, chunk)
         prefill_seconds = time.perf_counter() - t0
         for trial in trials:
             question = haystack.questions[trial["question"]]
@@ -135,6 +157,7 @@ def _run_group(runner, haystack: Haystack, trials: list[dict]) -> None:
                            "depths": [round(d, 4) for d in question.depths],
                            "prompt_tokens": len(haystack.prefix_ids) + len(question.suffix_ids),
                            "prefill_seconds": round(prefill_seconds, 2),
+                           **({"prefill_chunk": chunk} if chunk else {}),
                            "seconds": round(time.perf_counter() - t1 + prefill_seconds / len(trials), 2)})
 
 
