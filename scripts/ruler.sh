@@ -18,7 +18,11 @@ block() {
     case "$1" in
         a) run $SMOL --methods $METHODS --lengths 4096,16384 ;;
         b) run $SMOL --methods $METHODS --lengths 24576 ;;
-        c) run $GEMMA --methods $METHODS --lengths 16384,49152 ;;
+        # dynamic NTK last: it cannot be prefilled in chunks, and one pass of transformers' attention over
+        # Gemma 3 at 48k builds dense sliding-window masks (~14 GB, over 30 min a prefill on one core)
+        c) run $GEMMA --methods $METHODS --lengths 16384
+           run $GEMMA --methods ${METHODS/dynamic,/} --lengths 49152
+           run $GEMMA --methods dynamic --lengths 49152 ;;
         d) run selfextend eval passkey --out results/eval/smollm2-135m --methods plain,linear,dynamic,yarn,rerope,leaky,string,dca \
                --lengths 16384,24576,32768 --depths 0.1,0.3,0.5,0.7,0.9 --keys 2 ;;
     esac

@@ -252,3 +252,33 @@ def test_a_length_still_running_is_averaged_on_its_tasks_against_the_bar_on_the_
     # against 40 over both tasks (which it would reach): so the effective length stops at 4096
     assert "| plain | 40.0 [22-61] (20 q) | 50.0 [24-76] (10 q) | 4096 |" in section
     assert "left out of the averages of the lengths that lack them): niah_multivalue" in section
+
+
+def test_other_selfextend_settings_show_per_task_and_do_not_narrow_the_averages():
+    """A study setting run on one task (selfextend@f=0.75 on niah_single_2) used to make every average
+    of the folder use that one task: the averages are over the tasks the methods as run by default share."""
+    from selfextend.evaluation.ruler_report import ruler_section
+
+    methods = ["plain", "selfextend@cover", "selfextend@f=0.75", "dca"]
+    records = [_record(m, n, t, q, float(q < 5)) for m in ("plain", "selfextend@cover", "dca") for n in (4096, 16384)
+               for t in ("niah_single_2", "niah_multivalue") for q in range(10)]
+    records += [_record("selfextend@f=0.75", 16384, "niah_single_2", q, 1.0) for q in range(10)]
+    section = ruler_section(records, methods)
+    assert "| 4096 (2 tasks) | 16384 (2 tasks) |" in section and "| dca | 50.0 [" in section
+    assert "selfextend@f=0.75 |" not in section.split("Per task (")[0]  # no average row, no family column
+    assert "| niah_single_2 | single needle | 16384 | 5/10 [24-76] | 5/10 [24-76] | 10/10 [72-100] | 5/10 [24-76] |" in section
+    assert "Other SelfExtend settings, measured where the per-task table shows them (not averaged): selfextend@f=0.75." in section
+
+
+def test_a_method_not_run_at_a_length_does_not_empty_that_lengths_average():
+    """Dynamic NTK is not run on Gemma 3 at 48k (one pass through dense masks): the others' average there
+    stands on their shared tasks, and its effective length says it was not measured past 16k."""
+    from selfextend.evaluation.ruler_report import ruler_section
+
+    records = [_record(m, n, "niah_single_2", q, float(q < 5)) for m in ("plain", "dca") for n in (16384, 49152)
+               for q in range(10)]
+    records += [_record("dynamic", 16384, "niah_single_2", q, float(q < 5)) for q in range(10)]
+    section = ruler_section(records, ["plain", "dynamic", "dca"])
+    assert "| dca | 50.0 [24-76] (10 q) | 50.0 [24-76] (10 q) | >= 49152 |" in section
+    assert "| dynamic | 50.0 [24-76] (10 q) | - | >= 16384 |" in section
+    assert "| single needle | 49152 | 10 | 50 | - | 50 |" in section

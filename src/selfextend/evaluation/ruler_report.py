@@ -24,7 +24,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from .methods import parse_method, selfextend_method
 from .render import markdown_table
+from .ruler_runner import LONG_PROMPT, PREFILL_CHUNK
 
 FAMILY_ORDER = ["single needle", "multi-key", "multi-value", "multi-query", "variable tracking", "common words",
                 "frequent words"]
@@ -61,21 +63,27 @@ def averages(records) -> dict:
     return out
 
 
+def measured_at(cells, methods, n: int) -> list[str]:
+    """The ``methods`` with any task at length ``n`` (one not run there at all does not narrow the others)."""
+    return [m for m in methods if any(k[0] == m and k[1] == n for k in cells)]
+
+
 def family_averages(records, methods, lengths) -> dict:
     """(family, method, length) -> (average score, low, high, questions) over the family's tasks that
-    every method has at that length (so all methods of one row answer the same questions)."""
+    every method measured at that length has there (so all methods of one row answer the same questions)."""
     from .ruler import TASKS
 
     cells = _cells(records)
     out = {}
     for family in FAMILY_ORDER:
         for n in lengths:
+            at = measured_at(cells, methods, n)
             shared = {t for (_, k, t) in cells
-                      if k == n and TASKS[t].family == family and all((m, n, t) in cells for m in methods)}
+                      if k == n and TASKS[t].family == family and all((m, n, t) in cells for m in at)}
             if not shared:
                 continue
-            on = averages([r for m in methods for t in shared for r in cells[(m, n, t)]])
-            for m in methods:
+            on = averages([r for m in at for t in shared for r in cells[(m, n, t)]])
+            for m in at:
                 average, low, high, _, questions = on[(m, n)]
                 out[(family, m, n)] = (average, low, high, questions)
     return out
@@ -97,12 +105,14 @@ def family_section(records, methods, lengths, ours: str, peers: list[str]) -> st
     rows = []
     for family in FAMILY_ORDER:
         for n in lengths:
-            if (family, methods[0], n) not in fam:
+            at = [m for m in methods if (family, m, n) in fam]
+            if not at:
                 continue
-            row = [family, n, fam[(family, methods[0], n)][3]]
-            row += [f"{100 * fam[(family, m, n)][0]:.0f}" for m in methods]
+            row = [family, n, fam[(family, at[0], n)][3]]
+            row += [f"{100 * fam[(family, m, n)][0]:.0f}" if m in at else "-" for m in methods]
             if ours in methods:
-                row += [compare(fam[(family, ours, n)], fam[(family, p, n)]) for p in peers]
+                row += [compare(fam[(family, ours, n)], fam[(family, p, n)]) if ours in at and p in at else "-"
+                        for p in peers]
             rows.append(row)
     if not rows:
         return ""
@@ -111,13 +121,13 @@ def family_section(records, methods, lengths, ours: str, peers: list[str]) -> st
 
 
 def effective_length(avg: dict, method: str, lengths: list[int], bars: dict[int, float]) -> str:
-    """The longest length up to which every measured average of ``method`` reaches that length's bar
-    within its interval."""
+    """The longest length up to which every average of ``method`` reaches that length's bar within its
+    interval; a length it was not run at ends the scan (">= " the last one it reached)."""
     best = None
     for n in lengths:
         cell = avg.get((method, n))
         if cell is None:
-            continue
+            return "-" if best is None else f">= {best}"
         if cell[2] < bars[n]:
             break
         best = n
@@ -133,12 +143,18 @@ def ruler_section(records, methods_order) -> str:
     cells = _cells(records)
     if not cells:
         return ""
-    methods = [m for m in methods_order if any(k[0] == m for k in cells)]
+    every = [m for m in methods_order if any(k[0] == m for k in cells)]
+    # the averages and families compare the methods as run by default; other SelfExtend settings (a study,
+    # often on one task) show in the per-task table only, and do not narrow the tasks the others share
+    ours = selfextend_method().spec
+    methods = [m for m in every if parse_method(m).name != "selfextend" or m == ours]
+    studied = [m for m in every if m not in methods]
     lengths = sorted({k[1] for k in cells})
     tasks = sorted({k[2] for k in cells}, key=lambda t: (FAMILY_ORDER.index(TASKS[t].family), t))
     ruler = [r for r in records if r["trial"]["experiment"] == "ruler"]
     first = lengths[0]
-    shared = {n: {t for t in tasks if all((m, k, t) in cells for m in methods for k in (first, n))} for n in lengths}
+    shared = {n: {t for t in tasks if all((m, k, t) in cells for m in measured_at(cells, methods, n) for k in (first, n))}
+              for n in lengths}
     avg, bars = {}, {}
     for n in lengths:  # each length on the tasks it shares with the first; the bar is plain's there, on those
         on = averages([r for r in ruler if r["trial"]["task"] in shared[n] and r["trial"]["length"] in (first, n)])
@@ -160,7 +176,7 @@ def ruler_section(records, methods_order) -> str:
     for t in tasks:
         for n in lengths:
             row = [t, TASKS[t].family, n]
-            for m in methods:
+            for m in every:
                 rs = cells.get((m, n, t), [])
                 if not rs:
                     row.append("-")
@@ -169,21 +185,24 @@ def ruler_section(records, methods_order) -> str:
                 lo, hi = _wilson(k, len(rs))
                 row.append(f"{k}/{len(rs)} [{100 * lo:.0f}-{100 * hi:.0f}]")
             detail.append(row)
-    ours = next((m for m in methods if m.startswith("selfextend")), "")
     families = family_section(records, methods, lengths, ours, ["string", "dca"])
     missing = [t for t in tasks if t not in complete]
     note = (f"\n\nTasks not yet measured for every method at every length (left out of the averages of the "
             f"lengths that lack them): {', '.join(missing)}." if missing else "")
+    if studied:
+        note += (f"\n\nOther SelfExtend settings, measured where the per-task table shows them (not averaged): "
+                 f"{', '.join(studied)}.")
     bar_text = f"{100 * bars[first]:.1f}" if first in bars else "-"
     return ("## RULER (synthetic tasks)\n\n"
             "RULER's tasks generated offline (`selfextend.evaluation.ruler`), scored as RULER scores them; one "
-            "prefill per haystack and method, each question asked from a copy of the KV cache. Average: RULER's "
-            "score in % (mean over the tasks of each task's mean string_match_all; at each length, the tasks every "
-            "method has there and at the first length), 95% interval in brackets, questions in parentheses. Effective "
-            "length: the longest length up to which the interval reaches the plain model's average at "
+            f"prefill per haystack and method (past {LONG_PROMPT} tokens in chunks of {PREFILL_CHUNK}, but dynamic "
+            "NTK), each question asked from a copy of the KV cache. Average: RULER's score in % (mean over the tasks "
+            "of each task's mean string_match_all; at each length, the tasks every method run there has there and at "
+            "the first length), 95% interval in brackets, questions in parentheses. Effective length: the longest "
+            "length up to which the interval reaches the plain model's average at "
             f"{first} tokens on the same tasks ({bar_text} on all of them).\n\n"
             + summary + note
             + ("\n\nPer task family (average score in %; every method on the same questions; SelfExtend against each "
                "peer: leads or loses only where the 95% intervals do not overlap):\n\n" + families if families else "")
             + "\n\nPer task (questions answered with every expected value / questions, 95% Wilson "
-            "interval in %):\n\n" + markdown_table(["task", "family", "length"] + methods, detail) + "\n")
+            "interval in %):\n\n" + markdown_table(["task", "family", "length"] + every, detail) + "\n")
