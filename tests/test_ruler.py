@@ -91,10 +91,17 @@ def test_a_question_from_a_copied_cache_answers_as_the_whole_prompt(loaded, essa
         _ask_both_ways(model, tokenizer, h, [longest] if method != "plain" else h.questions)
 
 
+def _one_pass_and_chunked(model, method, ids):
+    """The logits of the last 20 of ``ids`` asked after the rest is prefilled in one pass, and in chunks
+    of 40 (each from a copy of the cache): two [20, vocab] tensors."""
+    prefix, question = ids[:-20], ids[-20:]
 
-def _next_logits(model, cache, ids):
-    """The logits of ``ids`` asked from a copy of ``cache``: [len(ids), vocab]."""
-    return model(torch.tensor([ids]), cache=copy.deepcopy(cache)).logits[0]
+    def ask_after(cache):
+        return model(torch.tensor([question]), cache=copy.deepcopy(cache)).logits[0]
+
+    with torch.inference_mode(), applied(model, parse_method(method), len(ids)):
+        return (ask_after(_prefill(model, prefix, len(ids))),
+                ask_after(_prefill(model, prefix, len(ids), chunk=40)))
 
 
 @pytest.mark.parametrize("method", ["plain", "linear", "yarn", "rerope", "selfextend", "string", "dca"])
@@ -108,23 +115,17 @@ def test_a_haystack_prefilled_in_chunks_continues_as_one_pass(method):
     L, n = (512, 400) if method == "string" else (64, 190)
     model = tiny_model("gemma3", dtype=torch.float64, max_position_embeddings=L)
     ids = ids_of(n)[0].tolist()  # chunks of 40 straddle the sliding window (24)
-    prefix, question = ids[:-20], ids[-20:]
     assert prefill_chunk(method, LONG_PROMPT + 1) == PREFILL_CHUNK and prefill_chunk(method, LONG_PROMPT) is None
-    with torch.inference_mode(), applied(model, parse_method(method), len(ids)):
-        one = _next_logits(model, _prefill(model, prefix, len(ids)), question)
-        chunked = _next_logits(model, _prefill(model, prefix, len(ids), chunk=40), question)
+    one, chunked = _one_pass_and_chunked(model, method, ids)
     torch.testing.assert_close(chunked, one, rtol=0, atol=1e-6)
 
 
 def test_dynamic_ntk_is_prefilled_in_one_pass_because_chunks_would_change_it():
     model = tiny_model("gemma3", dtype=torch.float64)
-    ids = ids_of(190)[0].tolist()
-    prefix, question = ids[:170], ids[170:]
     assert prefill_chunk("dynamic", 10 * LONG_PROMPT) is None
-    with torch.inference_mode(), applied(model, parse_method("dynamic"), len(ids)):
-        one = _next_logits(model, _prefill(model, prefix, len(ids)), question)
-        chunked = _next_logits(model, _prefill(model, prefix, len(ids), chunk=40), question)
+    one, chunked = _one_pass_and_chunked(model, "dynamic", ids_of(190)[0].tolist())
     assert (chunked - one).abs().max() > 1e-3
+
 
 def _ask_both_ways(model, tokenizer, h, questions):
     cache = _prefill(model, h.prefix_ids, h.length)

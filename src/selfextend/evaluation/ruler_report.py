@@ -153,8 +153,8 @@ def ruler_section(records, methods_order) -> str:
     tasks = sorted({k[2] for k in cells}, key=lambda t: (FAMILY_ORDER.index(TASKS[t].family), t))
     ruler = [r for r in records if r["trial"]["experiment"] == "ruler"]
     first = lengths[0]
-    shared = {n: {t for t in tasks if all((m, k, t) in cells for m in measured_at(cells, methods, n) for k in (first, n))}
-              for n in lengths}
+    at = {n: measured_at(cells, methods, n) for n in lengths}
+    shared = {n: {t for t in tasks if all((m, k, t) in cells for m in at[n] for k in (first, n))} for n in lengths}
     avg, bars = {}, {}
     for n in lengths:  # each length on the tasks it shares with the first; the bar is plain's there, on those
         on = averages([r for r in ruler if r["trial"]["task"] in shared[n] and r["trial"]["length"] in (first, n)])
