@@ -283,3 +283,27 @@ def test_a_method_not_run_at_a_length_does_not_empty_that_lengths_average():
     assert "| dca | 50.0 [24-76] (10 q) | 50.0 [24-76] (10 q) | >= 49152 |" in section
     assert "| dynamic | 50.0 [24-76] (10 q) | - | >= 16384 |" in section
     assert "| single needle | 49152 | 10 | 50 | - | 50 |" in section
+
+
+def test_a_task_still_running_is_averaged_only_on_the_questions_every_method_has_answered():
+    """A run stopped between methods (cwe: plain has answered 3 questions, dca 2) used to put cwe into the
+    averages with unequal samples; only the 2 questions both answered count, and the report says so."""
+    from selfextend.evaluation.ruler_report import on_shared_questions, ruler_section
+
+    records = [_record(m, n, "niah_single_2", q, float(q < 5)) for m in ("plain", "dca") for n in (4096, 16384)
+               for q in range(10)]
+    records += [_record(m, 4096, "cwe", q, 1.0) for m in ("plain", "dca") for q in range(10)]
+    records += [_record("plain", 16384, "cwe", q, float(q == 2)) for q in range(3)]  # plain right on the third
+    records += [_record("dca", 16384, "cwe", q, 0.0) for q in range(2)]
+    kept, partial = on_shared_questions(records, ["plain", "dca"])
+    assert partial == {("cwe", 16384): (2, 3)}
+    assert not any(r["trial"]["method"] == "plain" and r["trial"]["task"] == "cwe" and r["trial"]["question"] == 2
+                   and r["trial"]["length"] == 16384 for r in kept)
+    section = ruler_section(records, ["plain", "dca"])
+    # both at 16384: (0.5 on niah_single_2 + 0/2 on cwe) / 2 = 25.0 over 12 questions; plain's third cwe
+    # answer (right) is not in it, or plain would read (0.5 + 1/3) / 2 = 41.7 over 13 questions
+    assert "| plain | 75.0 [53-89] (20 q) | 25.0 [19-68] (12 q) | 4096 |" in section
+    assert "| dca | 75.0 [53-89] (20 q) | 25.0 [19-68] (12 q) | 4096 |" in section and "(13 q)" not in section
+    assert "| common words | 16384 | 2 | 0 | 0 |" in section
+    assert "left out of the averages (questions every method has, of the most one has): cwe at 16384 (2 of 3)." in section
+    assert "| cwe | common words | 16384 | 1/3 [" in section  # the per-task table still shows every answer

@@ -9,8 +9,9 @@ wider than the true one for fractional scores (their variance is at most the bin
 one haystack share its prefix, so they are not independent: the intervals are a lower bound on the
 uncertainty.
 
-Each length's averages are over the tasks every method has at that length and at the shortest length (all
-of them once a run is complete; fewer while it runs, and the table says how many). Effective length
+Each length's averages are over the questions every method run at that length has answered, on the tasks
+that also have such questions at the shortest length (all of them once a run is complete; fewer while it
+runs, and the report says which are left out), so every method of a column answers the same questions. Effective length
 (RULER's notion, with this model's own bar): the longest length up to which, at every measured length,
 the upper end of the method's average interval reaches the plain model's average at the shortest length
 (the model within its trained context) on the same tasks.
@@ -45,6 +46,32 @@ def _cells(records):
         if t["experiment"] == "ruler":
             cells[(t["method"], t["length"], t["task"])].append(r)
     return cells
+
+
+def _question(trial: dict) -> tuple:
+    """A question's identity across methods: its trial without the method."""
+    return tuple(sorted((k, v) for k, v in trial.items() if k != "method"))
+
+
+def on_shared_questions(records, methods) -> tuple[list, dict]:
+    """The RULER records of ``methods`` on the questions that every one of them run at that length has
+    answered, and {(task, length): (fewest, most) questions a method has there} for the cells where some
+    answered questions were left out (a run stopped or still going between methods)."""
+    ruler = [r for r in records if r["trial"]["experiment"] == "ruler" and r["trial"]["method"] in methods]
+    asked = defaultdict(lambda: defaultdict(set))  # length -> method -> question keys
+    for r in ruler:
+        asked[r["trial"]["length"]][r["trial"]["method"]].add(_question(r["trial"]))
+    common = {n: set.intersection(*by.values()) for n, by in asked.items()}
+    kept = [r for r in ruler if _question(r["trial"]) in common[r["trial"]["length"]]]
+    counts = defaultdict(lambda: defaultdict(int))  # (task, length) -> method -> questions answered
+    for r in ruler:
+        counts[(r["trial"]["task"], r["trial"]["length"])][r["trial"]["method"]] += 1
+    partial = {}
+    for (t, n), by in counts.items():
+        shared = sum(1 for r in kept if r["trial"]["task"] == t and r["trial"]["length"] == n) // len(asked[n])
+        if shared < max(by.values()):
+            partial[(t, n)] = (shared, max(by.values()))
+    return kept, partial
 
 
 def averages(records) -> dict:
@@ -151,10 +178,12 @@ def ruler_section(records, methods_order) -> str:
     studied = [m for m in every if m not in methods]
     lengths = sorted({k[1] for k in cells})
     tasks = sorted({k[2] for k in cells}, key=lambda t: (FAMILY_ORDER.index(TASKS[t].family), t))
-    ruler = [r for r in records if r["trial"]["experiment"] == "ruler"]
+    ruler, partial = on_shared_questions(records, methods)  # every method of a length on the same questions
+    answered = _cells(ruler)
     first = lengths[0]
-    at = {n: measured_at(cells, methods, n) for n in lengths}
-    shared = {n: {t for t in tasks if all((m, k, t) in cells for m in at[n] for k in (first, n))} for n in lengths}
+    at = {n: measured_at(answered, methods, n) for n in lengths}
+    shared = {n: {t for t in tasks if all((m, k, t) in answered for m in at[n] for k in (first, n))}
+              for n in lengths}
     avg, bars = {}, {}
     for n in lengths:  # each length on the tasks it shares with the first; the bar is plain's there, on those
         on = averages([r for r in ruler if r["trial"]["task"] in shared[n] and r["trial"]["length"] in (first, n)])
@@ -185,10 +214,14 @@ def ruler_section(records, methods_order) -> str:
                 lo, hi = _wilson(k, len(rs))
                 row.append(f"{k}/{len(rs)} [{100 * lo:.0f}-{100 * hi:.0f}]")
             detail.append(row)
-    families = family_section(records, methods, lengths, ours, ["string", "dca"])
+    families = family_section(ruler, methods, lengths, ours, ["string", "dca"])
     missing = [t for t in tasks if t not in complete]
     note = (f"\n\nTasks not yet measured for every method at every length (left out of the averages of the "
             f"lengths that lack them): {', '.join(missing)}." if missing else "")
+    if partial:
+        cut = ", ".join(f"{t} at {n} ({few} of {most})" for (t, n), (few, most) in sorted(partial.items()))
+        note += (f"\n\nQuestions answered by some methods but not yet by all, left out of the averages (questions "
+                 f"every method has, of the most one has): {cut}.")
     if studied:
         note += (f"\n\nOther SelfExtend settings, measured where the per-task table shows them (not averaged): "
                  f"{', '.join(studied)}.")
@@ -197,8 +230,8 @@ def ruler_section(records, methods_order) -> str:
             "RULER's tasks generated offline (`selfextend.evaluation.ruler`), scored as RULER scores them; one "
             f"prefill per haystack and method (past {LONG_PROMPT} tokens in chunks of {PREFILL_CHUNK}, but dynamic "
             "NTK), each question asked from a copy of the KV cache. Average: RULER's score in % (mean over the tasks "
-            "of each task's mean string_match_all; at each length, the tasks every method run there has there and at "
-            "the first length), 95% interval in brackets, questions in parentheses. Effective length: the longest "
+            "of each task's mean string_match_all; at each length, the questions every method run there has answered, "
+            "on the tasks also measured at the first length), 95% interval in brackets, questions in parentheses. Effective length: the longest "
             "length up to which the interval reaches the plain model's average at "
             f"{first} tokens on the same tasks ({bar_text} on all of them).\n\n"
             + summary + note
