@@ -305,5 +305,6 @@ def test_a_task_still_running_is_averaged_only_on_the_questions_every_method_has
     assert "| plain | 75.0 [53-89] (20 q) | 25.0 [19-68] (12 q) | 4096 |" in section
     assert "| dca | 75.0 [53-89] (20 q) | 25.0 [19-68] (12 q) | 4096 |" in section and "(13 q)" not in section
     assert "| common words | 16384 | 2 | 0 | 0 |" in section
-    assert "left out of the averages (questions every method has, of the most one has): cwe at 16384 (2 of 3)." in section
+    assert ("left out of the averages (questions every method has, of the most one has): cwe at 16384 (2 of 3)."
+            in section)
     assert "| cwe | common words | 16384 | 1/3 [" in section  # the per-task table still shows every answer

@@ -11,10 +11,10 @@ uncertainty.
 
 Each length's averages are over the questions every method run at that length has answered, on the tasks
 that also have such questions at the shortest length (all of them once a run is complete; fewer while it
-runs, and the report says which are left out), so every method of a column answers the same questions. Effective length
-(RULER's notion, with this model's own bar): the longest length up to which, at every measured length,
-the upper end of the method's average interval reaches the plain model's average at the shortest length
-(the model within its trained context) on the same tasks.
+runs, and the report says which are left out), so every method of a column answers the same questions.
+Effective length (RULER's notion, with this model's own bar): the longest length up to which, at every
+measured length, the upper end of the method's average interval reaches the plain model's average at the
+shortest length (the model within its trained context) on the same tasks.
 
 Per family: each family's average per method and length over its tasks measured for every method at that
 length, and how SelfExtend compares with each peer there: "leads" or "loses" only when the two 95%
@@ -23,7 +23,7 @@ intervals do not overlap, else "ties" (with 10-30 questions a cell, most differe
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 from .methods import parse_method, selfextend_method
 from .render import markdown_table
@@ -63,14 +63,11 @@ def on_shared_questions(records, methods) -> tuple[list, dict]:
         asked[r["trial"]["length"]][r["trial"]["method"]].add(_question(r["trial"]))
     common = {n: set.intersection(*by.values()) for n, by in asked.items()}
     kept = [r for r in ruler if _question(r["trial"]) in common[r["trial"]["length"]]]
-    counts = defaultdict(lambda: defaultdict(int))  # (task, length) -> method -> questions answered
-    for r in ruler:
-        counts[(r["trial"]["task"], r["trial"]["length"])][r["trial"]["method"]] += 1
-    partial = {}
-    for (t, n), by in counts.items():
-        shared = sum(1 for r in kept if r["trial"]["task"] == t and r["trial"]["length"] == n) // len(asked[n])
-        if shared < max(by.values()):
-            partial[(t, n)] = (shared, max(by.values()))
+    shared = Counter((dict(q)["task"], n) for n, qs in common.items() for q in qs)  # (task, length) -> questions
+    most = defaultdict(int)  # (task, length) -> the most questions one method has answered there
+    for (_, n, t), rs in _cells(ruler).items():
+        most[(t, n)] = max(most[(t, n)], len(rs))
+    partial = {cell: (shared[cell], k) for cell, k in most.items() if shared[cell] < k}
     return kept, partial
 
 
@@ -230,10 +227,10 @@ def ruler_section(records, methods_order) -> str:
             "RULER's tasks generated offline (`selfextend.evaluation.ruler`), scored as RULER scores them; one "
             f"prefill per haystack and method (past {LONG_PROMPT} tokens in chunks of {PREFILL_CHUNK}, but dynamic "
             "NTK), each question asked from a copy of the KV cache. Average: RULER's score in % (mean over the tasks "
-            "of each task's mean string_match_all; at each length, the questions every method run there has answered, "
-            "on the tasks also measured at the first length), 95% interval in brackets, questions in parentheses. Effective length: the longest "
-            "length up to which the interval reaches the plain model's average at "
-            f"{first} tokens on the same tasks ({bar_text} on all of them).\n\n"
+            "of each task's mean string_match_all; at each length, the questions every method run there has "
+            "answered, on the tasks also measured at the first length), 95% interval in brackets, questions in "
+            "parentheses. Effective length: the longest length up to which the interval reaches the plain model's "
+            f"average at {first} tokens on the same tasks ({bar_text} on all of them).\n\n"
             + summary + note
             + ("\n\nPer task family (average score in %; every method on the same questions; SelfExtend against each "
                "peer: leads or loses only where the 95% intervals do not overlap):\n\n" + families if families else "")
